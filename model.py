@@ -1,0 +1,390 @@
+"""The ViT backbone, the DINO/CrOC projection head and checkpoint loading.
+
+Parameter names follow DINO and timm (`blocks.0.attn.qkv.weight`, `head.last_layer.weight_g`, ...), so official
+DINO and CrOC checkpoints load without renaming. One forward pass returns everything CrOC's training step needs:
+the CLS output, the patch tokens after the final norm, and the last block's per-head queries, keys or values
+(Eq. 21), so that the teacher never runs twice.
+"""
+import argparse
+import math
+import os
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Vision Transformer (DINO's `vision_transformer.py`, written from scratch with SDPA attention)
+# --------------------------------------------------------------------------------------------------------------
+def drop_path(x, drop_prob: float, training: bool):
+    """Stochastic depth: drop the whole residual branch of a sample with probability `drop_prob`."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1.0 - drop_prob
+    mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+    return x * mask / keep
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        """(B, T, D) -> q, k, v, each (B, heads, T, head_dim): Eq. 20's Z W^{q,k,v}_i for every head i."""
+        qkv = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        return qkv[0], qkv[1], qkv[2]
+
+    def forward(self, x):
+        q, k, v = self.qkv_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)  # Eq. 20
+        return self.proj(rearrange(out, "b h t d -> b t (h d)")), (q, k, v)  # Eq. 19
+
+    def attention_map(self, x):
+        """softmax(q k^T / sqrt(D)) of every head: (B, heads, T, T), for pictures of attention."""
+        q, k, _ = self.qkv_heads(x)
+        return (q @ k.transpose(-2, -1) * self.scale).softmax(dim=-1)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x):
+        y, qkv = self.attn(self.norm1(x))
+        x = x + self.drop_path(y)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, qkv
+
+
+class ViTFeatures(NamedTuple):
+    cls: torch.Tensor  # (B, D) CLS token after the final norm: the image-level representation z-bar
+    patch: torch.Tensor  # (B, N, D) patch tokens after the final norm: Z of Eq. 1-2
+    tokens: Optional[torch.Tensor]  # (B, H, 1+N, d) tokens to cluster (Eq. 21), CLS at index 0; None if not asked
+    grid: tuple  # (h, w) patch grid
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, patch_size=16, embed_dim=384, depth=12, num_heads=6, mlp_ratio=4.0, qkv_bias=True,
+                 drop_path_rate=0.0, img_size=224):
+        super().__init__()
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
+        num_patches = (img_size // patch_size) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))  # learned for the 224 grid
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio, qkv_bias, r) for r in rates)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(_init_weights)
+
+    def interpolate_pos_encoding(self, h, w):
+        """Positional embedding for an (h, w) patch grid, resized bicubically as DINO does (+0.1 trick)."""
+        n = self.pos_embed.shape[1] - 1
+        if h * w == n and h == w:
+            return self.pos_embed
+        m = int(math.sqrt(n))
+        grid = rearrange(self.pos_embed[:, 1:], "1 (m n) d -> 1 d m n", m=m)
+        # DINO scales by (h + 0.1) / m instead of asking for size (h, w): the +0.1 avoids a floating-point
+        # off-by-one, and the scale factor (not the size) sets the sampling grid, so results match DINO's.
+        grid = F.interpolate(grid.float(), scale_factor=((h + 0.1) / m, (w + 0.1) / m), mode="bicubic",
+                             align_corners=False).to(self.pos_embed.dtype)
+        assert grid.shape[-2:] == (h, w), f"positional embedding resized to {tuple(grid.shape[-2:])}, not {(h, w)}"
+        return torch.cat([self.pos_embed[:, :1], rearrange(grid, "1 d h w -> 1 (h w) d")], dim=1)
+
+    def prepare_tokens(self, x):
+        B, _, H, W = x.shape
+        p = self.patch_size
+        if H % p or W % p:
+            raise ValueError(f"input size {H}x{W} is not a multiple of the patch size {p}")
+        x = rearrange(self.patch_embed.proj(x), "b d h w -> b (h w) d")  # (B, N, D), raster order
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1+N, D)
+        return x + self.interpolate_pos_encoding(H // p, W // p)
+
+    def forward_features(self, x, which=None):
+        """One pass: CLS and patch outputs, plus the last block's q/k/v per head (Eq. 21) or its final tokens.
+
+        which: None, 'q', 'k' or 'v' (tokens (B, heads, 1+N, head_dim)), or 'last' (tokens (B, 1, 1+N, D), the
+        final normed tokens, Table 6's `last`).
+        """
+        if which not in (None, "q", "k", "v", "last"):
+            raise ValueError(f"which={which!r}: expected None, 'q', 'k', 'v' or 'last'")
+        grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        x = self.prepare_tokens(x)
+        for blk in self.blocks:
+            x, qkv = blk(x)  # qkv of the last block survives the loop: Z^(B-2) W^{q,k,v} (Eq. 21)
+        x = self.norm(x)
+        tokens = None
+        if which == "last":
+            tokens = x.unsqueeze(1)
+        elif which is not None:
+            tokens = qkv["qkv".index(which)]
+        return ViTFeatures(cls=x[:, 0], patch=x[:, 1:], tokens=tokens, grid=grid)
+
+    def forward(self, x):
+        return self.forward_features(x).cls
+
+    def get_intermediate_layers(self, x, n=1):
+        """Outputs of the last n blocks, each through the final norm (DINO's definition): list of (B, 1+N, D)."""
+        x = self.prepare_tokens(x)
+        out = []
+        for i, blk in enumerate(self.blocks):
+            x, _ = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+    def get_last_selfattention(self, x):
+        """Attention maps of the last block: (B, heads, 1+N, 1+N); row 0 is the CLS attention."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x, _ = blk(x)
+        return self.blocks[-1].attn.attention_map(self.blocks[-1].norm1(x))
+
+
+def _init_weights(m):
+    """DINO's init: trunc-normal(0.02) Linear weights, zero biases, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+ARCHS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # (embed_dim, heads), 12 blocks
+
+
+def build_vit(arch, patch_size=16, **kwargs):
+    if arch not in ARCHS:
+        raise ValueError(f"--arch {arch!r}: expected one of {sorted(ARCHS)}")
+    dim, heads = ARCHS[arch]
+    return VisionTransformer(patch_size=patch_size, embed_dim=dim, depth=12, num_heads=heads, **kwargs)
+
+
+def vit_tiny(patch_size=16, **kwargs):
+    return build_vit("vit_tiny", patch_size, **kwargs)
+
+
+def vit_small(patch_size=16, **kwargs):
+    return build_vit("vit_small", patch_size, **kwargs)
+
+
+def vit_base(patch_size=16, **kwargs):
+    return build_vit("vit_base", patch_size, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Projection head (Sec. 4.1): DINO's head with a second last layer for the centroids
+# --------------------------------------------------------------------------------------------------------------
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias, weight = g * v / ||v|| per output row.
+
+    Written out (rather than torch.nn.utils.weight_norm) so that the parameters keep the names `weight_g` and
+    `weight_v` that every DINO and CrOC checkpoint uses.
+    """
+
+    def __init__(self, in_dim, out_dim, fix_norm=True):
+        super().__init__()
+        v = nn.Linear(in_dim, out_dim, bias=False).weight.detach()  # nn.Linear's default init, as in DINO
+        self.weight_v = nn.Parameter(v.clone())
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1))
+        self.weight_g.requires_grad = not fix_norm  # norm_last_layer: the rows keep unit norm
+
+    def forward(self, x):
+        weight = self.weight_g * F.normalize(self.weight_v, dim=1)
+        return F.linear(x, weight)
+
+
+class CrOCHead(nn.Module):
+    """MLP (in -> 2048 -> 2048 -> 256), L2-normalise, then one of two weight-normalised last layers:
+    `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3)."""
+
+    def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
+                 norm_last_layer=True):
+        super().__init__()
+        dims = [in_dim] + [hidden_dim] * (nlayers - 1)
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.GELU()]
+        layers.append(nn.Linear(dims[-1], bottleneck_dim))
+        self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO
+        self.mlp.apply(_init_weights)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
+        self.last_layer_c = WeightNormLinear(bottleneck_dim, out_dim_c, norm_last_layer)
+
+    def forward(self, x, centroids=False):
+        x = F.normalize(self.mlp(x), dim=-1)
+        return self.last_layer_c(x) if centroids else self.last_layer(x)
+
+
+def view_centroids(patch, cls, assignment):
+    """Centroids of each view (Eq. 2: C^T = Z^T Q*), L2-normalised and rescaled to the mean CLS norm.
+
+    patch: (2B, N, D) final tokens, view 1 then view 2; cls: (2B, D); assignment: (2, B, N, K) hard assignments
+    split view-wise (the heads' clusters side by side on K, Sec. 3.3.3). Returns (2, B, K, D). As in the
+    official code, the centroids get the norm of an average CLS token so the shared head sees inputs of the
+    scale it sees for images; an empty (pruned or padded) column gives a zero centroid.
+    """
+    patch = rearrange(patch, "(v b) n d -> v b n d", v=2)
+    c = torch.einsum("vbnd,vbnk->vbkd", patch, assignment.to(patch.dtype))  # Eq. 2
+    return cls.norm(dim=-1).mean() * F.normalize(c, dim=-1)
+
+
+class CrOCModel(nn.Module):
+    """Backbone + head, with the state-dict keys (`backbone.*`, `head.*`) of the official checkpoints."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x, assignment=None):
+        """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
+        assignment (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None."""
+        f = self.backbone.forward_features(x)
+        img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
+        if assignment is None:
+            return img, None
+        return img, self.head(view_centroids(f.patch, f.cls, assignment), centroids=True)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------------------
+def torch_load(path):
+    """torch.load with weights_only=True, allowing only the one class official checkpoints need (their args)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise RuntimeError(f"could not load checkpoint {path} with weights_only=True "
+                           f"(untrusted pickles are not executed): {e}") from e
+
+
+def _is_state_dict(obj):
+    return isinstance(obj, dict) and len(obj) > 0 and all(torch.is_tensor(v) for v in obj.values())
+
+
+def _pick_state_dict(ckpt, key, path):
+    """The state dict to load: ckpt[key] for training checkpoints, the checkpoint itself for bare weights."""
+    if _is_state_dict(ckpt):
+        return ckpt
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+    if key in ckpt and _is_state_dict(ckpt[key]):
+        return ckpt[key]
+    options = [k for k, v in ckpt.items() if _is_state_dict(v)]
+    raise KeyError(f"{path} has no state dict under key {key!r}; keys holding state dicts: {options} "
+                   f"(pass one with --checkpoint_key)")
+
+
+def _normalise_keys(sd):
+    """Strip DDP's `module.` and convert weight-norm variants of the head's last layers to weight_g/weight_v."""
+    out = {}
+    for k, v in sd.items():
+        k = k.replace("module.", "", 1) if k.startswith("module.") else k
+        k = k.replace(".parametrizations.weight.original0", ".weight_g")  # new torch weight-norm API
+        k = k.replace(".parametrizations.weight.original1", ".weight_v")
+        out[k] = v
+    for k in [k for k in out if k.endswith(("last_layer.weight", "last_layer_c.weight"))]:
+        w = out.pop(k)  # a plain Linear weight: v = w, g = ||w|| per row reproduces it exactly
+        out[k[: -len("weight")] + "weight_v"] = w
+        out[k[: -len("weight")] + "weight_g"] = w.norm(dim=1, keepdim=True)
+    return out
+
+
+def load_pretrained(model, path, key="teacher"):
+    """Load any DINO/CrOC/croc checkpoint into a VisionTransformer or a CrOCModel.
+
+    Reads (a) a bare backbone state dict (DINO's released weights), (b) a DINO or official CrOC training
+    checkpoint (`student`/`teacher` dicts, `module.`/`backbone.` prefixes, argparse.Namespace args, old
+    weight-norm keys), (c) this project's checkpoints (the same layout). Returns {'missing', 'unexpected'}.
+    """
+    sd = _normalise_keys(_pick_state_dict(torch_load(path), key, path))
+    if isinstance(model, CrOCModel):
+        if not any(k.startswith(("backbone.", "head.")) for k in sd):
+            sd = {"backbone." + k: v for k, v in sd.items()}  # a bare backbone: the head stays as initialised
+    else:
+        # a backbone alone: keep the backbone keys and leave the head's aside (they are not "unexpected")
+        if any(k.startswith("backbone.") for k in sd):
+            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    for k, v in sd.items():
+        if k in own and own[k].shape != v.shape:
+            raise ValueError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model "
+                             f"{tuple(own[k].shape)} (wrong --arch or --patch_size?)")
+    result = model.load_state_dict(sd, strict=False)
+    missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    if missing or unexpected:
+        print(f"loaded {path} [{key}]: {len(missing)} missing keys {missing[:8]}, "
+              f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+    else:
+        print(f"loaded {path} [{key}]: all {len(sd)} keys matched")
+    return {"missing": missing, "unexpected": unexpected}
+
+
+def load_backbone(arch, patch_size=16, weights=None, checkpoint_key="teacher"):
+    """A frozen backbone for evaluation: random init (DINO's) when weights is None."""
+    model = build_vit(arch, patch_size)
+    if weights:
+        result = load_pretrained(model, weights, checkpoint_key)
+        if len(result["missing"]) == len(model.state_dict()):
+            raise ValueError(f"{weights}: no key of the checkpoint matches a {arch}/{patch_size} backbone")
+    else:
+        print(f"{arch}/{patch_size}: random initialisation")
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@torch.no_grad()
+def dense_features(model, images, n_last_blocks=1):
+    """(B, n*D, h, w): the last n blocks through the final norm, CLS dropped, concatenated on channels."""
+    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
+    layers = model.get_intermediate_layers(images, n_last_blocks)
+    feats = torch.cat([x[:, 1:] for x in layers], dim=-1)  # (B, N, n*D)
+    return rearrange(feats, "b (h w) d -> b d h w", h=h, w=w)
