@@ -1,0 +1,896 @@
+"""Data for CrOC: position-tracking views, image folders, synthetic scenes/videos, segmentation datasets.
+
+Sections
+  1. Constants (normalisation, class lists, COCO / ADE20K lookup tables, VOC colour map)
+  2. Image reading (any PIL mode -> RGB, class-index masks)
+  3. Two views with patch positions (Sec. 3.3.2, DINO's augmentations, App. B)
+  4. Pretraining image folders
+  5. Synthetic scenes and videos (the embedded default data and the data of every test)
+  6. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
+  7. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (eval_protocols.md A.1)
+
+Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1) x [i, i+1), so its centre is
+(j + 0.5, i + 0.5). A patch's position is the mean of its pixels' positions.
+"""
+import argparse
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image, ImageFilter
+from torch.utils.data import Dataset
+from torchvision import transforms
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Constants
+# ----------------------------------------------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # same values as model.py
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IGNORE_INDEX = 255
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+
+# eval_protocols.md A.1: class index = rank of the super-category in the alphabetically sorted list.
+# COCO-Things: panoptic category ids (isthing == 1) -> 12 super-categories; 0 and every stuff id -> 255.
+COCO_THINGS_IDS = {
+    "accessory": [27, 28, 31, 32, 33],
+    "animal": [16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
+    "appliance": [78, 79, 80, 81, 82],
+    "electronic": [72, 73, 74, 75, 76, 77],
+    "food": [52, 53, 54, 55, 56, 57, 58, 59, 60, 61],
+    "furniture": [62, 63, 64, 65, 67, 70],
+    "indoor": [84, 85, 86, 87, 88, 89, 90],
+    "kitchen": [44, 46, 47, 48, 49, 50, 51],
+    "outdoor": [10, 11, 13, 14, 15],
+    "person": [1],
+    "sports": [34, 35, 36, 37, 38, 39, 40, 41, 42, 43],
+    "vehicle": [2, 3, 4, 5, 6, 7, 8, 9],
+}
+# COCO-Stuff: stuff pixel-map ids 92..182 -> 15 super-categories; 0 (unlabeled) and 183 ("other" = things) -> 255.
+COCO_STUFF_IDS = {
+    "building": [95, 96, 128, 151, 158, 166],
+    "ceiling": [102, 103],
+    "floor": [101, 114, 115, 116, 117, 118],
+    "food-stuff": [121, 122, 153, 170],
+    "furniture-stuff": [98, 107, 108, 110, 112, 123, 130, 133, 156, 161, 165],
+    "ground": [111, 125, 126, 136, 140, 144, 145, 147, 149, 154, 159],
+    "plant": [94, 97, 119, 124, 129, 134, 142, 163, 169],
+    "raw-material": [100, 132, 139, 143],
+    "sky": [106, 157],
+    "solid": [127, 135, 150, 160, 162, 182],
+    "structural": [99, 113, 138, 146, 164],
+    "textile": [92, 93, 104, 105, 109, 131, 137, 141, 152, 167, 168],
+    "wall": [171, 172, 173, 174, 175, 176, 177],
+    "water": [120, 148, 155, 178, 179],
+    "window": [180, 181],
+}
+COCO_THINGS_CLASSES = sorted(COCO_THINGS_IDS)
+COCO_STUFF_CLASSES = sorted(COCO_STUFF_IDS)
+
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag"]
+
+
+def _groups_lut(groups: dict) -> np.ndarray:
+    """256-entry uint8 table: every id of group number k (sorted names) -> k, anything else -> 255."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for k, name in enumerate(sorted(groups)):
+        lut[groups[name]] = k
+    return lut
+
+
+def _range_lut(num_classes: int, shift: int = 0) -> np.ndarray:
+    """256-entry uint8 table: v -> v - shift when 0 <= v - shift < num_classes, else 255."""
+    values = np.arange(256) - shift
+    return np.where((values >= 0) & (values < num_classes), values, IGNORE_INDEX).astype(np.uint8)
+
+
+COCO_THINGS_LUT = _groups_lut(COCO_THINGS_IDS)  # 0 -> 255 (Leopart: 0 -> 200, a stuff id), stuff ids -> 255
+COCO_STUFF_LUT = _groups_lut(COCO_STUFF_IDS)    # 0 -> 255 (Leopart: 0 -> 183), 183 -> 255, thing ids -> 255
+ADE20K_LUT = _range_lut(150, shift=1)           # 0 "other" -> 255, 1..150 -> 0..149
+VOC_LUT = _range_lut(21)                        # identity on 0..20; 255 (boundary) stays 255
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (n, 3) uint8, also used by DAVIS: bits of the index spread over R, G, B."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+VOC_PALETTE = voc_colormap().flatten().tolist()
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Image reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (not clipped) and transparency is composited on white."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0                      # 65535 -> 255
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0                      # float images in [0, 1]
+        elif im.mode == "I" and a.max(initial=0) > 255:
+            a = a * (255.0 / max(65535.0, a.max()))  # a 16-bit image stored as 32-bit ints
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
+
+
+def load_rgb(path) -> Image.Image:
+    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def read_mask(path) -> np.ndarray:
+    """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
+    with Image.open(path) as im:
+        if im.mode in ("P", "L"):
+            return np.array(im, dtype=np.uint8)
+        if im.mode == "1" or im.mode.startswith("I"):
+            a = np.array(im)
+            if a.max(initial=0) > 255 or a.min(initial=0) < 0:
+                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
+            return a.astype(np.uint8)
+        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
+                         f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Two views with patch positions (Sec. 3.3.2, Fig. 4; augmentations of DINO, App. B)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def patch_positions(box, flip: bool, img_size: int, patch_size: int) -> torch.Tensor:
+    """(x, y) of each patch of a resized crop in ORIGINAL-image pixels, (N, 2) float32, raster order.
+
+    box = (top, left, height, width) of the crop in the original image, resized to img_size x img_size.
+    Output pixel j has its centre at j + 0.5, i.e. at original x = left + (j + 0.5) * width / img_size (the
+    pixel-centre convention of PIL and torch resizing); the mean over a patch's pixels is its centre pixel
+    coordinate (pj + 0.5) * patch_size. A horizontal flip mirrors x inside the box: x -> 2 left + width - x.
+    """
+    top, left, height, width = (float(v) for v in box)
+    grid = img_size // patch_size
+    centre = (torch.arange(grid, dtype=torch.float64) + 0.5) * patch_size / img_size  # (g,) in [0, 1] of the box
+    xs = left + width * ((1.0 - centre) if flip else centre)
+    ys = top + height * centre
+    xy = torch.stack([xs[None, :].expand(grid, grid), ys[:, None].expand(grid, grid)], dim=-1)  # (g_h, g_w, 2)
+    return rearrange(xy, "h w c -> (h w) c").float()
+
+
+class RandomGaussianBlurPIL:
+    """DINO's blur: with probability p, PIL Gaussian blur of radius U(0.1, 2.0) (torch RNG, seeded per worker)."""
+
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if torch.rand(()).item() >= self.p:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+    def __repr__(self):
+        return f"{type(self).__name__}(p={self.p}, radius=({self.radius_min}, {self.radius_max}))"
+
+
+class TwoViews:
+    """DINO's two global views of one image, each with the positions of its patches (Sec. 3.3.2).
+
+    __call__(img: PIL RGB) -> (views (2, 3, S, S) normalised float32, positions (2, N, 2) float32), N = (S / p)^2.
+    Geometry: RandomResizedCrop(S, scale, ratio 3/4-4/3, bicubic) + horizontal flip p 0.5, tracked analytically
+    (`patch_positions`). Photometry: colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2; view 1 blur p 1.0;
+    view 2 blur p 0.1 and solarisation p 0.2; ImageNet normalisation. Randomness: torch's global RNG, which the
+    DataLoader seeds per worker.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
+                 interpolation: InterpolationMode = InterpolationMode.BICUBIC):
+        if img_size % patch_size != 0:
+            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+        self.img_size, self.patch_size = img_size, patch_size
+        self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
+        colour = [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+                  transforms.RandomGrayscale(p=0.2)]
+        normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        self.photometric = (
+            transforms.Compose(colour + [RandomGaussianBlurPIL(p=1.0)] + normalise),
+            transforms.Compose(colour + [RandomGaussianBlurPIL(p=0.1), transforms.RandomSolarize(128, p=0.2)]
+                               + normalise),
+        )
+
+    def geometric(self, img, flip: bool | None = None):
+        """One random resized crop + flip of img (PIL or (C, H, W) tensor) -> (view, positions (N, 2)).
+
+        flip=None flips with probability 0.5; True / False force it (tests).
+        """
+        top, left, height, width = transforms.RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
+        view = TF.resized_crop(img, top, left, height, width, [self.img_size, self.img_size],
+                               interpolation=self.interpolation, antialias=True)
+        if flip is None:
+            flip = bool(torch.rand(()) < 0.5)
+        if flip:
+            view = TF.hflip(view)
+        return view, patch_positions((top, left, height, width), flip, self.img_size, self.patch_size)
+
+    def __call__(self, img):
+        views, positions = [], []
+        for photometric in self.photometric:
+            view, pos = self.geometric(img)
+            views.append(photometric(view))
+            positions.append(pos)
+        return torch.stack(views), torch.stack(positions)  # (2, 3, S, S), (2, N, 2)
+
+    def __repr__(self):
+        return (f"TwoViews(img_size={self.img_size}, patch_size={self.patch_size}, scale={self.scale}, "
+                f"ratio={self.ratio}, interpolation={self.interpolation.value})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Pretraining image folders
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def list_images(root) -> list[str]:
+    """Every image file under root, recursively, sorted; hidden files and folders skipped. ValueError if none."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise ValueError(f"image folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder {root!r} is not a directory")
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+    return sorted(files)
+
+
+class PretrainImages(Dataset):
+    """All images under one or more roots (e.g. COCO train2017 + unlabeled2017 = COCO+), for pretraining.
+
+    __getitem__(i) -> (*transform(img), skipped): an unreadable or truncated file is replaced by the next readable
+    one; `skipped` counts the files skipped for this sample, and each bad file is warned about once per process.
+    """
+
+    def __init__(self, roots, transform=None):
+        roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
+        if not roots:
+            raise ValueError("PretrainImages needs at least one image folder")
+        self.roots = [os.fspath(r) for r in roots]
+        self.files = [f for root in self.roots for f in list_images(root)]
+        self.transform = transform
+        self._warned = set()
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        skipped = 0
+        for k in range(len(self.files)):
+            path = self.files[(index + k) % len(self.files)]
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # any decoder error (truncated, corrupt, unknown format) must not stop training
+                skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", RuntimeWarning)
+                continue
+            out = img if self.transform is None else self.transform(img)
+            return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
+        raise RuntimeError(f"no readable image in {self.roots}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Synthetic scenes and videos
+# ----------------------------------------------------------------------------------------------------------------
+# A class is its shape (things) or its layout (stuff: horizontal bands) AND its texture; colours are drawn per
+# instance, so colour jitter / grayscale leave the task non-trivial. Textures live in the instance's own frame
+# (they move with a moving object). Periods are given for a 96-px image and scale with the image.
+
+STUFF_CLASSES = ["sky", "ground", "wall", "water"]
+THING_CLASSES = ["disk", "square", "triangle", "ring", "cross"]
+SYNTHETIC_CLASSES = STUFF_CLASSES + THING_CLASSES
+SYNTHETIC_TEXTURES = {  # class -> (texture, period range in px at 96 px); all are invariant to horizontal flips
+    "sky": ("clouds", (30.0, 45.0)),        # smooth large-scale value noise
+    "ground": ("gravel", (3.0, 5.0)),       # fine value noise
+    "wall": ("bricks", (6.0, 8.0)),         # staggered bricks with dark mortar
+    "water": ("waves", (7.0, 10.0)),        # smooth wavy horizontal bands
+    "disk": ("dots", (7.0, 9.0)),
+    "square": ("checker", (6.0, 8.0)),
+    "triangle": ("hstripes", (5.0, 7.0)),
+    "ring": ("vstripes", (5.0, 7.0)),
+    "cross": ("grid", (7.0, 9.0)),
+}
+VAL_FIRST_INDEX = 1_000_000  # validation scenes use indices from here on: never seen in pretraining
+
+
+def _hash_noise(ix, iy, salt):
+    """Deterministic pseudo-random values in [0, 1) on an integer lattice (the classic shader hash)."""
+    h = np.sin(ix * 12.9898 + iy * 78.233 + salt) * 43758.5453
+    return h - np.floor(h)
+
+
+def _value_noise(u, v, period, salt):
+    """Smooth value noise: lattice values every `period` px, smoothstep-interpolated."""
+    gu, gv = u / period, v / period
+    iu, iv = np.floor(gu), np.floor(gv)
+    fu, fv = gu - iu, gv - iv
+    fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
+    n00, n10 = _hash_noise(iu, iv, salt), _hash_noise(iu + 1, iv, salt)
+    n01, n11 = _hash_noise(iu, iv + 1, salt), _hash_noise(iu + 1, iv + 1, salt)
+    return (n00 * (1 - fu) + n10 * fu) * (1 - fv) + (n01 * (1 - fu) + n11 * fu) * fv
+
+
+def _texture(name, u, v, period, salt):
+    """Texture value in [0, 1] at instance-frame coordinates (u, v) (arrays, px)."""
+    fu, fv = u / period - np.floor(u / period), v / period - np.floor(v / period)
+    if name == "clouds":
+        return 0.2 + 0.6 * _value_noise(u, v, period, salt)
+    if name == "gravel":
+        return _value_noise(u, v, period, salt)
+    if name == "bricks":
+        row = np.floor(v / period)
+        bu = u / (2 * period) + 0.5 * (row % 2)
+        mortar = (fv < 0.2) | (bu - np.floor(bu) < 0.1)
+        return np.where(mortar, 0.0, 1.0)
+    if name == "waves":
+        return 0.5 + 0.5 * np.sin(2 * np.pi * (v + 0.3 * period * np.sin(2 * np.pi * u / (3 * period))) / period)
+    if name == "dots":
+        return (((fu - 0.5) ** 2 + (fv - 0.5) ** 2) < 0.32 ** 2).astype(np.float64)
+    if name == "checker":
+        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float64)
+    if name == "hstripes":
+        return (fv < 0.5).astype(np.float64)
+    if name == "vstripes":
+        return (fu < 0.5).astype(np.float64)
+    if name == "grid":
+        return ((np.abs(fu - 0.5) > 0.36) | (np.abs(fv - 0.5) > 0.36)).astype(np.float64)
+    raise ValueError(f"unknown texture {name!r}")
+
+
+def _thing_mask(shape, x, y, cx, cy, r, angle):
+    """Boolean mask of a thing of circumradius ~r centred at (cx, cy), rotated by angle (x, y: pixel centres)."""
+    c, s = math.cos(angle), math.sin(angle)
+    a, b = c * (x - cx) + s * (y - cy), -s * (x - cx) + c * (y - cy)  # object frame
+    if shape == "disk":
+        return a * a + b * b <= r * r
+    if shape == "ring":
+        d2 = a * a + b * b
+        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+    if shape == "square":
+        return np.maximum(np.abs(a), np.abs(b)) <= 0.8 * r
+    if shape == "triangle":  # equilateral, circumradius r: inside the three edges at distance r / 2
+        inside = np.ones(np.broadcast(a, b).shape, dtype=bool)
+        for k in range(3):
+            t = 2 * math.pi * k / 3
+            inside &= a * math.cos(t) + b * math.sin(t) <= 0.5 * r
+        return inside
+    if shape == "cross":
+        w = 0.3 * r
+        return ((np.abs(a) <= w) & (np.abs(b) <= r)) | ((np.abs(b) <= w) & (np.abs(a) <= r))
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def _two_tone(rng):
+    """Random instance colours (dark, light): same hue family, at least ~127 apart on every channel."""
+    base = rng.uniform(0, 255, 3)
+    dark = base * rng.uniform(0.1, 0.5)
+    light = base + (255 - base) * rng.uniform(0.5, 0.9)
+    return (dark, light) if rng.random() < 0.5 else (light, dark)
+
+
+def _sample_instance(rng, cls, scale):
+    """Colours, texture period and texture phase of one instance of class index cls."""
+    texture, (lo, hi) = SYNTHETIC_TEXTURES[SYNTHETIC_CLASSES[cls]]
+    return dict(cls=cls, texture=texture, period=rng.uniform(lo, hi) * scale, colours=_two_tone(rng),
+                offset=rng.uniform(0, 1000, 2), salt=rng.uniform(0, 100))
+
+
+def _paint(img, mask, inst, u, v):
+    """Paint one instance where mask holds: colour = mix of its two colours by its texture."""
+    t = _texture(inst["texture"], u[mask] + inst["offset"][0], v[mask] + inst["offset"][1], inst["period"],
+                 inst["salt"])
+    c0, c1 = inst["colours"]
+    img[mask] = c0 + t[:, None] * (c1 - c0)
+
+
+def _stuff_layout(rng, height, width):
+    """1-3 stuff regions as horizontal bands split by wavy, tilted boundaries -> (instances, region map)."""
+    n = int(rng.choice([1, 2, 3], p=[0.15, 0.5, 0.35]))
+    classes = rng.choice(len(STUFF_CLASSES), size=n, replace=False)
+    x = np.arange(width) + 0.5
+    y = np.arange(height)[:, None] + 0.5
+    region = np.zeros((height, width), dtype=np.int64)
+    for k in range(1, n):
+        base = height * (k + rng.uniform(-0.25, 0.25)) / n
+        boundary = (base + height * rng.uniform(0.02, 0.08) * np.sin(2 * np.pi * x / (width * rng.uniform(0.4, 1.2))
+                                                                       + rng.uniform(0, 2 * np.pi))
+                    + rng.uniform(-0.15, 0.15) * (x - width / 2))
+        region += y > boundary[None, :]
+    return [int(c) for c in classes], region
+
+
+def _noise(rng, img, sigma=3.0):
+    return np.clip(img + rng.normal(0.0, sigma, img.shape), 0, 255).astype(np.uint8)
+
+
+class SyntheticScenes(Dataset):
+    """Procedural scene-centric images with per-pixel class labels, generated on the fly.
+
+    __getitem__(i) -> (PIL RGB size x size, np.uint8 (size, size) labels in 0..num_classes-1, no ignore pixels).
+    Deterministic per (seed, first_index + i). Background: 1-3 stuff bands; foreground: 1-5 things in painter's
+    order (later ones occlude earlier ones).
+    """
+    num_classes = len(SYNTHETIC_CLASSES)
+    class_names = SYNTHETIC_CLASSES
+    stuff_classes = list(range(len(STUFF_CLASSES)))
+    thing_classes = list(range(len(STUFF_CLASSES), len(SYNTHETIC_CLASSES)))
+
+    def __init__(self, n_images: int = 1000, size: int = 96, seed: int = 0, first_index: int = 0):
+        self.n_images, self.size, self.seed, self.first_index = n_images, size, seed, first_index
+
+    def __len__(self):
+        return self.n_images
+
+    def generate(self, index: int):
+        """(uint8 image (S, S, 3), uint8 labels (S, S)) of scene `index` (any int, no range check)."""
+        rng = np.random.default_rng([self.seed, self.first_index + index])
+        S, scale = self.size, self.size / 96.0
+        y, x = np.mgrid[0:S, 0:S] + 0.5  # pixel centres, (S, S) each
+        img = np.zeros((S, S, 3), dtype=np.float64)
+        labels = np.zeros((S, S), dtype=np.uint8)
+        classes, region = _stuff_layout(rng, S, S)
+        for k, cls in enumerate(classes):
+            mask = region == k
+            _paint(img, mask, _sample_instance(rng, cls, scale), x, y)
+            labels[mask] = cls
+        for _ in range(int(rng.integers(1, 6))):
+            cls = int(rng.choice(self.thing_classes))
+            cx, cy = rng.uniform(0.1, 0.9, 2) * S
+            r, angle = rng.uniform(0.1, 0.24) * S, rng.uniform(0, 2 * np.pi)
+            mask = _thing_mask(SYNTHETIC_CLASSES[cls], x, y, cx, cy, r, angle)
+            _paint(img, mask, _sample_instance(rng, cls, scale), x - cx, y - cy)
+            labels[mask] = cls
+        return _noise(rng, img), labels
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.n_images:
+            raise IndexError(f"scene index {index} out of range (n_images={self.n_images})")
+        img, labels = self.generate(index)
+        return Image.fromarray(img), labels
+
+
+class SyntheticPretrain(Dataset):
+    """Synthetic scenes for pretraining: __getitem__(i) -> (*transform(img), 0) (0 files skipped)."""
+
+    def __init__(self, n_images: int = 1000, size: int = 96, seed: int = 0, transform=None):
+        self.scenes = SyntheticScenes(n_images, size, seed)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        img, _ = self.scenes[index]
+        out = img if self.transform is None else self.transform(img)
+        return (*out, 0) if isinstance(out, tuple) else (out, 0)
+
+
+class SyntheticVideos:
+    """Videos of 1-3 textured things moving and scaling smoothly over a static stuff background.
+
+    video(i) -> (frames: list of PIL RGB (H, W), masks: list of np.uint8 (H, W) instance ids, 0 = background,
+    1..n in painter's order). Objects may occlude each other, but every object is visible in frame 0.
+    """
+
+    def __init__(self, n_videos: int = 4, n_frames: int = 12, size=(96, 128), seed: int = 0):
+        self.n_videos, self.n_frames, self.size, self.seed = n_videos, n_frames, tuple(size), seed
+
+    def __len__(self):
+        return self.n_videos
+
+    def _objects(self, rng, x, y):
+        """Sample the objects' trajectories until each one shows >= 25% of its area (and >= 16 px) in frame 0."""
+        H, W = self.size
+        m = min(H, W)
+        for _ in range(100):
+            objects = []
+            for _ in range(int(rng.integers(1, 4))):
+                start = rng.uniform(0.2, 0.8, 2) * (W, H)
+                direction = rng.uniform(0, 2 * np.pi)
+                end = np.clip(start + rng.uniform(0.1, 0.35) * m * np.array([np.cos(direction), np.sin(direction)]),
+                              (0.1 * W, 0.1 * H), (0.9 * W, 0.9 * H))
+                cls = int(rng.choice(SyntheticScenes.thing_classes))
+                objects.append(dict(cls=cls, start=start, end=end, r=rng.uniform(0.12, 0.24) * m,
+                                    growth=rng.uniform(0.7, 1.4), angle=rng.uniform(0, 2 * np.pi),
+                                    spin=rng.uniform(-0.5, 0.5), inst=_sample_instance(rng, cls, m / 96.0)))
+            ids = np.zeros((H, W), dtype=np.uint8)
+            areas = []
+            for k, obj in enumerate(objects):
+                mask = self._mask(obj, 0.0, x, y)
+                areas.append(mask.sum())
+                ids[mask] = k + 1
+            if all((ids == k + 1).sum() >= max(16, 0.25 * a) for k, a in enumerate(areas)):
+                return objects
+        raise RuntimeError(f"could not place visible objects in video {self.size}")  # not reached in practice
+
+    @staticmethod
+    def _pose(obj, t):
+        """Centre, radius and angle at time t in [0, 1]: smooth (eased) motion, geometric scaling."""
+        s = t * t * (3 - 2 * t)
+        centre = obj["start"] + s * (obj["end"] - obj["start"])
+        return centre, obj["r"] * obj["growth"] ** t, obj["angle"] + obj["spin"] * t
+
+    def _mask(self, obj, t, x, y):
+        (cx, cy), r, angle = self._pose(obj, t)
+        return _thing_mask(SYNTHETIC_CLASSES[obj["cls"]], x, y, cx, cy, r, angle)
+
+    def video(self, index: int):
+        rng = np.random.default_rng([self.seed, index])
+        H, W = self.size
+        y, x = np.mgrid[0:H, 0:W] + 0.5
+        background = np.zeros((H, W, 3), dtype=np.float64)
+        classes, region = _stuff_layout(rng, H, W)
+        for k, cls in enumerate(classes):
+            _paint(background, region == k, _sample_instance(rng, cls, min(H, W) / 96.0), x, y)
+        objects = self._objects(rng, x, y)
+        frames, masks = [], []
+        for f in range(self.n_frames):
+            t = f / max(self.n_frames - 1, 1)
+            img, ids = background.copy(), np.zeros((H, W), dtype=np.uint8)
+            for k, obj in enumerate(objects):
+                (cx, cy), _, _ = self._pose(obj, t)
+                mask = self._mask(obj, t, x, y)
+                _paint(img, mask, obj["inst"], x - cx, y - cy)
+                ids[mask] = k + 1
+            frames.append(Image.fromarray(_noise(rng, img)))
+            masks.append(ids)
+        return frames, masks
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. Writing the synthetic data in the PVOC12 and DAVIS-2017 layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_palette_png(labels: np.ndarray, path) -> None:
+    """np.uint8 (H, W) indices -> palette ('P') PNG with the VOC colour map."""
+    im = Image.frombytes("P", labels.shape[::-1], np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    im.putpalette(VOC_PALETTE)
+    im.save(path)
+
+
+def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int = 3, n_frames: int = 10,
+                    size: int = 96, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
+    """Write the synthetic scenes as PVOC12 (VOCdevkit/VOC2012) and the synthetic videos as DAVIS-2017 (DAVIS).
+
+    Train scenes are indices 0.. of SyntheticScenes(seed), val scenes indices VAL_FIRST_INDEX.. (disjoint, and
+    identical to build_segmentation_dataset('synthetic', None, split)). Returns {'root', 'pvoc', 'davis'} paths.
+    """
+    out_dir = Path(out_dir)
+    voc = out_dir / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": SyntheticScenes(n_train, size, seed), "val": SyntheticScenes(n_val, size, seed, VAL_FIRST_INDEX)}
+    for split, scenes in splits.items():
+        ids = []
+        for i in tqdm(range(len(scenes)), desc=f"synthetic {split}", disable=not progress, leave=False):
+            name = f"{split}_{i:06d}"
+            img, labels = scenes[i]
+            img.save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+            save_palette_png(labels, voc / "SegmentationClass" / f"{name}.png")
+            ids.append(name)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (voc / "synthetic.json").write_text(json.dumps(dict(
+        class_names=SYNTHETIC_CLASSES, n_train=n_train, n_val=n_val, size=size, seed=seed), indent=2))
+
+    davis = out_dir / "DAVIS"
+    videos = SyntheticVideos(n_videos, n_frames, video_size, seed)
+    sequences = []
+    for v in tqdm(range(len(videos)), desc="synthetic videos", disable=not progress, leave=False):
+        seq = f"synth-{v:03d}"
+        frames, masks = videos.video(v)
+        (davis / "JPEGImages" / "480p" / seq).mkdir(parents=True, exist_ok=True)
+        (davis / "Annotations" / "480p" / seq).mkdir(parents=True, exist_ok=True)
+        for t, (frame, mask) in enumerate(zip(frames, masks)):
+            frame.save(davis / "JPEGImages" / "480p" / seq / f"{t:05d}.jpg", quality=95)
+            save_palette_png(mask, davis / "Annotations" / "480p" / seq / f"{t:05d}.png")
+        sequences.append(seq)
+    (davis / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("\n".join(sequences) + "\n")
+    return {"root": str(out_dir), "pvoc": str(voc), "davis": str(davis)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. Segmentation datasets (eval_protocols.md A.1)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _image_size(path, what):
+    """(W, H) and mode from the file header only; ValueError naming the file if it cannot be opened."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as e:
+        raise ValueError(f"cannot open {what} {path}: {type(e).__name__}: {e}") from e
+
+
+def check_samples(samples, source: str = "", progress: bool = True) -> None:
+    """Every (image, mask) pair exists, the mask is single-channel and has its image's size; else ValueError."""
+    origin = f" (listed in {source})" if source else ""
+    for image, mask in tqdm(samples, desc="checking dataset files", leave=False,
+                            disable=not progress or len(samples) < 2000):
+        if not os.path.isfile(image):
+            raise ValueError(f"image {image}{origin} does not exist")
+        if not os.path.isfile(mask):
+            raise ValueError(f"mask {mask}{origin} does not exist")
+        image_size, _ = _image_size(image, "image")
+        mask_size, mask_mode = _image_size(mask, "mask")
+        if mask_mode not in ("P", "L", "1") and not mask_mode.startswith("I"):
+            raise ValueError(f"mask {mask} is a {mask_mode} image: expected a single-channel PNG of class indices")
+        if image_size != mask_size:
+            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
+                             f"{image_size[0]}x{image_size[1]}")
+
+
+class SegmentationDataset(Dataset):
+    """(image, mask) files -> (PIL RGB image, np.uint8 (H, W) mask of class ids 0..C-1, 255 = ignore).
+
+    Raw mask values go through `lut` (256 entries). Files are validated in __init__ (see check_samples).
+    """
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, samples, num_classes: int, class_names, lut=None, name: str = "", source: str = "",
+                 validate: bool = True, progress: bool = True):
+        if len(class_names) != num_classes:
+            raise ValueError(f"{name}: {len(class_names)} class names for {num_classes} classes")
+        self.samples = [(str(i), str(m)) for i, m in samples]
+        self.num_classes, self.class_names, self.name = num_classes, list(class_names), name
+        self.lut = _range_lut(num_classes) if lut is None else np.asarray(lut, dtype=np.uint8)
+        if not self.samples:
+            raise ValueError(f"{name}: no samples found{f' in {source}' if source else ''}")
+        if validate:
+            check_samples(self.samples, source, progress)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image, mask = self.samples[index]
+        try:
+            img = load_rgb(image)
+        except Exception as e:
+            raise OSError(f"cannot read image {image}: {type(e).__name__}: {e}") from e
+        return img, self.lut[read_mask(mask)]
+
+    def __repr__(self):
+        return f"SegmentationDataset({self.name}, {len(self)} images, {self.num_classes} classes)"
+
+
+class SyntheticSegmentation(SegmentationDataset):
+    """The synthetic scenes generated in memory, as a SegmentationDataset (no files)."""
+
+    def __init__(self, scenes: SyntheticScenes, name: str = "synthetic"):
+        self.scenes, self.samples = scenes, []
+        self.num_classes, self.class_names, self.name = scenes.num_classes, list(scenes.class_names), name
+        self.lut = _range_lut(scenes.num_classes)
+
+    def __len__(self):
+        return len(self.scenes)
+
+    def __getitem__(self, index):
+        return self.scenes[index]
+
+    def __repr__(self):
+        return f"SyntheticSegmentation({len(self)} scenes, size {self.scenes.size}, seed {self.scenes.seed})"
+
+
+def _first_dir(what, candidates) -> Path:
+    candidates = list(dict.fromkeys(Path(c) for c in candidates))
+    for c in candidates:
+        if c.is_dir():
+            return c
+    raise ValueError(f"{what} not found; looked in:\n  " + "\n  ".join(str(c) for c in candidates))
+
+
+def _find_voc(root) -> tuple[Path, dict]:
+    """The VOC folder under root and its layout: standard VOC2012 or Leopart's VOCSegmentation."""
+    root = Path(root)
+    standard = dict(images="JPEGImages", sets="ImageSets/Segmentation")
+    leopart = dict(images="images", sets="sets")
+    candidates = [(root, standard), (root / "VOC2012", standard), (root / "VOCdevkit" / "VOC2012", standard),
+                  (root, leopart), (root / "VOCSegmentation", leopart),
+                  (root / "VOCdevkit" / "VOCSegmentation", leopart)]
+    for folder, layout in candidates:
+        if (folder / layout["images"]).is_dir() and (folder / layout["sets"]).is_dir():
+            return folder, layout
+    looked = "\n  ".join(f"{f / layout['images']} + {f / layout['sets']}" for f, layout in candidates)
+    raise ValueError(f"no PASCAL VOC layout found under {root}; looked for:\n  {looked}")
+
+
+def _voc_samples(root, split):
+    """(image, mask) pairs of a VOC split; train/trainaug masks from SegmentationClassAug when present (Leopart)."""
+    folder, layout = _find_voc(root)
+    split_file = folder / layout["sets"] / f"{split}.txt"
+    if not split_file.is_file():
+        raise ValueError(f"split file {split_file} does not exist")
+    aug = folder / "SegmentationClassAug"
+    if split == "trainaug" and not aug.is_dir():
+        raise ValueError(f"mask folder {aug} does not exist (the trainaug split needs the SBD-augmented masks)")
+    mask_dir = aug if split != "val" and aug.is_dir() else folder / "SegmentationClass"
+    if not mask_dir.is_dir():
+        raise ValueError(f"mask folder {mask_dir} does not exist (needed for split {split!r})")
+    ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
+    images = folder / layout["images"]
+    return [(images / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids], split_file
+
+
+_COCO_MASK_DIRS = {
+    "coco_things": ["annotations/panoptic_annotations/semantic_segmentation_{s}2017",
+                    "annotations/semantic_segmentation_{s}2017",
+                    "panoptic_annotations/semantic_segmentation_{s}2017"],
+    "coco_stuff": ["annotations/annotations/stuff_annotations/stuff_{s}2017_pixelmaps",
+                   "annotations/stuff_annotations/stuff_{s}2017_pixelmaps",
+                   "annotations/stuff_{s}2017_pixelmaps",
+                   "stuff_annotations/stuff_{s}2017_pixelmaps"],
+}
+
+
+def _coco_samples(name, root, split):
+    """Leopart layout (root/coco/images/<s>2017 + root/annotations/...) or plain COCO (root/<s>2017 + ...).
+
+    The image list is the sorted listing of the image folder, keeping the images that have a mask.
+    """
+    s = {"train": "train", "val": "val", "train2017": "train", "val2017": "val"}.get(split)
+    if s is None:
+        raise ValueError(f"{name}: unknown split {split!r} (use 'train' or 'val')")
+    root = Path(root)
+    bases = [root, root / "coco", root.parent]
+    image_dir = _first_dir(f"COCO {s}2017 image folder",
+                           [b / rel for b in bases[:2] for rel in (f"images/{s}2017", f"{s}2017")])
+    mask_dir = _first_dir(f"{name} {s}2017 mask folder",
+                          [b / rel.format(s=s) for b in bases for rel in _COCO_MASK_DIRS[name]])
+    samples = []
+    for f in sorted(os.listdir(image_dir)):
+        stem, ext = os.path.splitext(f)
+        if ext.lower() in IMG_EXTENSIONS and (mask_dir / f"{stem}.png").is_file():
+            samples.append((image_dir / f, mask_dir / f"{stem}.png"))
+    if not samples:
+        raise ValueError(f"{name}: no image of {image_dir} has a mask in {mask_dir}")
+    return samples, str(image_dir)
+
+
+def _ade20k_samples(root, split):
+    sub = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}.get(split)
+    if sub is None:
+        raise ValueError(f"ade20k: unknown split {split!r} (use 'train' or 'val')")
+    root = Path(root)
+    base = _first_dir("ADE20K (ADEChallengeData2016)", [root / "ADEChallengeData2016", root])
+    image_dir = base / "images" / sub
+    mask_dir = base / "annotations" / sub
+    for d in (image_dir, mask_dir):
+        if not d.is_dir():
+            raise ValueError(f"ade20k: folder {d} does not exist")
+    images = sorted(f for f in os.listdir(image_dir) if os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
+    return [(image_dir / f, mask_dir / f"{os.path.splitext(f)[0]}.png") for f in images], str(image_dir)
+
+
+SEGMENTATION_DATASETS = ("pvoc", "coco_things", "coco_stuff", "ade20k", "synthetic")
+SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}  # defaults of the in-memory synthetic dataset (= write_synthetic)
+
+
+def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | None = None, size: int = 96,
+                               seed: int = 0, validate: bool = True, progress: bool = True) -> SegmentationDataset:
+    """A SegmentationDataset by name: 'pvoc' (21 classes), 'coco_things' (12), 'coco_stuff' (15), 'ade20k' (150),
+    'synthetic' (9; root=None generates the scenes in memory: n_images/size/seed apply; a root reads the
+    PVOC-layout folder written by write_synthetic). Validates the files before returning (ValueError naming them).
+    """
+    if name not in SEGMENTATION_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose from {SEGMENTATION_DATASETS}")
+    if root is None and name != "synthetic":
+        raise ValueError(f"{name}: a data root is needed (only 'synthetic' can be generated without one)")
+    if root is not None and not os.path.isdir(root):
+        raise ValueError(f"{name}: data root {root} does not exist or is not a folder")
+    kw = dict(name=f"{name}/{split}", validate=validate, progress=progress)
+    if name == "synthetic":
+        if root is None:
+            if split not in SYNTHETIC_SPLIT_SIZES:
+                raise ValueError(f"synthetic: unknown split {split!r} (use 'train' or 'val')")
+            n = SYNTHETIC_SPLIT_SIZES[split] if n_images is None else n_images
+            first = 0 if split == "train" else VAL_FIRST_INDEX
+            return SyntheticSegmentation(SyntheticScenes(n, size, seed, first), name=kw["name"])
+        samples, source = _voc_samples(root, split)
+        return SegmentationDataset(samples, SyntheticScenes.num_classes, SyntheticScenes.class_names,
+                                   source=str(source), **kw)
+    if name == "pvoc":
+        samples, source = _voc_samples(root, split)
+        return SegmentationDataset(samples, 21, VOC_CLASSES, VOC_LUT, source=str(source), **kw)
+    if name == "coco_things":
+        samples, source = _coco_samples(name, root, split)
+        return SegmentationDataset(samples, 12, COCO_THINGS_CLASSES, COCO_THINGS_LUT, source=source, **kw)
+    if name == "coco_stuff":
+        samples, source = _coco_samples(name, root, split)
+        return SegmentationDataset(samples, 15, COCO_STUFF_CLASSES, COCO_STUFF_LUT, source=source, **kw)
+    samples, source = _ade20k_samples(root, split)
+    return SegmentationDataset(samples, 150, ADE20K_CLASSES, ADE20K_LUT, source=source, **kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CrOC data utilities", add_help=True)
+    p.add_argument("--write-synthetic", metavar="DIR", default=None,
+                   help="write the synthetic scenes as DIR/VOCdevkit/VOC2012 (PVOC12 layout) and the synthetic "
+                        "videos as DIR/DAVIS (DAVIS-2017 layout), for the evaluation scripts")
+    p.add_argument("--n-train", type=int, default=64, help="synthetic train scenes")
+    p.add_argument("--n-val", type=int, default=32, help="synthetic val scenes (indices disjoint from train)")
+    p.add_argument("--n-videos", type=int, default=3, help="synthetic videos")
+    p.add_argument("--n-frames", type=int, default=10, help="frames per synthetic video")
+    p.add_argument("--size", type=int, default=96, help="side of the square synthetic scenes in pixels")
+    p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
+                   help="height and width of the synthetic video frames")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    return p
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    if args.write_synthetic is None:
+        get_args_parser().print_help()
+    else:
+        print(json.dumps(vars(args)))
+        paths = write_synthetic(args.write_synthetic, args.n_train, args.n_val, args.n_videos, args.n_frames,
+                                args.size, tuple(args.video_size), args.seed)
+        print(json.dumps(paths, indent=2))

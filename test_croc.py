@@ -1,0 +1,1732 @@
+"""The test suite: CPU, tiny synthetic inputs, seconds per test; the torchrun tests spawn 2 processes.
+
+    python -m pytest -q test_croc.py
+"""
+from contextlib import nullcontext
+from pathlib import Path
+import argparse
+import csv
+import inspect
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+
+from PIL import Image
+from einops import reduce
+from torchvision.transforms import InterpolationMode
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clustering import ClusterResult, centroids, cluster, sinkhorn
+from model import CrOCHead, CrOCModel, build_vit
+import clustering
+import data
+import eval_davis as ed
+import eval_kmeans
+import eval_linear
+import model as M
+import train
+
+
+# ==============================================================================================================
+# model.py: the ViT, the head, checkpoint loading
+# ==============================================================================================================
+@pytest.mark.parametrize("patch,size", [(16, (224, 224)), (8, (64, 96)), (16, (48, 80))])
+def test_vit_shapes_at_square_and_non_square_sizes(patch, size):
+    vit = M.vit_tiny(patch)
+    x = torch.randn(2, 3, *size)
+    h, w = size[0] // patch, size[1] // patch
+    f = vit.forward_features(x, which="k")
+    assert f.cls.shape == (2, 192) and f.patch.shape == (2, h * w, 192) and f.grid == (h, w)
+    assert f.tokens.shape == (2, 3, 1 + h * w, 64)
+    assert vit.forward_features(x, which="last").tokens.shape == (2, 1, 1 + h * w, 192)
+    assert vit.forward_features(x).tokens is None
+    assert vit.get_last_selfattention(x).shape == (2, 3, 1 + h * w, 1 + h * w)
+    assert M.dense_features(vit, x, n_last_blocks=2).shape == (2, 2 * 192, h, w)
+
+
+def test_vit_rejects_input_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        M.vit_tiny(16)(torch.randn(1, 3, 50, 64))
+
+
+def test_forward_features_exposes_last_block_qkv_and_final_tokens_in_one_pass():
+    torch.manual_seed(0)
+    vit = M.vit_tiny(16).eval()
+    x = torch.randn(2, 3, 32, 48)
+    feats = {w: vit.forward_features(x, which=w) for w in ("q", "k", "v", "last")}
+    # recompute the last block's input independently and project it
+    t = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        t, _ = blk(t)
+    q, k, v = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
+    for name, ref in zip("qkv", (q, k, v)):
+        torch.testing.assert_close(feats[name].tokens, ref)
+    final = vit.get_intermediate_layers(x, 1)[0]
+    torch.testing.assert_close(feats["last"].tokens[:, 0], final)
+    torch.testing.assert_close(feats["k"].patch, final[:, 1:])
+    torch.testing.assert_close(feats["k"].cls, vit(x))
+
+
+def test_last_selfattention_matches_the_attention_used_in_the_forward_pass():
+    torch.manual_seed(0)
+    vit = M.vit_tiny(16).eval()
+    x = torch.randn(1, 3, 32, 32)
+    attn = vit.get_last_selfattention(x)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
+    v = vit.forward_features(x, which="v").tokens
+    t = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        t, _ = blk(t)
+    _, (_, _, _) = vit.blocks[-1].attn(vit.blocks[-1].norm1(t))
+    q, k, _ = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
+    torch.testing.assert_close(attn @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_positional_embedding_is_unchanged_at_224_and_resized_for_other_grids():
+    vit = M.vit_tiny(16)
+    assert vit.interpolate_pos_encoding(14, 14) is vit.pos_embed
+    assert vit.interpolate_pos_encoding(3, 5).shape == (1, 16, 192)
+
+
+def test_head_parameter_names_match_dino_and_croc():
+    head = M.CrOCHead(192, out_dim=64, out_dim_c=32)
+    assert set(head.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                                      "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v",
+                                      "last_layer_c.weight_g", "last_layer_c.weight_v"}
+    assert not head.last_layer.weight_g.requires_grad  # norm_last_layer
+    x = torch.randn(5, 192)
+    assert head(x).shape == (5, 64) and head(x, centroids=True).shape == (5, 32)
+
+
+def test_backbone_parameter_names_match_dino_and_timm():
+    keys = set(M.vit_tiny(16).state_dict())
+    for k in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
+              "blocks.0.attn.qkv.bias", "blocks.11.attn.proj.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
+              "blocks.0.mlp.fc2.bias", "norm.weight"]:
+        assert k in keys, k
+
+
+def _official_croc_checkpoint(path, arch="vit_tiny", patch=16, new_weight_norm_api=False):
+    """A checkpoint in the official CrOC layout: DDP-prefixed student, `backbone.`/`head.` prefixes, old
+    weight-norm keys, an argparse.Namespace under `args`, plus optimizer and loss states."""
+    torch.manual_seed(1)
+    student = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
+    teacher = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
+    def fmt(sd, prefix):
+        out = {}
+        for k, v in sd.items():
+            if new_weight_norm_api:
+                k = k.replace(".weight_g", ".parametrizations.weight.original0")
+                k = k.replace(".weight_v", ".parametrizations.weight.original1")
+            out[prefix + k] = v
+        return out
+    opt = torch.optim.AdamW(student.parameters())
+    torch.save({"student": fmt(student.state_dict(), "module."), "teacher": fmt(teacher.state_dict(), ""),
+                "optimizer": opt.state_dict(), "epoch": 7, "croc_loss": {"center": torch.zeros(1, 64)},
+                "args": argparse.Namespace(arch=arch, patch_size=patch, lr=5e-4, global_crops_scale=(0.25, 1.0))},
+               path)
+    return student, teacher
+
+
+@pytest.mark.parametrize("new_api", [False, True])
+def test_load_pretrained_reads_official_croc_checkpoint_and_reproduces_outputs(tmp_path, new_api):
+    path = tmp_path / "croc.pth"
+    student, teacher = _official_croc_checkpoint(path, new_weight_norm_api=new_api)
+    x = torch.randn(2, 3, 32, 32)
+    for key, src in (("teacher", teacher), ("student", student)):
+        vit = M.vit_tiny(16)
+        res = M.load_pretrained(vit, str(path), key=key)
+        assert res == {"missing": [], "unexpected": []}
+        src.eval(), vit.eval()
+        torch.testing.assert_close(vit(x), src.backbone(x))
+        full = M.CrOCModel(M.vit_tiny(16), M.CrOCHead(192, 64, 32)).eval()
+        assert M.load_pretrained(full, str(path), key=key) == {"missing": [], "unexpected": []}
+        torch.testing.assert_close(full.head(full.backbone(x), centroids=True),
+                                   src.head(src.backbone(x), centroids=True))
+
+
+def test_load_pretrained_reads_bare_backbone_weights(tmp_path):
+    src = M.vit_tiny(8).eval()
+    torch.save(src.state_dict(), tmp_path / "dino_deitsmall8.pth")
+    vit = M.vit_tiny(8).eval()
+    assert M.load_pretrained(vit, str(tmp_path / "dino_deitsmall8.pth")) == {"missing": [], "unexpected": []}
+    x = torch.randn(1, 3, 16, 24)
+    torch.testing.assert_close(vit(x), src(x))
+    full = M.CrOCModel(M.vit_tiny(8), M.CrOCHead(192, 64, 32))
+    res = M.load_pretrained(full, str(tmp_path / "dino_deitsmall8.pth"))
+    assert res["unexpected"] == [] and all(k.startswith("head.") for k in res["missing"])
+
+
+def test_load_pretrained_shape_mismatch_names_key_and_shapes(tmp_path):
+    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"pos_embed: checkpoint \(1, 197, 192\), model \(1, 785, 192\)"):
+        M.load_pretrained(M.vit_tiny(8), str(tmp_path / "w.pth"))
+
+
+def test_load_pretrained_names_missing_file_and_missing_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "nope.pth"))
+    _official_croc_checkpoint(tmp_path / "c.pth")
+    with pytest.raises(KeyError, match=r"'ema'.*\['student', 'teacher'"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "c.pth"), key="ema")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would have run arbitrary code",))
+
+
+def test_load_pretrained_refuses_checkpoints_that_execute_code(tmp_path):
+    torch.save({"teacher": M.vit_tiny(16).state_dict(), "payload": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "evil.pth"))
+
+
+def test_load_backbone_is_frozen_and_in_eval_mode(tmp_path):
+    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
+    vit = M.load_backbone("vit_tiny", 16, str(tmp_path / "w.pth"))
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+    with pytest.raises(ValueError, match="--arch"):
+        M.load_backbone("vit_huge", 16)
+
+
+
+# ==============================================================================================================
+# clustering.py: Sinkhorn and the joint clustering (Sec. 3.3)
+# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------------------
+def entropic_ot_reference(cost, r, c, lam, n_iter=5000):
+    """Entropic OT plan argmin <Q, cost> - H(Q) / lam over U(r, c), by dual (log-domain) iteration in float64."""
+    cost, r, c = cost.double(), r.double(), c.double()
+    f = torch.zeros_like(r)
+    g = torch.zeros_like(c)
+    for _ in range(n_iter):
+        f = r.log() - torch.logsumexp(g[:, None, :] - lam * cost, dim=2)
+        g = c.log() - torch.logsumexp(f[:, :, None] - lam * cost, dim=1)
+    return (f[:, :, None] + g[:, None, :] - lam * cost).exp()
+
+
+def grouped_tokens(n_problems, groups_view1, groups_view2, d=16, noise=0.05, seed=0):
+    """Tokens of orthogonal groups with small noise: view 1 holds `groups_view1` labels, view 2 `groups_view2`.
+
+    Returns tokens (P, 2N, d), positions (P, 2N, 2) at random, labels (P, 2N); views are shuffled per problem.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n_groups = int(max(groups_view1.max(), groups_view2.max())) + 1
+    directions = torch.linalg.qr(torch.randn(n_problems, d, n_groups, generator=gen))[0].transpose(1, 2)
+    labels = torch.stack([torch.cat([groups_view1[torch.randperm(len(groups_view1), generator=gen)],
+                                     groups_view2[torch.randperm(len(groups_view2), generator=gen)]])
+                          for _ in range(n_problems)])  # (P, 2N)
+    tokens = torch.gather(directions, 1, labels[..., None].expand(-1, -1, d))
+    tokens = tokens + noise * torch.randn(tokens.shape, generator=gen)
+    positions = 224 * torch.rand(n_problems, labels.shape[1], 2, generator=gen)
+    return tokens, positions, labels
+
+
+def same_partition(assignment, labels):
+    """(P,) bool: the hard assignment groups tokens exactly as labels do (up to renaming)."""
+    predicted = assignment.argmax(dim=-1)
+    same_pred = predicted[:, :, None] == predicted[:, None, :]
+    same_true = labels[:, :, None] == labels[:, None, :]
+    return (same_pred == same_true).flatten(1).all(dim=1)
+
+
+def assert_valid_result(result, n_problems, n, k_start, k_max):
+    assert isinstance(result, ClusterResult)
+    assert result.assignment.shape == (n_problems, n, k_max)
+    assert result.valid.shape == (n_problems, k_max) and result.valid.dtype == torch.bool
+    assert result.k.shape == (n_problems,) and result.k.dtype == torch.long
+    assert result.cost.shape == (n_problems, k_start - 1)
+    assert torch.isfinite(result.assignment).all() and torch.isfinite(result.cost).all()
+    assert ((result.assignment == 0) | (result.assignment == 1)).all()
+    assert (result.assignment.sum(-1) <= 1).all()  # one cluster per token at most (pruned: none)
+    assert ((2 <= result.k) & (result.k <= k_max)).all()
+    beyond_k = torch.arange(k_max) >= result.k[:, None]
+    assert not (result.valid & beyond_k).any()
+    assert (result.assignment.sum(1)[~result.valid] == 0).all()  # pruned / unused columns are empty
+
+
+# --------------------------------------------------------------------------------------------------------------
+# sinkhorn (Eq. 11-13)
+# --------------------------------------------------------------------------------------------------------------
+def test_sinkhorn_plan_has_requested_marginals_after_many_iterations():
+    gen = torch.Generator().manual_seed(0)
+    cost = torch.rand(3, 40, 6, generator=gen, dtype=torch.float64)
+    r = torch.softmax(torch.randn(3, 40, generator=gen, dtype=torch.float64), -1)
+    c = torch.softmax(torch.randn(3, 6, generator=gen, dtype=torch.float64), -1)
+    plan, transport = sinkhorn(cost, r, c, lam=20.0, n_iter=500)
+    torch.testing.assert_close(plan.sum(2), r, atol=1e-9, rtol=0)
+    torch.testing.assert_close(plan.sum(1), c, atol=1e-12, rtol=0)
+    torch.testing.assert_close(transport, (plan * cost).sum((1, 2)))
+
+
+def test_sinkhorn_plan_equals_entropic_ot_solution():
+    gen = torch.Generator().manual_seed(1)
+    cost = torch.rand(2, 12, 4, generator=gen, dtype=torch.float64)
+    r = torch.softmax(torch.randn(2, 12, generator=gen, dtype=torch.float64), -1)
+    c = torch.softmax(torch.randn(2, 4, generator=gen, dtype=torch.float64), -1)
+    for lam in (5.0, 20.0):
+        plan, _ = sinkhorn(cost, r, c, lam=lam, n_iter=2000)
+        torch.testing.assert_close(plan, entropic_ot_reference(cost, r, c, lam), atol=1e-10, rtol=1e-7)
+
+
+def test_sinkhorn_equals_plain_scaling_in_normal_range():
+    """The numerically guarded version gives the textbook iteration's numbers (official defaults: 5 rounds)."""
+    gen = torch.Generator().manual_seed(2)
+    cost = torch.rand(4, 30, 5, generator=gen)
+    r = torch.softmax(torch.randn(4, 30, generator=gen), -1)
+    c = torch.softmax(torch.randn(4, 5, generator=gen), -1)
+    for n_iter in (0, 1, 5):
+        plain = torch.exp(-20.0 * cost)
+        plain = plain / plain.sum((1, 2), keepdim=True)
+        for _ in range(n_iter):
+            plain = plain * (r / plain.sum(2))[:, :, None]
+            plain = plain * (c / plain.sum(1))[:, None, :]
+        plan, transport = sinkhorn(cost, r, c, lam=20.0, n_iter=n_iter)
+        torch.testing.assert_close(plan, plain, atol=1e-7, rtol=1e-4)
+        torch.testing.assert_close(transport, (plain * cost).sum((1, 2)), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sinkhorn_stays_finite_at_extreme_costs(dtype):
+    gen = torch.Generator().manual_seed(3)
+    cost = torch.cat([torch.rand(1, 50, 8, generator=gen) * 100 - 50,  # lam * cost spans 2000
+                      torch.rand(1, 50, 8, generator=gen) * 2e4,  # spans 4e5
+                      torch.full((1, 50, 8), 1e6)])  # all equal, huge
+    cost[0, :, 3] += 80.0  # a column far worse than all others for every row
+    cost = cost.to(dtype)
+    r = torch.full((3, 50), 1 / 50, dtype=dtype)
+    c = torch.full((3, 8), 1 / 8, dtype=dtype)
+    for n_iter in (0, 5, 50):
+        plan, transport = sinkhorn(cost, r, c, lam=20.0, n_iter=n_iter)
+        assert torch.isfinite(plan).all() and torch.isfinite(transport).all()
+        assert (plan >= 0).all()
+        if n_iter > 0:  # exact column marginals, the far-worse column too (rows converge slowly at such spans)
+            torch.testing.assert_close(plan.sum(1), c)
+    torch.testing.assert_close(plan[2], torch.full((50, 8), 1 / 400, dtype=dtype))  # uniform cost: r c^T
+
+
+def test_sinkhorn_rejects_mismatched_marginals():
+    with pytest.raises(ValueError, match="r must be"):
+        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 9), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="c must be"):
+        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 10), torch.rand(1, 3))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# cluster (Sec. 3.3)
+# --------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n_groups", [2, 3, 4, 5])
+def test_cluster_recovers_well_separated_groups_spanning_both_views(n_groups):
+    """k_max == R: the selection must land on K = R and the partition must be the groups, for every problem."""
+    labels = torch.arange(n_groups).repeat_interleave(6)  # 6 tokens of every group in every view
+    tokens, positions, truth = grouped_tokens(8, labels, labels, seed=n_groups)
+    cls = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    result = cluster(tokens, positions, cls, k_start=8, k_max=n_groups, lambda_pos=0.0,
+                     generator=torch.Generator().manual_seed(n_groups))
+    assert_valid_result(result, 8, 2 * len(labels), 8, n_groups)
+    assert (result.k == n_groups).all()
+    assert result.valid.all()
+    assert same_partition(result.assignment, truth).all()
+
+
+def test_cluster_with_one_seed_per_group_recovers_the_groups():
+    """Seeds given, one per group: the first (and only) plan already splits the tokens along the groups."""
+    labels = torch.arange(3).repeat_interleave(8)
+    tokens, positions, truth = grouped_tokens(4, labels, labels, seed=7)
+    seeds = torch.stack([torch.stack([(truth[p] == g).int().argmax() for g in range(3)]) for p in range(4)])
+    result = cluster(tokens, positions, k_start=3, k_max=3, lambda_pos=0.0, seeds=seeds)
+    assert (result.k == 3).all() and result.valid.all()
+    assert same_partition(result.assignment, truth).all()
+
+
+def test_cluster_pruning_drops_clusters_absent_from_one_view():
+    view1 = torch.arange(3).repeat_interleave(8)  # groups 0, 1, 2
+    view2 = torch.arange(2).repeat_interleave(12)  # groups 0, 1 only: group 2 is absent from view 2
+    tokens, positions, truth = grouped_tokens(4, view1, view2, seed=11)
+    result = cluster(tokens, positions, k_start=6, k_max=3, lambda_pos=0.0,
+                     generator=torch.Generator().manual_seed(0))
+    assert_valid_result(result, 4, 48, 6, 3)
+    assert (result.k == 3).all()
+    assert (result.valid.sum(1) == 2).all()
+    assigned = result.assignment.sum(-1) > 0  # (P, 2N): token belongs to a kept cluster
+    assert not assigned[truth == 2].any()
+    assert assigned[truth != 2].all()
+    kept = result.assignment.argmax(-1)
+    for p in range(4):  # the kept clusters are exactly groups 0 and 1
+        for g in (0, 1):
+            assert kept[p][truth[p] == g].unique().numel() == 1
+        assert kept[p][truth[p] == 0][0] != kept[p][truth[p] == 1][0]
+
+
+def test_cluster_large_lambda_pos_makes_clusters_spatially_compact():
+    gen = torch.Generator().manual_seed(5)
+    n_problems, side = 4, 8
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+    positions = torch.cat([16.0 * grid + 8, 12.0 * grid + 40]).expand(n_problems, -1, -1)  # overlapping views
+    tokens = torch.randn(n_problems, 2 * side * side, 32, generator=gen)
+
+    def mean_spread(lambda_pos):
+        result = cluster(tokens, positions, k_start=12, lambda_pos=lambda_pos,
+                         generator=torch.Generator().manual_seed(0))
+        m = result.assignment  # (P, 2N, K)
+        size = m.sum(1).clamp_min(1)  # (P, K)
+        mean = torch.einsum("pnk,pnc->pkc", m, positions) / size[..., None]
+        spread = (torch.einsum("pnk,pnk->pk", m, torch.cdist(positions, mean)) / size)[result.valid]
+        return spread.mean()
+
+    compact, free = mean_spread(lambda_pos=10.0), mean_spread(lambda_pos=0.0)
+    assert compact < 0.5 * free, (compact, free)  # measured: 18 vs 43 pixels
+
+
+def test_cluster_of_p_problems_equals_p_separate_calls():
+    gen = torch.Generator().manual_seed(6)
+    n_problems, n, d, k_start = 5, 40, 8, 6
+    tokens = torch.randn(n_problems, n, d, generator=gen)
+    positions = 100 * torch.rand(n_problems, n, 2, generator=gen)
+    cls = torch.randn(n_problems, d, generator=gen)
+    seeds = torch.stack([torch.randperm(n, generator=gen)[:k_start] for _ in range(n_problems)])
+    tokens[3] = 1 + 0.01 * tokens[3]  # a problem with a narrow cost range must not rescale the others' costs
+    batched = cluster(tokens, positions, cls, k_start=k_start, k_max=4, seeds=seeds)
+    for p in range(n_problems):
+        single = cluster(tokens[p:p + 1], positions[p:p + 1], cls[p:p + 1], k_start=k_start, k_max=4,
+                         seeds=seeds[p:p + 1])
+        torch.testing.assert_close(single.cost, batched.cost[p:p + 1], atol=1e-5, rtol=1e-5)
+        assert torch.equal(single.assignment, batched.assignment[p:p + 1])
+        assert torch.equal(single.valid, batched.valid[p:p + 1])
+        assert torch.equal(single.k, batched.k[p:p + 1])
+
+
+def test_cluster_is_deterministic_for_the_same_generator_seed_or_seeds():
+    gen = torch.Generator().manual_seed(8)
+    tokens = torch.randn(4, 60, 8, generator=gen)
+    positions = 100 * torch.rand(4, 60, 2, generator=gen)
+    cls = torch.randn(4, 8, generator=gen)
+    runs = [cluster(tokens, positions, cls, k_start=8, generator=torch.Generator().manual_seed(42)) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+    seeds = torch.randint(0, 60, (4, 8), generator=gen)
+    runs = [cluster(tokens, positions, cls, k_start=8, seeds=seeds) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_sample_seeds_draws_distinct_tokens_following_the_cls_marginal():
+    """Seeds follow r: tokens the CLS token points at are picked far more often; never twice in one problem."""
+    d, n = 8, 40
+    cls = torch.zeros(1, d)
+    cls[0, 0] = 1.0
+    tokens = torch.randn(1, n, d, generator=torch.Generator().manual_seed(0))
+    tokens[0, :10, 0] = 50.0  # cos ~ 1 with the CLS token; the rest ~ 0
+    r = clustering.token_marginal(torch.nn.functional.normalize(tokens, dim=-1), cls, 0.05, False)
+    picks = clustering.sample_seeds(r.expand(200, -1), 5, torch.Generator().manual_seed(0))  # (200, 5)
+    assert (picks.sort(1).values.diff(dim=1) > 0).all()
+    assert (picks < 10).float().mean() > 0.95
+
+
+def test_cluster_uniform_marginals_ignore_cls():
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randn(3, 30, 8, generator=gen)
+    positions = 50 * torch.rand(3, 30, 2, generator=gen)
+    seeds = torch.randint(0, 30, (3, 5), generator=gen)
+    with_cls = cluster(tokens, positions, torch.randn(3, 8, generator=gen), k_start=5, seeds=seeds,
+                       uniform_marginals=True)
+    without = cluster(tokens, positions, None, k_start=5, seeds=seeds)
+    for a, b in zip(with_cls, without):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("same_positions", [False, True])
+def test_cluster_identical_tokens_give_a_valid_result_without_nan(same_positions):
+    n_problems, n, d = 3, 20, 8
+    tokens = torch.ones(n_problems, n, d)
+    tokens[2] = 0.0  # zero tokens too
+    positions = torch.zeros(n_problems, n, 2) if same_positions else 10 * torch.rand(n_problems, n, 2)
+    result = cluster(tokens, positions, torch.ones(n_problems, d), k_start=5,
+                     generator=torch.Generator().manual_seed(0))
+    assert_valid_result(result, n_problems, n, 5, 5)
+    assert (result.valid.sum(1) >= 1).all()
+
+
+def test_cluster_rejects_bad_arguments_with_clear_errors():
+    tokens, positions = torch.randn(2, 10, 4), torch.rand(2, 10, 2)
+    with pytest.raises(ValueError, match="k_start"):
+        cluster(tokens, positions, k_start=11)
+    with pytest.raises(ValueError, match="k_start"):
+        cluster(tokens, positions, k_start=1)
+    with pytest.raises(ValueError, match="k_max"):
+        cluster(tokens, positions, k_start=6, k_max=7)
+    with pytest.raises(ValueError, match="k_max"):
+        cluster(tokens, positions, k_start=6, k_max=1)
+    with pytest.raises(ValueError, match="positions"):
+        cluster(tokens, positions[:, :8], k_start=4)
+    with pytest.raises(ValueError, match="cls"):
+        cluster(tokens, positions, torch.randn(2, 5), k_start=4)
+    with pytest.raises(ValueError, match="tokens"):
+        cluster(tokens[:, :9], positions[:, :9], k_start=4)  # odd number of joint tokens
+    with pytest.raises(ValueError, match="seeds"):
+        cluster(tokens, positions, k_start=4, seeds=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="seeds"):
+        cluster(tokens, positions, k_start=4, seeds=torch.full((2, 4), 10))
+
+
+def test_cluster_k_start_equal_to_token_count_is_valid():
+    gen = torch.Generator().manual_seed(10)
+    result = cluster(torch.randn(2, 8, 4, generator=gen), torch.rand(2, 8, 2, generator=gen), k_start=8, k_max=4,
+                     generator=gen)
+    assert_valid_result(result, 2, 8, 8, 4)
+
+
+def test_cluster_accepts_half_precision_tokens():
+    gen = torch.Generator().manual_seed(12)
+    tokens = torch.randn(2, 20, 8, generator=gen)
+    positions = 30 * torch.rand(2, 20, 2, generator=gen)
+    seeds = torch.randint(0, 20, (2, 5), generator=gen)
+    half = cluster(tokens.half(), positions, k_start=5, seeds=seeds)
+    assert half.assignment.dtype == torch.float16
+    assert_valid_result(half._replace(assignment=half.assignment.float()), 2, 20, 5, 5)
+
+
+def test_cluster_inside_autocast_equals_cluster_outside():
+    gen = torch.Generator().manual_seed(13)
+    tokens = torch.randn(3, 40, 8, generator=gen)
+    positions = 300 * torch.rand(3, 40, 2, generator=gen)
+    seeds = torch.randint(0, 40, (3, 6), generator=gen)
+    plain = cluster(tokens, positions, k_start=6, seeds=seeds)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = cluster(tokens, positions, k_start=6, seeds=seeds)
+    for a, b in zip(plain, autocast):
+        assert torch.equal(a, b)
+
+
+def test_centroids_sum_each_clusters_tokens():
+    tokens = torch.arange(12.0).reshape(1, 4, 3)
+    assignment = torch.tensor([[[1.0, 0], [0, 1], [1, 0], [0, 0]]])
+    expected = torch.stack([tokens[0, 0] + tokens[0, 2], tokens[0, 1]])[None]
+    torch.testing.assert_close(centroids(tokens, assignment), expected)
+    with pytest.raises(ValueError, match="centroids"):
+        centroids(tokens, assignment[:, :3])
+
+
+def test_clustering_source_has_no_host_device_synchronisation():
+    source = inspect.getsource(clustering)
+    for forbidden in (".item(", ".tolist(", "nonzero(", ".cpu(", ".numpy(", "multinomial("):
+        assert forbidden not in source, forbidden
+
+
+def test_cluster_time_per_call_at_training_size():
+    """Measured, not asserted: 8 images x 6 heads, 2 x 196 tokens, head dim 64, K_start 12 (paper settings)."""
+    gen = torch.Generator().manual_seed(0)
+    n_problems, n, d = 8 * 6, 2 * 196, 64
+    tokens = torch.randn(n_problems, n, d, generator=gen)
+    positions = 224 * torch.rand(n_problems, n, 2, generator=gen)
+    cls = torch.randn(n_problems, d, generator=gen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: stable on a shared 2-core machine, where 2 OpenMP threads can thrash
+    try:
+        cluster(tokens, positions, cls, generator=gen)  # warm-up
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            result = cluster(tokens, positions, cls, generator=gen)
+            times.append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    print(f"\ncluster P={n_problems} 2N={n} d={d} k_start=12: {1e3 * min(times):.1f} ms per call (best of 3, "
+          f"1 thread); chosen K histogram {torch.bincount(result.k, minlength=13)[2:].tolist()} for K = 2..12")
+
+
+def test_token_marginal_with_per_view_cls_compares_each_view_with_its_own_cls():
+    torch.manual_seed(0)
+    joint = torch.nn.functional.normalize(torch.randn(3, 10, 8), dim=-1)
+    cls = torch.randn(3, 2, 8)
+    r = clustering.token_marginal(joint, cls, temperature=2.0, uniform=False)
+    c1, c2 = torch.nn.functional.normalize(cls, dim=-1).unbind(1)
+    sim = torch.cat([joint[:, :5] @ c1.unsqueeze(-1), joint[:, 5:] @ c2.unsqueeze(-1)], 1).squeeze(-1)
+    torch.testing.assert_close(r, torch.softmax(sim / 2.0, dim=-1))
+    # one CLS shared by both views is the special case of identical per-view CLS tokens
+    same = clustering.token_marginal(joint, cls[:, :1].expand(3, 2, 8), 2.0, False)
+    torch.testing.assert_close(same, clustering.token_marginal(joint, cls[:, 0], 2.0, False))
+
+
+
+# ==============================================================================================================
+# data.py: views with positions, image folders, synthetic data, segmentation datasets
+# ==============================================================================================================
+ROOT = Path(__file__).resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def _write_image(path, size_wh, color=(120, 60, 30)):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size_wh, color).save(path)
+
+
+def _write_mask(path, array, palette=True):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(np.asarray(array, dtype=np.uint8))
+    if palette:
+        im = im.convert("P")
+        im.putpalette(data.VOC_PALETTE)
+    im.save(path)
+
+
+def _decode_patch_means(view, patch):
+    """(C, S, S) coordinate image -> (N, C) mean per patch, raster order."""
+    return reduce(view, "c (h p) (w q) -> (h w) c", "mean", p=patch, q=patch)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TwoViews: patch positions in original-image pixels
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("interpolation", [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
+@pytest.mark.parametrize("flip", [False, True])
+def test_patch_positions_equal_decoded_coordinates_of_a_coordinate_image(interpolation, flip):
+    H, W = 150, 200
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    coords = torch.stack([xs, ys]).float()  # (2, H, W): each pixel holds its own centre (x, y)
+    views = data.TwoViews(img_size=96, patch_size=16, scale=(0.05, 1.0), interpolation=interpolation)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        view, positions = views.geometric(coords, flip=flip)
+        assert positions.shape == (36, 2) and positions.dtype == torch.float32
+        decoded = _decode_patch_means(view, 16)
+        assert torch.allclose(decoded, positions, atol=0.05), (decoded - positions).abs().max()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_patch_positions_equal_decoded_coordinates_of_an_8bit_rgb_image(flip):
+    # The training path: a PIL RGB image, R = x and G = y (integer column/row, centre = value + 0.5).
+    H, W = 180, 240
+    ys, xs = np.mgrid[0:H, 0:W]
+    img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
+    views = data.TwoViews(img_size=64, patch_size=16)  # bicubic, as in training
+    for seed in range(20):
+        torch.manual_seed(seed)
+        view, positions = views.geometric(img, flip=flip)
+        arr = torch.from_numpy(np.asarray(view, dtype=np.float32)).permute(2, 0, 1)[:2] + 0.5
+        decoded = _decode_patch_means(arr, 16)
+        assert (decoded - positions).abs().max() < 0.6  # 8-bit rounding of each pixel
+
+
+def test_patch_positions_flip_mirrors_x_inside_the_crop_box():
+    box = (10, 20, 50, 80)  # top, left, height, width
+    plain = data.patch_positions(box, False, 64, 16)
+    flipped = data.patch_positions(box, True, 64, 16)
+    assert torch.allclose(flipped[:, 0], 2 * 20 + 80 - plain[:, 0])
+    assert torch.allclose(flipped[:, 1], plain[:, 1])
+    # raster order: x grows along a row, y along a column; first patch centre at 1/8 of the box
+    assert torch.allclose(plain[0], torch.tensor([20 + 80 / 8, 10 + 50 / 8]))
+    assert plain[1, 0] > plain[0, 0] and plain[4, 1] > plain[0, 1] and plain[1, 1] == plain[0, 1]
+
+
+def test_two_views_returns_normalised_views_and_positions_inside_the_image():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    views, positions = data.TwoViews(img_size=64, patch_size=16)(img)
+    assert views.shape == (2, 3, 64, 64) and views.dtype == torch.float32
+    assert positions.shape == (2, 16, 2) and positions.dtype == torch.float32
+    assert (positions[..., 0] > 0).all() and (positions[..., 0] < 90).all()
+    assert (positions[..., 1] > 0).all() and (positions[..., 1] < 70).all()
+    assert views.min() < -0.5 and views.max() > 0.5  # normalised, not in [0, 1]
+
+
+def test_two_views_rejects_img_size_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple"):
+        data.TwoViews(img_size=100, patch_size=16)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# synthetic scenes and videos
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_synthetic_scenes_are_deterministic_per_seed_and_index():
+    a, b = data.SyntheticScenes(10, 64, seed=3), data.SyntheticScenes(10, 64, seed=3)
+    img_a, lab_a = a[4]
+    img_b, lab_b = b[4]
+    assert np.array_equal(np.asarray(img_a), np.asarray(img_b)) and np.array_equal(lab_a, lab_b)
+    assert not np.array_equal(np.asarray(a[5][0]), np.asarray(img_a))
+    assert not np.array_equal(np.asarray(data.SyntheticScenes(10, 64, seed=4)[4][0]), np.asarray(img_a))
+
+
+def test_synthetic_scenes_label_every_pixel_and_every_class_occurs():
+    scenes = data.SyntheticScenes(40, 64, seed=0)
+    seen = set()
+    for i in range(len(scenes)):
+        img, labels = scenes[i]
+        assert img.mode == "RGB" and img.size == (64, 64)
+        assert labels.dtype == np.uint8 and labels.shape == (64, 64)
+        assert labels.max() < scenes.num_classes  # no ignore pixels
+        seen |= set(np.unique(labels).tolist())
+    assert seen == set(range(scenes.num_classes))
+    assert len(scenes.class_names) == scenes.num_classes
+
+
+def test_synthetic_colours_of_a_class_vary_across_instances():
+    scenes = data.SyntheticScenes(60, 64, seed=0)
+    means = {c: [] for c in range(scenes.num_classes)}
+    for i in range(len(scenes)):
+        img, labels = scenes[i]
+        arr = np.asarray(img, dtype=np.float64)
+        for c in np.unique(labels):
+            if (labels == c).sum() > 50:
+                means[c].append(arr[labels == c].mean(0))
+    for c, m in means.items():
+        assert len(m) >= 3, scenes.class_names[c]
+        assert np.std(np.stack(m), axis=0).max() > 20, scenes.class_names[c]  # colour does not identify a class
+
+
+def test_synthetic_pretrain_returns_views_positions_and_no_skips():
+    ds = data.SyntheticPretrain(4, 64, 0, data.TwoViews(64, 16))
+    views, positions, skipped = ds[1]
+    assert views.shape == (2, 3, 64, 64) and positions.shape == (2, 16, 2) and skipped == 0
+
+
+def test_synthetic_videos_are_deterministic_move_and_show_every_object_in_frame_0():
+    videos = data.SyntheticVideos(4, 6, (48, 64), seed=1)
+    for v in range(len(videos)):
+        frames, masks = videos.video(v)
+        assert len(frames) == len(masks) == 6
+        assert frames[0].size == (64, 48) and masks[0].shape == (48, 64) and masks[0].dtype == np.uint8
+        n = int(masks[0].max())
+        assert 1 <= n <= 3
+        assert set(np.unique(masks[0]).tolist()) == set(range(n + 1))  # every object visible in frame 0
+        assert all(m.max() <= n for m in masks)
+        assert not np.array_equal(masks[0], masks[-1])  # things move / scale
+    f1, m1 = videos.video(2)
+    f2, m2 = data.SyntheticVideos(4, 6, (48, 64), seed=1).video(2)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(f1, f2))
+    assert all(np.array_equal(a, b) for a, b in zip(m1, m2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pretraining image folders
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_pretrain_images_reads_grayscale_palette_rgba_cmyk_and_16bit_as_rgb(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "sub" / "deeper").mkdir(parents=True)
+    Image.new("L", (8, 6), 100).save(root / "a_gray.png")
+    pal = Image.new("P", (8, 6), 3)
+    pal.putpalette(data.VOC_PALETTE)
+    pal.save(root / "b_palette.png")
+    Image.new("RGBA", (8, 6), (10, 20, 30, 255)).save(root / "c_rgba.png")
+    Image.new("CMYK", (8, 6), (0, 0, 0, 0)).save(root / "sub" / "d_cmyk.JPG")  # upper-case extension
+    Image.fromarray(np.full((6, 8), 32896, dtype=np.uint16)).save(root / "sub" / "deeper" / "e_16bit.png")
+    Image.new("LA", (8, 6), (50, 255)).save(root / "f_la.png")
+    (root / "notes.txt").write_text("not an image")
+    ds = data.PretrainImages([root])
+    assert len(ds) == 6
+    out = {Path(p).name: ds[i] for i, p in enumerate(ds.files)}
+    for name, (img, skipped) in out.items():
+        assert img.mode == "RGB" and img.size == (8, 6) and skipped == 0, name
+    px = {name: np.asarray(img)[0, 0].tolist() for name, (img, _) in out.items()}
+    assert px["a_gray.png"] == [100, 100, 100]
+    assert px["b_palette.png"] == data.voc_colormap()[3].tolist()
+    assert px["c_rgba.png"] == [10, 20, 30]
+    assert px["d_cmyk.JPG"][0] > 240  # CMYK (0,0,0,0) is white
+    assert px["e_16bit.png"] == [128, 128, 128]  # 32896 / 257 = 128, not clipped to 255
+    assert px["f_la.png"] == [50, 50, 50]
+
+
+def test_pretrain_images_skips_a_truncated_file_with_one_warning_naming_it_and_counts_it(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(root / "b_good.jpg", quality=95)
+    full = (root / "b_good.jpg").read_bytes()
+    (root / "a_truncated.jpg").write_bytes(full[: len(full) // 2])
+    (root / "c_garbage.png").write_bytes(b"definitely not a png")
+    ds = data.PretrainImages(str(root), transform=data.TwoViews(32, 16))
+    with pytest.warns(RuntimeWarning, match="a_truncated.jpg"):
+        views, positions, skipped = ds[0]
+    assert skipped == 1 and views.shape == (2, 3, 32, 32) and positions.shape == (2, 4, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning for a file already reported
+        assert ds[0][2] == 1
+    with pytest.warns(RuntimeWarning, match="c_garbage.png"):
+        assert ds[2][2] == 2  # garbage, then (wrapping around) the truncated file, then the good one
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "no_images"])
+def test_pretrain_images_missing_or_empty_folder_raises_value_error_naming_it(tmp_path, case):
+    root = tmp_path / "data"
+    if case != "missing":
+        root.mkdir()
+    if case == "no_images":
+        (root / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match=str(root)):
+        data.PretrainImages([root], transform=None)
+
+
+def test_pretrain_images_joins_several_roots(tmp_path):
+    for r, n in (("r1", 2), ("r2", 3)):
+        for i in range(n):
+            _write_image(tmp_path / r / f"{i}.png", (4, 4))
+    ds = data.PretrainImages([tmp_path / "r1", tmp_path / "r2"])
+    assert len(ds) == 5 and ds.files == sorted(ds.files[:2]) + sorted(ds.files[2:])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# write_synthetic and the CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_write_synthetic_writes_pvoc_and_davis_layouts(tmp_path):
+    paths = data.write_synthetic(tmp_path, n_train=3, n_val=2, n_videos=2, n_frames=4, size=48,
+                                 video_size=(40, 56), seed=0, progress=False)
+    voc = Path(paths["pvoc"])
+    assert voc == tmp_path / "VOCdevkit" / "VOC2012"
+    train = (voc / "ImageSets/Segmentation/train.txt").read_text().split()
+    val = (voc / "ImageSets/Segmentation/val.txt").read_text().split()
+    assert len(train) == 3 and len(val) == 2 and not set(train) & set(val)
+    for i in train + val:
+        img, mask = Image.open(voc / "JPEGImages" / f"{i}.jpg"), Image.open(voc / "SegmentationClass" / f"{i}.png")
+        assert img.mode == "RGB" and mask.mode == "P" and img.size == mask.size == (48, 48)
+    # lossless masks: the files hold exactly the in-memory labels
+    assert np.array_equal(np.array(Image.open(voc / "SegmentationClass" / f"{val[1]}.png")),
+                          data.SyntheticScenes(2, 48, 0, data.VAL_FIRST_INDEX)[1][1])
+    davis = Path(paths["davis"])
+    seqs = (davis / "ImageSets/2017/val.txt").read_text().split()
+    assert len(seqs) == 2
+    for seq in seqs:
+        frames = sorted((davis / "JPEGImages/480p" / seq).glob("*.jpg"))
+        annos = sorted((davis / "Annotations/480p" / seq).glob("*.png"))
+        assert [f.name for f in frames] == [f"{t:05d}.jpg" for t in range(4)]
+        assert [a.stem for a in annos] == [f.stem for f in frames]
+        for f, a in zip(frames, annos):
+            m = Image.open(a)
+            assert m.mode == "P" and m.size == Image.open(f).size == (56, 40)
+        assert np.array(Image.open(annos[0])).max() >= 1
+
+
+def test_synthetic_folder_and_in_memory_datasets_agree(tmp_path):
+    data.write_synthetic(tmp_path, n_train=2, n_val=3, n_videos=1, n_frames=2, size=32, progress=False)
+    on_disk = data.build_segmentation_dataset("synthetic", tmp_path, "val")
+    in_memory = data.build_segmentation_dataset("synthetic", None, "val", n_images=3, size=32)
+    assert len(on_disk) == len(in_memory) == 3
+    assert on_disk.num_classes == in_memory.num_classes == data.SyntheticScenes.num_classes
+    assert on_disk.class_names == data.SYNTHETIC_CLASSES
+    for i in range(3):
+        img, mask = on_disk[i]
+        assert img.mode == "RGB" and np.array_equal(mask, in_memory[i][1])
+    train = data.build_segmentation_dataset("synthetic", None, "train", n_images=3, size=32)
+    assert not np.array_equal(np.asarray(train[0][0]), np.asarray(in_memory[0][0]))  # disjoint splits
+
+
+def test_cli_write_synthetic(tmp_path):
+    out = tmp_path / "synth"
+    subprocess.run([sys.executable, str(ROOT / "data.py"), "--write-synthetic", str(out), "--n-train", "2",
+                    "--n-val", "1", "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32",
+                    "48"], check=True, capture_output=True, cwd=tmp_path)
+    assert len(list((out / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 3
+    assert len(list((out / "DAVIS/Annotations/480p").glob("*/*.png"))) == 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# segmentation datasets
+# ---------------------------------------------------------------------------------------------------------------
+
+def _voc_fixture(base, leopart=False, aug=True):
+    images, sets = ("images", "sets") if leopart else ("JPEGImages", "ImageSets/Segmentation")
+    for split, ids in (("train", ["t1", "t2"]), ("val", ["v1"])):
+        (base / sets).mkdir(parents=True, exist_ok=True)
+        (base / sets / f"{split}.txt").write_text("\n".join(ids) + "\n")
+        for i in ids:
+            _write_image(base / images / f"{i}.jpg", (20, 10))
+            _write_mask(base / "SegmentationClass" / f"{i}.png", np.full((10, 20), 15))  # person, palette
+            if aug:
+                m = np.full((10, 20), 3)
+                m[0, 0] = 255
+                _write_mask(base / "SegmentationClassAug" / f"{i}.png", m, palette=False)  # bird, grayscale
+
+
+@pytest.mark.parametrize("layout,given", [("standard", "VOCdevkit/VOC2012"), ("standard", "VOCdevkit"),
+                                          ("standard", "."), ("leopart", "VOCSegmentation"), ("leopart", ".")])
+def test_pvoc_loader_reads_both_layouts_from_any_root_level(tmp_path, layout, given):
+    base = tmp_path / ("VOCdevkit/VOC2012" if layout == "standard" else "VOCSegmentation")
+    _voc_fixture(base, leopart=layout == "leopart")
+    train = data.build_segmentation_dataset("pvoc", tmp_path / given, "train")
+    val = data.build_segmentation_dataset("pvoc", tmp_path / given, "val")
+    assert len(train) == 2 and len(val) == 1 and train.num_classes == 21 and train.class_names[15] == "person"
+    img, mask = train[0]
+    assert img.mode == "RGB" and img.size == (20, 10) and mask.dtype == np.uint8 and mask.shape == (10, 20)
+    assert mask[0, 0] == 255 and (mask[mask != 255] == 3).all()  # train masks from SegmentationClassAug
+    assert (val[0][1] == 15).all()                                # val masks from SegmentationClass
+
+
+def test_pvoc_train_falls_back_to_segmentation_class_without_aug(tmp_path):
+    _voc_fixture(tmp_path / "VOCdevkit/VOC2012", aug=False)
+    assert (data.build_segmentation_dataset("pvoc", tmp_path, "train")[0][1] == 15).all()
+
+
+def test_coco_tables_hold_the_spec_ids():
+    things = [i for ids in data.COCO_THINGS_IDS.values() for i in ids]
+    stuff = [i for ids in data.COCO_STUFF_IDS.values() for i in ids]
+    assert len(things) == len(set(things)) == 80 and sorted(stuff) == list(range(92, 183))
+    assert data.COCO_THINGS_CLASSES[9] == "person" and data.COCO_STUFF_CLASSES[5] == "ground"
+    lut_t, lut_s = data.COCO_THINGS_LUT, data.COCO_STUFF_LUT
+    assert lut_t.dtype == np.uint8 and lut_t.shape == lut_s.shape == (256,)
+    assert lut_t[1] == 9 and lut_t[3] == 11 and lut_t[0] == 255 and lut_t[92] == 255 and lut_t[200] == 255
+    assert lut_t[12] == 255  # unused COCO id
+    assert lut_s[149] == 5 and lut_s[157] == 8 and lut_s[0] == 255 and lut_s[183] == 255 and lut_s[1] == 255
+    assert set(np.unique(lut_t).tolist()) == set(range(12)) | {255}
+    assert set(np.unique(lut_s).tolist()) == set(range(15)) | {255}
+
+
+def _coco_fixture(tmp_path, kind, leopart=True):
+    image_dir = tmp_path / ("coco/images/val2017" if leopart else "val2017")
+    if kind == "things":
+        mask_dir = tmp_path / "annotations/panoptic_annotations/semantic_segmentation_val2017"
+        values = [1, 3, 0, 92, 200]   # person, car, unlabeled, stuff, stuff
+    else:
+        mask_dir = tmp_path / ("annotations/annotations/stuff_annotations/stuff_val2017_pixelmaps" if leopart
+                               else "annotations/stuff_val2017_pixelmaps")
+        values = [149, 157, 183, 0, 96]  # road, sky-other, other, unlabeled, building-other
+    for name in ("000000000002", "000000000001"):
+        _write_image(image_dir / f"{name}.jpg", (5, 3))
+        _write_mask(mask_dir / f"{name}.png", np.tile(np.array(values, dtype=np.uint8), (3, 1)), palette=False)
+    _write_image(image_dir / "000000000003.jpg", (5, 3))  # no mask: not listed
+
+
+@pytest.mark.parametrize("leopart", [True, False])
+def test_coco_things_loader_maps_panoptic_ids_to_supercategories(tmp_path, leopart):
+    _coco_fixture(tmp_path, "things", leopart)
+    ds = data.build_segmentation_dataset("coco_things", tmp_path, "val")
+    assert len(ds) == 2 and ds.num_classes == 12 and Path(ds.samples[0][0]).name == "000000000001.jpg"
+    assert ds[0][1][0].tolist() == [9, 11, 255, 255, 255]
+
+
+@pytest.mark.parametrize("leopart", [True, False])
+def test_coco_stuff_loader_maps_stuff_ids_to_supercategories(tmp_path, leopart):
+    _coco_fixture(tmp_path, "stuff", leopart)
+    ds = data.build_segmentation_dataset("coco_stuff", tmp_path, "val")
+    assert len(ds) == 2 and ds.num_classes == 15
+    assert ds[1][1][0].tolist() == [5, 8, 255, 255, 0]
+
+
+def test_ade20k_loader_shifts_labels_and_ignores_zero(tmp_path):
+    base = tmp_path / "ADEChallengeData2016"
+    for sub in ("training", "validation"):
+        _write_image(base / "images" / sub / f"ADE_{sub}_00000001.jpg", (4, 2))
+        _write_mask(base / "annotations" / sub / f"ADE_{sub}_00000001.png", [[0, 1, 150, 13], [2, 2, 2, 2]],
+                    palette=False)
+    ds = data.build_segmentation_dataset("ade20k", tmp_path, "val")
+    assert len(ds) == 1 and ds.num_classes == 150 and ds.class_names[12] == "person"
+    assert ds[0][1].tolist() == [[255, 0, 149, 12], [1, 1, 1, 1]]
+    assert len(data.build_segmentation_dataset("ade20k", base, "train")) == 1
+
+
+def test_segmentation_loader_missing_folder_raises_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="nowhere"):
+        data.build_segmentation_dataset("pvoc", tmp_path / "nowhere", "val")
+    with pytest.raises(ValueError, match="VOCSegmentation"):  # root exists, no layout: lists where it looked
+        data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    with pytest.raises(ValueError, match="semantic_segmentation_val2017"):
+        _write_image(tmp_path / "coco/images/val2017/1.jpg", (4, 4))
+        data.build_segmentation_dataset("coco_things", tmp_path, "val")
+    with pytest.raises(ValueError, match="trainaug.txt"):
+        _voc_fixture(tmp_path / "VOCdevkit/VOC2012")
+        data.build_segmentation_dataset("pvoc", tmp_path, "trainaug")
+    with pytest.raises(ValueError, match="SegmentationClassAug"):
+        _voc_fixture(tmp_path / "plain/VOCdevkit/VOC2012", aug=False)
+        (tmp_path / "plain/VOCdevkit/VOC2012/ImageSets/Segmentation/trainaug.txt").write_text("t1\n")
+        data.build_segmentation_dataset("pvoc", tmp_path / "plain", "trainaug")
+
+
+def test_segmentation_loader_split_naming_an_absent_image_raises_value_error_naming_it(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base)
+    (base / "JPEGImages" / "v1.jpg").unlink()
+    with pytest.raises(ValueError, match="v1.jpg"):
+        data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    (base / "SegmentationClassAug" / "t2.png").unlink()
+    with pytest.raises(ValueError, match="t2.png"):
+        data.build_segmentation_dataset("pvoc", tmp_path, "train")
+
+
+def test_segmentation_loader_mask_size_mismatch_raises_value_error_naming_it(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base)
+    _write_mask(base / "SegmentationClass" / "v1.png", np.zeros((11, 20)))
+    with pytest.raises(ValueError, match="v1.png"):
+        data.build_segmentation_dataset("pvoc", tmp_path, "val")
+
+
+def test_segmentation_loader_rejects_rgb_masks_with_a_clear_error(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base)
+    Image.new("RGB", (20, 10), (128, 0, 0)).save(base / "SegmentationClass" / "v1.png")
+    with pytest.raises(ValueError, match="v1.png.*single-channel"):
+        data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    with pytest.raises(ValueError, match="single-channel"):
+        data.read_mask(base / "SegmentationClass" / "v1.png")
+
+
+def test_build_segmentation_dataset_rejects_unknown_names_and_missing_root():
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.build_segmentation_dataset("cityscapes", None, "val")
+    with pytest.raises(ValueError, match="root"):
+        data.build_segmentation_dataset("pvoc", None, "val")
+
+
+
+# ==============================================================================================================
+# train.py: the CrOC step, DDP, checkpoints, resume, signals
+# ==============================================================================================================
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
+        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "16", "--synthetic_size", "64",
+        "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
+        "--lr", "1e-3"]
+
+
+def _args(extra=()):
+    parser = train.get_args_parser()
+    return parser.parse_args(TINY + ["--epochs", "2"] + list(extra))
+
+
+def _models(args):
+    def make():
+        b = M.build_vit(args.arch, args.patch_size)
+        return M.CrOCModel(b, M.CrOCHead(b.embed_dim, args.out_dim, args.out_dim_c))
+    student, teacher = make(), make()
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def _batch(B=2, size=64, patch=16):
+    torch.manual_seed(0)
+    n = (size // patch) ** 2
+    views = torch.randn(B, 2, 3, size, size)
+    g = torch.arange(size // patch) * patch + patch / 2
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(n, 2)
+    positions = torch.stack([grid, grid + 8.0], 0).expand(B, 2, n, 2)
+    return views, positions
+
+
+def test_croc_loss_is_finite_with_gradients_in_the_student_only():
+    args = _args()
+    args.k_max = args.k_start
+    student, teacher = _models(args)
+    loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    views, positions = _batch()
+    loss, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+                                   nullcontext())
+    assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_dense_loss_without_kept_centroids_is_zero_not_nan():
+    args = _args()
+    loss_fn = train.CrOCLoss(8, 4, args)
+    s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
+    center_before = loss_fn.center_c.clone()
+    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
+    assert torch.isfinite(glob) and dense.item() == 0.0
+    dense.backward()
+    assert torch.isfinite(s_cen.grad).all()
+    assert torch.equal(loss_fn.center_c, center_before)
+
+
+def test_dense_loss_averages_over_kept_centroids_only():
+    args = _args()
+    loss_fn = train.CrOCLoss(8, 4, args)
+    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    valid = torch.tensor([[True, False, False], [True, True, False]])
+    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
+    t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
+    s = torch.log_softmax(s_cen / args.student_temp, -1)
+    ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
+    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+
+
+def test_schedules_follow_dino():
+    s = train.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
+    assert np.all(np.diff(s[5:]) <= 0)
+
+
+def _run(cmd, out, env_extra=None, **kw):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run(cmd + ["--output_dir", str(out)], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
+
+
+def _log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = tmp_path / "run"
+    r = _run(torchrun + TINY + ["--epochs", "2"], out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1]
+    for e in log:
+        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
+        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
+        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
+                    "skipped_files"):
+            assert key in e
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
+    vit = M.vit_tiny(16)
+    assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
+    # the same command with more epochs resumes at epoch 2 and runs only the rest
+    r = _run(torchrun + TINY + ["--epochs", "3"], out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
+    assert [e["epoch"] for e in _log(out)] == [0, 1, 2]
+
+
+def test_plain_dino_baseline_trains_without_clustering(tmp_path):
+    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--alpha", "0"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (e,) = _log(tmp_path)
+    assert e["loss_dense"] == 0.0 and "mean_k" not in e
+
+
+def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "signal received" in out
+    ckpt = M.torch_load(str(tmp_path / "checkpoint.pth"))
+    assert 1 <= ckpt["epoch"] < 1000
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file left behind
+
+
+def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
+    root = tmp_path / "images" / "sub"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
+             tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "broken.jpg" in r.stderr + r.stdout
+    (e,) = _log(tmp_path / "out")
+    assert e["skipped_files"] >= 1
+
+
+def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _run([sys.executable, "train.py"] + TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out")
+    assert r.returncode != 0
+    assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
+
+
+
+# ==============================================================================================================
+# eval_linear.py and eval_kmeans.py
+# ==============================================================================================================
+# ----------------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def hand_case():
+    # gt row 1 holds a 255 pixel whose prediction (0) must be ignored
+    gt = torch.tensor([[0, 0, 1], [1, 255, 2]])
+    pred = torch.tensor([[0, 1, 1], [2, 0, 2]])
+    return pred, gt
+
+
+def test_confusion_matrix_counts_gt_by_pred_over_valid_pixels_only():
+    pred, gt = hand_case()
+    expected = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
+    m = eval_linear.confusion_matrix(pred, gt, 3)
+    assert m.dtype == torch.int64 and torch.equal(m, expected)
+    # any shape: a flat or a batched layout gives the same counts
+    assert torch.equal(eval_linear.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
+    assert torch.equal(eval_linear.confusion_matrix(pred[None], gt[None], 3), expected)
+
+
+def test_confusion_matrix_rejects_out_of_range_labels_on_valid_pixels_only():
+    pred, gt = hand_case()
+    bad = pred.clone()
+    bad[1, 1] = 7  # on the 255 pixel: allowed
+    assert torch.equal(eval_linear.confusion_matrix(bad, gt, 3), eval_linear.confusion_matrix(pred, gt, 3))
+    bad[0, 0] = 3  # on a valid pixel: an error
+    with pytest.raises(ValueError, match="predictions"):
+        eval_linear.confusion_matrix(bad, gt, 3)
+    with pytest.raises(ValueError, match="ground truth"):
+        eval_linear.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
+
+
+def test_miou_matches_hand_computed_ious():
+    pred, gt = hand_case()
+    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 3))
+    # class 0: tp 1 / (row 2 + col 1 - 1); class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
+    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
+    assert mean == pytest.approx(4 / 9)
+
+
+def test_miou_counts_a_class_absent_from_gt_and_pred_as_zero():
+    pred, gt = hand_case()
+    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 4))
+    assert iou[3] == 0 and not torch.isnan(iou).any()
+    assert mean == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
+
+
+def test_miou_is_pooled_over_images_not_averaged_per_image():
+    pred, gt = hand_case()
+    pooled = eval_linear.confusion_matrix(pred, gt, 3) + eval_linear.confusion_matrix(gt.clamp(max=2), gt, 3)
+    both = eval_linear.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
+    assert torch.equal(pooled, both)
+    assert eval_linear.miou(both)[0] == pytest.approx(eval_linear.miou(pooled)[0])
+
+
+def cluster_case():
+    gt = torch.tensor([0, 0, 0, 1, 1, 2, 2, 255])
+    pred = torch.tensor([2, 2, 1, 0, 0, 1, 1, 0])  # the 255 pixel's cluster does not count
+    return pred, gt
+
+
+def test_hungarian_miou_matches_hand_computed_matching():
+    pred, gt = cluster_case()
+    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    # best one-to-one: cluster 2 -> class 0, cluster 0 -> class 1, cluster 1 -> class 2
+    assert mapping.tolist() == [1, 2, 0]
+    # relabelled prediction [0, 0, 2, 1, 1, 2, 2]: IoUs 2/3, 1, 2/3
+    assert torch.allclose(iou, torch.tensor([2 / 3, 1.0, 2 / 3], dtype=torch.float64))
+    assert mean == pytest.approx(7 / 9)
+
+
+def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
+    pred, gt = cluster_case()
+    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    perm = torch.tensor([2, 0, 1])  # cluster k is renamed perm[k]
+    mean_p, iou_p, mapping_p = eval_kmeans.hungarian_miou(perm[pred], gt, 3)
+    assert mean_p == pytest.approx(mean) and torch.allclose(iou_p, iou)
+    assert torch.equal(mapping_p[perm], mapping)
+
+
+def test_hungarian_miou_merges_unmatched_clusters_into_class_0_when_k_exceeds_c():
+    pred, gt = cluster_case()
+    pred = torch.where(torch.arange(8) == 4, 3, pred)  # a 4th cluster takes one class-1 pixel
+    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=4)
+    assert mapping.tolist() == [1, 2, 0, 0]
+    # class 0 gains a false positive: 2 / (3 + 3 - 2); class 1: 1 / 2; class 2: 2 / 3
+    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 2, 2 / 3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="K >= C"):
+        eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transforms and k-means pieces
+
+
+def test_train_transform_crops_and_flips_image_and_mask_together():
+    torch.manual_seed(0)
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[:, :40, 0] = 255  # left half red = class 1, right half blue = class 2, one 255 row
+    img[:, 40:, 2] = 255
+    mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
+    mask[10] = 255
+    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
+    for _ in range(10):
+        x, m = transform(Image.fromarray(img), mask)
+        assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
+        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest: no interpolated labels
+        red_minus_blue = x[0] * 0.229 + 0.485 - (x[2] * 0.225 + 0.406)  # unnormalised R - B
+        assert (red_minus_blue[m == 1] > 0).float().mean() > 0.9
+        assert (red_minus_blue[m == 2] < 0).float().mean() > 0.9
+
+
+def test_val_transform_resizes_image_and_mask_to_fixed_sizes_with_nearest_masks():
+    img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
+    mask = np.random.default_rng(0).choice(np.array([0, 3, 255], np.uint8), size=(30, 50))
+    x, m = eval_linear.ValTransform(64, 20)(img, mask)
+    assert x.shape == (3, 64, 64) and m.shape == (20, 20)
+    assert set(m.unique().tolist()) <= {0, 3, 255}
+
+
+def test_running_moments_match_per_channel_mean_and_population_std_over_all_pixels():
+    x = torch.randn(10, 5, 3, 4) * torch.arange(1, 6)[:, None, None] + 3  # (images, channels, h, w)
+    moments = eval_kmeans.RunningMoments(5, "cpu")
+    for chunk in x.split(3):  # uneven chunks: 3, 3, 3, 1 images
+        moments.update(chunk)
+    pixels = eval_kmeans.rearrange(x, "b d h w -> (b h w) d")
+    assert torch.allclose(moments.mean.float(), pixels.mean(0), atol=1e-5)
+    assert torch.allclose(moments.std().float(), pixels.std(0, correction=0), atol=1e-5)
+
+
+def test_projecting_tokens_then_upsampling_equals_upsampling_then_projecting():
+    tokens = torch.randn(3, 6, 4, 4)
+    mean, std = torch.randn(6), torch.rand(6) + 0.5
+    pixels = eval_kmeans.rearrange(F.interpolate(tokens, size=(10, 10), mode="bilinear", align_corners=False),
+                                   "b d h w -> (b h w) d")
+    pca = eval_kmeans.fit_pca((pixels - mean) / (std + eval_kmeans.STD_EPS), 2)
+    args = argparse.Namespace(mask_size=10, batch_size=2)
+    z = eval_kmeans.project(tokens.half(), mean, std, pca, args, "cpu", main=False)
+    expected = ((pixels - mean) / (std + eval_kmeans.STD_EPS) - pca[0]) @ pca[1]
+    assert z.shape == (300, 2)
+    assert torch.allclose(z.float(), expected, atol=2e-2)
+
+
+def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    z = (centres.repeat_interleave(200, 0) + torch.randn(600, 2, generator=torch.Generator().manual_seed(0)))
+    args = argparse.Namespace(fit_samples=300, kmeans_iters=50)
+    a, b = eval_kmeans.fit_kmeans(z.half(), 3, 0, args), eval_kmeans.fit_kmeans(z.half(), 3, 0, args)
+    assert torch.equal(a, b)
+    gt = torch.arange(3).repeat_interleave(200)
+    counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
+    assert eval_kmeans.match_clusters(counts)[0] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Both scripts end to end on a tiny synthetic PVOC-layout folder
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synthetic")
+    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint in train.py's format: DDP-prefixed student, plain teacher, argparse args."""
+    torch.manual_seed(1)
+    student, teacher = [CrOCModel(build_vit("vit_tiny", 16), CrOCHead(192, out_dim=64, out_dim_c=32,
+                                                                      hidden_dim=32, bottleneck_dim=16))
+                        for _ in range(2)]
+    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint.pth")
+    torch.save({"student": {"module." + k: v for k, v in student.state_dict().items()},
+                "teacher": teacher.state_dict(), "epoch": 1,
+                "args": argparse.Namespace(arch="vit_tiny", patch_size=16)}, path)
+    return path, teacher
+
+
+COMMON = ["--dataset", "synthetic", "--arch", "vit_tiny", "--img_size", "64", "--batch_size", "4",
+          "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "2"]
+
+
+def run_linear(root, out, *extra):
+    args = eval_linear.get_args_parser().parse_args(
+        COMMON + ["--data_path", root, "--epochs", "1", "--train_mask_size", "32", "--output_dir", out, *extra])
+    return eval_linear.main(args)
+
+
+def run_kmeans(root, out, *extra):
+    args = eval_kmeans.get_args_parser().parse_args(
+        COMMON + ["--data_path", root, "--mask_size", "32", "--pca", "8", "--fit_samples", "2000",
+                  "--seeds", "0", "1", "--kmeans_iters", "20", "--output_dir", out, *extra])
+    return eval_kmeans.main(args)
+
+
+def test_eval_linear_runs_end_to_end_and_writes_results_and_config(synthetic_root, tmp_path):
+    results = run_linear(synthetic_root, str(tmp_path), "--random_init")
+    saved = json.load(open(tmp_path / "results.json"))
+    config = json.load(open(tmp_path / "config.json"))
+    assert saved["miou"] == pytest.approx(results["miou"]) and 0 <= saved["miou"] <= 1
+    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
+    assert len(saved["per_class_iou"]) == num_classes
+    assert saved["miou"] == pytest.approx(np.mean(list(saved["per_class_iou"].values())))
+    assert saved["n_val_images"] == 4 and saved["n_train_images"] == 8 and saved["weights"] == "random_init"
+    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == 1e-3
+    assert len(open(tmp_path / "log.txt").readlines()) == 1
+
+
+def test_eval_linear_with_cached_train_features_runs(synthetic_root, tmp_path):
+    results = run_linear(synthetic_root, str(tmp_path), "--random_init", "--cache_train_features")
+    assert 0 <= results["miou"] <= 1
+
+
+def test_eval_kmeans_runs_end_to_end_and_reports_mean_and_std_over_seeds(synthetic_root, tmp_path):
+    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init")
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["miou_per_seed"] == pytest.approx(results["miou_per_seed"]) and len(saved["per_seed"]) == 2
+    assert saved["miou_mean"] == pytest.approx(np.mean(saved["miou_per_seed"]))
+    assert saved["miou_std"] == pytest.approx(np.std(saved["miou_per_seed"]))
+    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
+    assert saved["num_clusters"] == num_classes and len(saved["per_class_iou_mean"]) == num_classes
+    assert sorted(saved["per_seed"][0]["cluster_to_class"]) == list(range(num_classes))  # one-to-one
+    assert saved["n_images"] == 4 and saved["n_pixels"] == 4 * 32 * 32 and saved["feature_dim"] == 8
+    assert os.path.isfile(tmp_path / "config.json")
+
+
+def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
+    path, teacher = checkpoint
+    args = eval_linear.get_args_parser().parse_args(COMMON + ["--weights", path])
+    backbone = eval_linear.build_backbone(args)
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(backbone.state_dict()[k], v), k
+    assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
+    assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--weights", path)["weights"] == path
+
+
+def test_scripts_require_exactly_one_of_weights_and_random_init():
+    args = eval_linear.get_args_parser().parse_args(COMMON)
+    with pytest.raises(ValueError, match="--random_init"):
+        eval_linear.build_backbone(args)
+
+
+
+# ==============================================================================================================
+# eval_davis.py
+# ==============================================================================================================
+# ---------------------------------------------------------------------------------------------- metrics (Sec. C.5)
+
+def square(h, w, top, left, size):
+    m = np.zeros((h, w), dtype=bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def slow_f_measure(pred, gt, bound_th=0.008):
+    """Independent F: per-pixel loops for the boundary, Euclidean distances instead of a dilation."""
+    def boundary(seg):
+        h, w = seg.shape
+        at = lambda i, j: bool(seg[i, j]) if i < h and j < w else False  # zeros shifted in
+        b = np.zeros_like(seg, dtype=bool)
+        for i in range(h):
+            for j in range(w):
+                if i == h - 1 and j == w - 1:
+                    continue
+                if i == h - 1:
+                    b[i, j] = at(i, j) != at(i, j + 1)
+                elif j == w - 1:
+                    b[i, j] = at(i, j) != at(i + 1, j)
+                else:
+                    b[i, j] = any(at(i, j) != at(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (1, 1)))
+        return b
+
+    r = math.ceil(bound_th * math.hypot(*pred.shape))
+    bp, bg = np.argwhere(boundary(pred)), np.argwhere(boundary(gt))
+    if len(bp) == 0 or len(bg) == 0:
+        return 1.0 if len(bp) == len(bg) else 0.0
+    d2 = ((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1)  # squared distances, pred x gt boundary pixels
+    precision = (d2.min(axis=1) <= r * r).mean()
+    recall = (d2.min(axis=0) <= r * r).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_j_and_f_are_one_on_two_empty_masks():
+    empty = np.zeros((2, 30, 40), dtype=bool)
+    assert ed.region_similarity(empty, empty).tolist() == [1.0, 1.0]
+    assert ed.contour_accuracy(empty, empty).tolist() == [1.0, 1.0]
+
+
+def test_j_and_f_are_zero_when_one_mask_is_empty():
+    empty = np.zeros((1, 30, 40), dtype=bool)
+    full = square(30, 40, 5, 5, 10)[None]
+    for pred, gt in ((empty, full), (full, empty)):
+        assert ed.region_similarity(pred, gt).tolist() == [0.0]
+        assert ed.contour_accuracy(pred, gt).tolist() == [0.0]
+
+
+def test_j_and_f_are_one_on_identical_squares():
+    m = square(60, 80, 10, 20, 25)[None]
+    assert ed.region_similarity(m, m).tolist() == [1.0]
+    assert ed.contour_accuracy(m, m).tolist() == [1.0]
+
+
+def test_one_pixel_shift_keeps_f_at_one_and_j_at_hand_value():
+    gt = square(100, 100, 30, 20, 40)[None]
+    pred = square(100, 100, 30, 21, 40)[None]
+    assert ed.region_similarity(pred, gt)[0] == pytest.approx(40 * 39 / (40 * 41))
+    assert ed.contour_accuracy(pred, gt)[0] == 1.0  # radius ceil(0.008 * 141.4) = 2 > 1
+
+
+def test_twenty_pixel_shift_matches_hand_computed_j_and_f():
+    # 100x100 frame: radius ceil(1.13) = 2. Each boundary is the 41x41 box perimeter (160 px); with a 20 px shift
+    # 23 px on the top row, 23 on the bottom row and 4 on the near side are within 2 px of the other boundary.
+    gt = square(100, 100, 30, 20, 40)[None]
+    pred = square(100, 100, 30, 40, 40)[None]
+    assert ed.region_similarity(pred, gt)[0] == pytest.approx(800 / 2400)
+    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(50 / 160)
+    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(slow_f_measure(pred[0], gt[0]))
+
+
+def test_f_matches_an_independent_loop_implementation_on_random_blobs():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        pred = rng.random((24, 33)) > 0.6
+        gt = np.roll(pred, (2, -3), axis=(0, 1)) | (rng.random((24, 33)) > 0.9)
+        for bound_th in (0.008, 0.05, 2):
+            expected = slow_f_measure(pred, gt, bound_th if bound_th < 1 else 2 / math.hypot(24, 33))
+            assert ed.contour_accuracy(pred[None], gt[None], bound_th)[0] == pytest.approx(expected)
+
+
+def test_boundary_is_absent_along_the_image_border():
+    top_rows = np.zeros((20, 30), dtype=bool)
+    top_rows[:10] = True  # touches top, left and right borders
+    expected = np.zeros_like(top_rows)
+    expected[9] = True  # only the inner edge, on the last row of the mask
+    assert (ed.seg2bmap(top_rows) == expected).all()
+    left_cols = np.zeros((20, 30), dtype=bool)
+    left_cols[:, :5] = True
+    expected = np.zeros_like(left_cols)
+    expected[:, 4] = True
+    assert (ed.seg2bmap(left_cols) == expected).all()
+    assert not ed.seg2bmap(np.ones((20, 30), dtype=bool)).any()
+    assert ed.contour_accuracy(top_rows[None], top_rows[None]).tolist() == [1.0]
+
+
+def test_disk_is_the_skimage_disk():
+    d = ed.disk(8)
+    assert d.shape == (17, 17) and d[8].all() and d[:, 8].all() and not d[0, 0]
+    assert d.sum() == sum(1 for x in range(-8, 9) for y in range(-8, 9) if x * x + y * y <= 64)
+    assert ed.boundary_radius(480, 854) == 8 and ed.boundary_radius(480, 1152) == 10
+
+
+def test_decay_uses_the_official_bins_with_shared_edges():
+    mean, recall, decay = ed.per_object_statistics(np.arange(10) / 10)
+    # ids = round(linspace(1, 10, 5) + 1e-10) - 1 = [0, 2, 5, 7, 9]: bins [0:3] and [7:10]
+    assert (mean, recall) == (pytest.approx(0.45), pytest.approx(0.4))
+    assert decay == pytest.approx(np.mean([0, .1, .2]) - np.mean([.7, .8, .9]))
+    # N = 7: the 1e-10 makes round(2.5) = 3, so bin 0 is [0:3] (not [0:2] as banker's rounding would give)
+    assert ed.per_object_statistics(np.arange(7.0))[2] == pytest.approx(1.0 - 5.5)
+    # N = 3: round(2.5 + 1e-10) = 3, so bin 3 is [2:3] only
+    assert ed.per_object_statistics(np.array([1.0, 0.5, 0.0]))[2] == pytest.approx(0.75)
+
+
+def test_sequence_scores_skip_first_and_last_frames_and_pad_missing_objects():
+    gt = np.zeros((5, 20, 20), dtype=np.uint8)
+    gt[:, 2:8, 2:8] = 1
+    gt[:, 12:18, 12:18] = 2
+    res = np.where(gt == 1, 1, 0).astype(np.uint8)  # object 2 never predicted
+    res[0] = 0
+    res[-1] = 0  # wrong first and last frames are not scored
+    j, f = ed.evaluate_sequence(gt, res)
+    assert j.shape == (2, 3) and (j[0] == 1).all() and (j[1] == 0).all() and (f[1] == 0).all()
+    with pytest.raises(ValueError, match="id 3"):
+        ed.evaluate_sequence(gt, np.where(gt == 2, 3, gt).astype(np.uint8), name="seq")
+
+
+def test_global_results_average_over_objects_not_sequences(tmp_path):
+    per_object = [("a_1", np.ones(4), np.ones(4)), ("b_1", np.zeros(4), np.ones(4)), ("b_2", np.zeros(4), np.zeros(4))]
+    glob, rows = ed.summarize(per_object)
+    assert glob["J-Mean"] == pytest.approx(1 / 3) and glob["F-Mean"] == pytest.approx(2 / 3)
+    assert glob["J&F-Mean"] == pytest.approx(0.5)
+    g, s = ed.write_results_csv(tmp_path, "val", glob, rows)
+    assert g.read_text() == ("J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n"
+                             "0.500,0.333,0.333,0.000,0.667,0.667,0.000\n")
+    assert s.read_text().splitlines()[:2] == ["Sequence,J-Mean,F-Mean", "a_1,1.000,1.000"]
+
+
+# ------------------------------------------------------------------------------------------ propagation (Sec. C.4)
+
+def test_propagating_a_static_video_reproduces_the_first_frame():
+    torch.manual_seed(0)
+    feat = torch.randn(64, 6, 8)
+    first = F.one_hot(torch.randint(0, 3, (6, 8)), 3).permute(2, 0, 1).float()
+    soft = ed.propagate(feat.expand(10, -1, -1, -1), first)
+    assert soft.shape == (10, 3, 6, 8) and torch.equal(soft[0], first)
+    assert torch.equal(soft.argmax(1), first.argmax(0).expand(10, -1, -1))
+    assert torch.allclose(soft.sum(1), torch.ones(10, 6, 8))
+    expected = ed.labels_to_mask(first, 16, (128, 96))  # what frame 0's one-hot map gives through the output path
+    assert expected.shape == (96, 128)
+    # the soft maps differ from one-hot by < 0.5%: only near-ties of the bilinear upsampling may flip (< 0.1%)
+    assert all((ed.labels_to_mask(s, 16, (128, 96)) != expected).mean() < 1e-3 for s in soft[1:])
+
+
+def test_object_moving_by_whole_patches_is_followed_with_position_free_features():
+    # Features say only "object" or "background" (one-hot identity), never where: appearance is the only cue.
+    T, h, w = 6, 6, 10
+    obj = torch.zeros(T, h, w, dtype=torch.long)
+    for t in range(T):
+        obj[t, 2:4, 1 + t:3 + t] = 1  # a 2x2-patch object moving one patch right per frame
+    feats = F.one_hot(obj, 2).permute(0, 3, 1, 2).float()  # (T, 2, h, w)
+    first = F.one_hot(obj[0], 2).permute(2, 0, 1).float()
+    soft = ed.propagate(feats, first, n_last_frames=2, size_mask_neighborhood=3, topk=5)
+    assert torch.equal(soft.argmax(1), obj)
+
+
+def test_topk_cut_keeps_ties_at_the_kth_value():
+    # identical features: every source ties, so every source is kept and each target gets the mean label
+    feats = torch.ones(2, 4, 3, 5)
+    first = torch.zeros(2, 3, 5)
+    first[0, :, :2] = 1
+    first[1, :, 2:] = 1
+    soft = ed.propagate(feats, first, size_mask_neighborhood=0, topk=1)
+    assert torch.allclose(soft[1], first.mean(dim=(1, 2), keepdim=True).expand(2, 3, 5))
+
+
+def test_topk_is_joint_over_all_context_frames():
+    # target matches context frame 1 (label 1) better than frame 0 (label 0) at every patch: with top-1 over both
+    # frames jointly, only frame 1 contributes (a per-frame top-1 would mix both labels).
+    tar = torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2)
+    ctx = torch.stack([torch.tensor([0.8, 0.6]).view(2, 1, 1).expand(2, 2, 2), tar])
+    labels = torch.stack([torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2),
+                          torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 2, 2)])
+    out = ed.label_propagation(tar, ctx, labels, mask=ed.neighbourhood_mask(2, 2, 0), topk=1)
+    assert torch.allclose(out[1], torch.ones(2, 2))
+
+
+def test_neighbourhood_mask_is_a_chebyshev_window_on_the_patch_grid():
+    h, w, r = 5, 7, 2
+    mask = ed.neighbourhood_mask(h, w, r).view(h, w, h, w)
+    loops = torch.zeros(h, w, h, w, dtype=torch.bool)
+    for i in range(h):
+        for j in range(w):
+            for p in range(max(i - r, 0), min(i + r + 1, h)):
+                for q in range(max(j - r, 0), min(j + r + 1, w)):
+                    loops[i, j, p, q] = True
+    assert torch.equal(mask, loops)
+
+
+def test_norm_mask_rescales_each_positive_channel_to_unit_range():
+    m = torch.tensor([[[0.2, 0.6]], [[0.0, 0.0]], [[-1.0, -0.5]]])
+    out = ed.norm_mask(m.clone())
+    assert torch.allclose(out[0], torch.tensor([[0.0, 1.0]]))
+    assert torch.equal(out[1], m[1]) and torch.equal(out[2], m[2])
+
+
+def test_working_size_floors_the_long_side_to_a_multiple_of_64():
+    assert ed.working_size(854, 480) == (480, 832)
+    assert ed.working_size(910, 480) == (480, 896)
+    assert ed.working_size(1152, 480) == (480, 1152)
+    assert ed.working_size(480, 854) == (832, 480)
+    assert ed.working_size(500, 500) == (480, 448)  # square: one rule (landscape) for frames and masks
+
+
+# ---------------------------------------------------------------------------------------- the script, end to end
+
+def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
+    """DAVIS-2017 layout with squares moving across a textured background; seq i has i + 1 objects."""
+    h, w = size
+    rng = np.random.default_rng(0)
+    palette = ed.color_map()
+    names = [f"seq{i}" for i in range(n_seqs)]
+    for i, name in enumerate(names):
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True)
+        bg = rng.integers(0, 80, (h, w, 3))
+        for t in range(n_frames):
+            img, ann = bg.copy(), np.zeros((h, w), dtype=np.uint8)
+            for k in range(i + 1):
+                top, left = 8 + 16 * k, 10 + 5 * t
+                ann[top:top + 14, left:left + 20] = k + 1
+                img[top:top + 14, left:left + 20] = (230, 40 + 150 * k, 60)
+            Image.fromarray(img.astype(np.uint8)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            ed.write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", ann, palette)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def run_args(data_path, out_dir, *extra):
+    return ed.get_args_parser().parse_args(
+        ["--data_path", str(data_path), "--output_dir", str(out_dir), "--random_init", "--arch", "vit_tiny",
+         "--patch_size", "16", "--short_side", "48", "--device", "cpu", *extra])
+
+
+def test_script_writes_palette_pngs_at_original_size_and_both_csv_files(tmp_path):
+    names = write_tiny_davis(tmp_path / "DAVIS")
+    out = tmp_path / "out"
+    results = ed.main(run_args(tmp_path, out, "--frames_per_forward", "3"))  # finds DAVIS/ under data_path
+    for name in names:
+        for t in range(4):
+            img = Image.open(out / name / f"{t:05d}.png")
+            assert img.mode == "P" and img.size == (96, 48)
+    first = np.array(Image.open(out / names[1] / "00000.png"))
+    assert (first == np.array(Image.open(tmp_path / "DAVIS" / "Annotations" / "480p" / names[1] / "00000.png"))).all()
+    with open(out / "global_results-val.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ed.GLOBAL_COLUMNS and len(rows) == 2
+    with open(out / "per-sequence_results-val.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert [r[0] for r in rows[1:]] == ["seq0_1", "seq1_1", "seq1_2"]
+    assert 0.0 <= results["J&F-Mean"] <= 1.0 and (out / "config.json").is_file()
+
+
+def test_script_with_data_py_synthetic_videos(tmp_path):
+    import data
+
+    data.write_synthetic(tmp_path, n_train=1, n_val=1, n_videos=2, n_frames=4, progress=False)
+    index = ed.load_davis_index(tmp_path, "val")
+    w, h = index[0].size
+    short = (min(w, h) // 16) * 16
+    out = tmp_path / "out"
+    results = ed.main(run_args(tmp_path, out, "--short_side", str(short), "--seqs", index[0].name))
+    assert Image.open(out / index[0].name / index[0].annotations[-1].name).size == (w, h)
+    assert 0.0 <= results["J&F-Mean"] <= 1.0
+
+
+def break_first_annotation(root):
+    (root / "Annotations/480p/seq0/00000.png").unlink()
+    return root / "Annotations/480p/seq0/00000.png"
+
+
+def break_count(root):
+    (root / "Annotations/480p/seq1/00003.png").unlink()
+    return root / "Annotations/480p/seq1"
+
+
+def break_size(root):
+    path = root / "Annotations/480p/seq1/00002.png"
+    ed.write_indexed_png(path, np.zeros((40, 96), dtype=np.uint8), ed.color_map())
+    return path
+
+
+def break_mode(root):
+    path = root / "Annotations/480p/seq0/00001.png"
+    Image.new("RGB", (96, 48)).save(path)
+    return path
+
+
+def break_set_file(root):
+    (root / "ImageSets/2017/val.txt").unlink()
+    return root / "ImageSets/2017/val.txt"
+
+
+def break_sequence_folder(root):
+    path = root / "JPEGImages/480p/seq1"
+    for f in path.iterdir():
+        f.unlink()
+    path.rmdir()
+    return path
+
+
+@pytest.mark.parametrize("breaker", [break_first_annotation, break_count, break_size, break_mode, break_set_file,
+                                     break_sequence_folder])
+def test_bad_input_raises_value_error_naming_the_file(tmp_path, breaker):
+    write_tiny_davis(tmp_path)
+    path = breaker(tmp_path)
+    with pytest.raises(ValueError, match=str(path)):
+        ed.main(run_args(tmp_path, tmp_path / "out"))  # raised before the model is built
+    assert not (tmp_path / "out").exists()
+
+
+def test_void_in_the_first_annotation_is_background():
+    ann = np.zeros((32, 64), dtype=np.uint8)
+    ann[:16, :16] = 255
+    ann[16:, 32:] = 1
+    labels = ed.first_frame_labels(ann, (32, 64), 16)
+    assert labels.shape == (2, 2, 4) and labels[0, 0, 0] == 1 and labels[1, 1, 2] == 1
