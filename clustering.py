@@ -32,6 +32,7 @@ class ClusterResult(NamedTuple):
     valid: Tensor  # (P, k_max) bool: the cluster has a token in both views (Eq. 16)
     k: Tensor  # (P,) long: the selected number of clusters, before pruning
     cost: Tensor  # (P, k_start - 1) d_c (Eq. 13) for K = k_start, k_start - 1, ..., 2
+    steps: Tensor  # (P, k_start - 1, 2N) long with return_steps (`step_labels` per K), else (P, 0, 2N)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -191,6 +192,18 @@ def select_k(best: _Selection, plan: Tensor, cost: Tensor) -> _Selection:
                       k=torch.where(better, torch.full_like(best.k, k), best.k))
 
 
+def step_labels(plan: Tensor, y: Tensor, seeds: Tensor) -> Tensor:
+    """(P, 2N) long: each token's cluster at one merge step (row argmax of plan (P, 2N, K), Eq. 15), for pictures.
+
+    A cluster is named by the first of the k_start initial seeds it holds (seeds (P, k_start), Y (P, 2N, K)):
+    a merge averages columns i < j into i (Eq. 14), so the merged cluster keeps i's name and a name follows its
+    cluster from K_start down to 2. Names lie in [0, k_start) and are distinct while the seed tokens are.
+    """
+    members = torch.gather(y, 1, rearrange(seeds, "p s -> p s 1").expand(-1, -1, y.shape[-1])) > 0  # (P, s, K)
+    names = members.to(plan.dtype).argmax(dim=1)  # (P, K): argmax returns the first maximum
+    return torch.gather(names, 1, plan.argmax(dim=-1))
+
+
 def hard_assignment(plan: Tensor, k: Tensor) -> Tensor:
     """M (P, 2N, k_max): one-hot of each token's largest plan entry among the first k[p] columns (Eq. 15).
 
@@ -259,13 +272,15 @@ def _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp):
 def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, k_start: int = 12,
             k_max: Optional[int] = None, lambda_pos: float = 4.0, sinkhorn_lambda: float = 20.0,
             sinkhorn_iterations: int = 5, marginal_temp: float = 2.0, uniform_marginals: bool = False,
-            seeds: Optional[Tensor] = None, generator: Optional[torch.Generator] = None) -> ClusterResult:
+            seeds: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
+            return_steps: bool = False) -> ClusterResult:
     """Cluster the joint tokens of P problems at once (Sec. 3.3).
 
     tokens (P, 2N, d): view 1's tokens then view 2's (Z_cat, Eq. 8); positions (P, 2N, 2): their (x, y) in the
     original image (E_cat, Sec. 3.3.2); cls (P, d), or (P, 2, d) with each view's own: the CLS token in the same
     space, for the token marginal r (uniform when None or `uniform_marginals`). seeds (P, k_start): token indices of the initial centroids,
     otherwise drawn from r with `generator`. k_max (default k_start): the largest K the selection may pick.
+    return_steps: also return every step's hard assignment (`ClusterResult.steps`, Fig. 3); it adds work, no sync.
     Computed in at least float32 and without gradients.
     """
     k_max = k_start if k_max is None else k_max
@@ -284,13 +299,15 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
 
         best = _Selection(plan=joint.new_zeros(n_problems, n, k_max), cost=joint.new_full((n_problems,), torch.inf),
                           k=torch.full((n_problems,), k_max, dtype=torch.long, device=tokens.device))
-        costs = []
+        costs, steps = [], [joint.new_empty(n_problems, 0, n, dtype=torch.long)]
         for k in range(k_start, 1, -1):
             cent_positions = torch.einsum("pnk,pnc->pkc", y, positions)  # (P, K, 2) E_cen = Y^T E_cat
             c = centroid_marginal(y, r, marginal_temp, uniform_marginals)  # (P, K) Eq. 10
             cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # Eq. 9, 17, 18
             plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations)  # Eq. 11-13
             costs.append(d_c)
+            if return_steps:
+                steps.append(step_labels(plan, y, seeds)[:, None])
             if k <= k_max:
                 best = select_k(best, plan, d_c)
             if k > 2:
@@ -300,4 +317,4 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
         assignment = hard_assignment(best.plan, best.k)  # Eq. 15
         assignment, valid = prune_single_view(assignment)  # Eq. 16
     return ClusterResult(assignment=assignment.to(tokens.dtype), valid=valid, k=best.k,
-                         cost=torch.stack(costs, dim=1))
+                         cost=torch.stack(costs, dim=1), steps=torch.cat(steps, dim=1) if return_steps else steps[0])

@@ -44,7 +44,8 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from model import dense_features, load_backbone
+from data import VOC_PALETTE
+from model import backbone_from_args, dense_features
 
 # Sec. C.2: DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
 DAVIS_MEAN = (0.485, 0.456, 0.406)
@@ -355,21 +356,6 @@ def first_frame_labels(ann, size, patch_size):
     return rearrange(F.one_hot(small, int(small.max()) + 1).float(), "h w c -> c h w")
 
 
-def color_map(n=256):
-    """The PASCAL VOC / davis2017 utils colour map, for annotations that carry no palette (mode 'L')."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap.ravel().tolist()
-
-
 def write_indexed_png(path, labels, palette):
     img = Image.fromarray(np.asarray(labels, dtype=np.uint8))  # 'L'; putpalette makes it 'P' (imwrite_indexed)
     img.putpalette(palette)
@@ -485,7 +471,7 @@ def segment_video(backbone, seq, args, device):
     out_dir.mkdir(parents=True, exist_ok=True)
     with Image.open(seq.annotations[0]) as img:
         palette = img.getpalette() if img.mode == "P" else None
-    palette = palette or color_map()
+    palette = palette or VOC_PALETTE
     first = read_annotation(seq.annotations[0])
     first = np.where(first == 255, 0, first).astype(np.uint8)
     size = working_size(*seq.size, short_side=args.short_side)
@@ -549,10 +535,6 @@ def get_args_parser():
 
 
 def main(args):
-    if args.random_init == (args.weights is not None):
-        raise ValueError("pass exactly one of --weights PATH or --random_init")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise ValueError(f"--weights {args.weights}: file not found")
     if args.short_side % args.patch_size or LONG_SIDE_MULTIPLE % args.patch_size:
         raise ValueError(f"--short_side {args.short_side} and {LONG_SIDE_MULTIPLE} must be multiples of "
                          f"--patch_size {args.patch_size}")
@@ -565,7 +547,7 @@ def main(args):
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(device).eval()
+    backbone = backbone_from_args(args).to(device)
     for seq in tqdm(index, desc="videos"):
         segment_video(backbone, seq, args, device)
 

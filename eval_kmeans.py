@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 import eval_linear
 from data import build_segmentation_dataset
-from model import dense_features
+from model import backbone_from_args, dense_features
 
 STD_EPS = 1e-5  # Leopart PredsmIoUKmeans: (x - mean) / (std + 1e-5)
 ASSIGN_CHUNK = 1 << 18  # pixels per assignment chunk: chunk x K distances at a time
@@ -227,7 +227,7 @@ def main(args):
     val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split)
     num_classes, class_names = val_set.num_classes, list(val_set.class_names)
     torch.manual_seed(args.seed)  # a --random_init backbone is the same in every run
-    backbone = eval_linear.build_backbone(args).to(device)
+    backbone = backbone_from_args(args).to(device)
     n_dim = args.n_last_blocks * backbone.embed_dim
     if args.pca >= n_dim:
         raise ValueError(f"--pca {args.pca} must be smaller than the feature dimension {n_dim}")

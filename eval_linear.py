@@ -30,7 +30,7 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 from data import build_segmentation_dataset
-from model import IMAGENET_MEAN, IMAGENET_STD, dense_features, load_backbone
+from model import IMAGENET_MEAN, IMAGENET_STD, backbone_from_args, dense_features
 from train import init_distributed
 
 DATASETS = ("pvoc", "coco_things", "coco_stuff", "ade20k", "synthetic")
@@ -188,16 +188,6 @@ def add_backbone_args(parser):
     return parser
 
 
-def build_backbone(args):
-    """Frozen backbone in eval mode (E.1) from --weights, or randomly initialised with --random_init."""
-    if args.random_init == (args.weights is not None):
-        raise ValueError("pass exactly one of --weights PATH and --random_init")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise ValueError(f"--weights: no such file: {args.weights}")
-    backbone = load_backbone(args.arch, args.patch_size, weights=args.weights, checkpoint_key=args.checkpoint_key)
-    return backbone.eval().requires_grad_(False)
-
-
 def check_feature_size(args):
     if args.img_size % args.patch_size:
         raise ValueError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
@@ -343,7 +333,7 @@ def main(args):
     num_classes, class_names = val_set.num_classes, list(val_set.class_names)
 
     torch.manual_seed(args.seed)  # same on every rank: identical random-init backbones and heads
-    backbone = build_backbone(args).to(device)
+    backbone = backbone_from_args(args).to(device)
     n_dim = args.n_last_blocks * backbone.embed_dim
     head = nn.Conv2d(n_dim, num_classes, kernel_size=1).to(device)  # A.3: per-pixel linear layer with bias
     if world_size > 1:

@@ -292,6 +292,12 @@ class CrOCModel(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
+def _print(*args):
+    """Print on rank 0 only (torchrun sets RANK), so DDP evaluation and training logs are not doubled."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args)
+
+
 def torch_load(path):
     """torch.load with weights_only=True, allowing only the one class official checkpoints need (their args)."""
     if not os.path.isfile(path):
@@ -360,10 +366,10 @@ def load_pretrained(model, path, key="teacher"):
     result = model.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
-        print(f"loaded {path} [{key}]: {len(missing)} missing keys {missing[:8]}, "
+        _print(f"loaded {path} [{key}]: {len(missing)} missing keys {missing[:8]}, "
               f"{len(unexpected)} unexpected keys {unexpected[:8]}")
     else:
-        print(f"loaded {path} [{key}]: all {len(sd)} keys matched")
+        _print(f"loaded {path} [{key}]: all {len(sd)} keys matched")
     return {"missing": missing, "unexpected": unexpected}
 
 
@@ -375,10 +381,20 @@ def load_backbone(arch, patch_size=16, weights=None, checkpoint_key="teacher"):
         if len(result["missing"]) == len(model.state_dict()):
             raise ValueError(f"{weights}: no key of the checkpoint matches a {arch}/{patch_size} backbone")
     else:
-        print(f"{arch}/{patch_size}: random initialisation")
+        _print(f"{arch}/{patch_size}: random initialisation")
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def backbone_from_args(args):
+    """The frozen backbone that the evaluation flags ask for: exactly one of --weights PATH (with
+    --checkpoint_key) and --random_init, plus --arch and --patch_size."""
+    if args.random_init == (args.weights is not None):
+        raise ValueError("pass exactly one of --weights PATH and --random_init")
+    if args.weights is not None and not os.path.isfile(args.weights):
+        raise ValueError(f"--weights: no such file: {args.weights}")
+    return load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key)
 
 
 @torch.no_grad()

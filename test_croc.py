@@ -33,6 +33,7 @@ import eval_kmeans
 import eval_linear
 import model as M
 import train
+import visualize
 
 
 # ==============================================================================================================
@@ -1383,7 +1384,7 @@ def test_eval_kmeans_runs_end_to_end_and_reports_mean_and_std_over_seeds(synthet
 def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
     path, teacher = checkpoint
     args = eval_linear.get_args_parser().parse_args(COMMON + ["--weights", path])
-    backbone = eval_linear.build_backbone(args)
+    backbone = M.backbone_from_args(args)
     for k, v in teacher.backbone.state_dict().items():
         assert torch.equal(backbone.state_dict()[k], v), k
     assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
@@ -1393,7 +1394,7 @@ def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(syntheti
 def test_scripts_require_exactly_one_of_weights_and_random_init():
     args = eval_linear.get_args_parser().parse_args(COMMON)
     with pytest.raises(ValueError, match="--random_init"):
-        eval_linear.build_backbone(args)
+        M.backbone_from_args(args)
 
 
 
@@ -1730,3 +1731,181 @@ def test_void_in_the_first_annotation_is_background():
     ann[16:, 32:] = 1
     labels = ed.first_frame_labels(ann, (32, 64), 16)
     assert labels.shape == (2, 2, 4) and labels[0, 0, 0] == 1 and labels[1, 1, 2] == 1
+
+
+# ==============================================================================================================
+# visualize.py and train.py --visualize_every
+# ==============================================================================================================
+VIS_TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
+        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "8", "--synthetic_size", "64",
+        "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1"]
+
+
+def _vis_problems(seed=0, n_problems=5, n=40, d=8):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_problems, n, d, generator=gen), 64 * torch.rand(n_problems, n, 2, generator=gen),
+            torch.randn(n_problems, d, generator=gen))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clustering.cluster(return_steps=True)
+# ---------------------------------------------------------------------------------------------------------------
+def test_cluster_return_steps_leaves_the_result_unchanged_and_is_empty_by_default():
+    tokens, positions, cls = _vis_problems()
+    plain = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1))
+    steps = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1),
+                    return_steps=True)
+    for name in ("assignment", "valid", "k", "cost"):
+        assert torch.equal(getattr(plain, name), getattr(steps, name)), name
+    assert plain.steps.shape == (5, 0, 40) and plain.steps.dtype == torch.long
+    assert steps.steps.shape == (5, 6, 40) and steps.steps.dtype == torch.long
+
+
+def test_cluster_steps_name_clusters_by_seed_and_match_the_selected_assignment():
+    tokens, positions, cls = _vis_problems(seed=3)
+    k_start = 8
+    res = cluster(tokens, positions, cls, k_start=k_start, k_max=6, generator=torch.Generator().manual_seed(2),
+                  return_steps=True)
+    steps = res.steps  # (P, k_start - 1, 2N)
+    assert steps.min() >= 0 and steps.max() < k_start
+    for p in range(tokens.shape[0]):
+        for s in range(k_start - 1):  # at step K, at most K names are in use
+            assert len(set(steps[p, s].tolist())) <= k_start - s
+        # the selected step, pruned (Eq. 16), is exactly the result's assignment, up to the column order
+        labels = steps[p, k_start - res.k[p]]
+        kept = torch.tensor(visualize.kept_names(labels.view(2, -1).numpy(), k_start))
+        assigned = res.assignment[p].sum(dim=1) > 0
+        assert torch.equal(assigned, kept[labels])
+        assert int(kept.sum()) == int(res.valid[p].sum())
+        column = res.assignment[p].argmax(dim=1)
+        a, b = labels[assigned], column[assigned]
+        assert torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+def test_cluster_steps_keep_a_merged_clusters_name_through_the_merges():
+    """Four groups of tokens, seeded one each in order; groups 2 and 3 are the most alike, then 0 and 1: the merges
+    go (2, 3) then (0, 1), and each merged cluster keeps its first seed's name, so a colour follows its cluster."""
+    e = torch.eye(4)
+    directions = torch.stack([e[0], torch.nn.functional.normalize(e[1] + 0.3145 * e[0], dim=0),  # cos 0.3
+                              e[2], torch.nn.functional.normalize(e[2] + 0.75 * e[3], dim=0)])  # cos 0.8
+    group = (torch.arange(32) % 16) // 4  # 4 tokens of each group in each view
+    tokens = directions[group] + 0.01 * torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    positions = 64 * torch.rand(1, 32, 2, generator=torch.Generator().manual_seed(1))
+    res = cluster(tokens[None], positions, k_start=4, lambda_pos=0.0, uniform_marginals=True,
+                  seeds=torch.tensor([[0, 4, 8, 12]]), return_steps=True)
+    names = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 2], [0, 0, 2, 2]])  # (step, group): K = 4, 3, 2
+    assert torch.equal(res.steps[0], names[:, group])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# visualize.py
+# ---------------------------------------------------------------------------------------------------------------
+def _vis_args(extra=()):
+    args = train.get_args_parser().parse_args(VIS_TINY + list(extra))
+    args.k_max = args.k_max or args.k_start
+    return args
+
+
+def test_render_clusters_writes_a_png_of_the_layout_size(tmp_path):
+    args = _vis_args()
+    torch.manual_seed(0)
+    backbone = build_vit("vit_tiny", 16).eval()
+    dataset = data.SyntheticPretrain(3, 64, 0, data.TwoViews(64, 16))
+    views, positions, originals = visualize.fixed_batch(dataset, 2, seed=0)
+    assert views.shape == (2, 2, 3, 64, 64) and positions.shape == (2, 2, 16, 2) and len(originals) == 2
+    tile, path = 64, tmp_path / "c.png"
+    fig, c = visualize.render_clusters(backbone, views, positions, args, str(path), originals, tile=tile)
+    B, H, steps = 2, 3, args.k_start - 1  # vit_tiny: 3 heads
+    V = visualize
+    width = 2 * V.MARGIN + 4 * tile + 3 * V.GAP + V.SECTION + steps * (tile // 2) + (steps - 1) * V.GAP
+    height = 2 * V.MARGIN + V.TITLE + B * (V.CAPTION + tile + H * (V.GAP + V.CAPTION + tile)) + (B - 1) * V.SECTION
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (width, height)
+    assert V.figure_size(B, H, steps, tile) == (width, height)
+    assert c["labels"].shape == (B, H, steps, 2, 4, 4) and c["attention"].shape == (B, H, 2, 4, 4)
+    assert ((c["k"] >= 2) & (c["k"] <= args.k_start)).all()
+    assert np.array(fig).std() > 10  # not a blank canvas
+
+
+def test_render_clusters_with_final_tokens_draws_one_row():
+    args = _vis_args(["--which_features", "last"])
+    views, positions, _ = visualize.fixed_batch(data.SyntheticPretrain(1, 64, 0, data.TwoViews(64, 16)), 1)
+    fig, c = visualize.render_clusters(build_vit("vit_tiny", 16), views, positions, args, tile=64)
+    assert c["labels"].shape[1] == 1 and c["attention"].shape[1] == 1  # attention averaged over heads
+    assert fig.size == visualize.figure_size(1, 1, args.k_start - 1, 64)
+
+
+def _cli(tmp_path, name, seed):
+    out = tmp_path / name
+    parser = visualize.get_args_parser()
+    visualize.main(parser.parse_args(["--random_init", "--arch", "vit_tiny", "--patch_size", "16", "--img_size",
+                                      "64", "--synthetic_size", "64", "--synthetic_index", "2", "--k_start", "5",
+                                      "--tile", "64", "--seed", str(seed), "--output", str(out)]))
+    return out.read_bytes()
+
+
+def test_visualize_cli_is_deterministic_for_the_same_seed(tmp_path):
+    first, again, other = _cli(tmp_path, "a.png", 0), _cli(tmp_path, "b.png", 0), _cli(tmp_path, "c.png", 1)
+    assert first == again
+    assert first != other
+
+
+def test_visualize_cli_reads_its_settings_from_a_training_checkpoint(tmp_path, capsys):
+    args = train.get_args_parser().parse_args(VIS_TINY + ["--lambda_pos", "2.5", "--which_features", "k"])
+    model = build_vit("vit_tiny", 16)
+    torch.save({"teacher": {"backbone." + k: v for k, v in model.state_dict().items()}, "args": vars(args)},
+               tmp_path / "checkpoint.pth")
+    out = tmp_path / "c.png"
+    visualize.main(visualize.get_args_parser().parse_args(["--weights", str(tmp_path / "checkpoint.pth"),
+                                                           "--tile", "32", "--output", str(out)]))
+    printed = capsys.readouterr().out
+    assert "all" in printed and "keys matched" in printed
+    assert "lambda_pos: 2.5" in printed and "which_features: k" in printed and "k_start: 6" in printed
+    with Image.open(out) as im:
+        assert im.size == visualize.figure_size(1, 3, 5, 32)
+
+
+def test_crop_box_recovers_the_crop_and_the_flip_from_patch_positions():
+    box = (10, 20, 48, 64)  # top, left, height, width
+    for flip in (False, True):
+        pos = data.patch_positions(box, flip, 64, 16).numpy()
+        left, top, right, bottom = visualize.crop_box(pos, 16, 64)
+        np.testing.assert_allclose([left, top, right, bottom], [20, 10, 84, 58], atol=1e-4)
+        assert visualize.is_flipped(pos, 16, 64) == flip
+
+
+def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
+    dataset = data.SyntheticPretrain(4, 64, 0, data.TwoViews(64, 16))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = visualize.fixed_batch(dataset, 4, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = visualize.fixed_batch(dataset, 4, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train.py --visualize_every
+# ---------------------------------------------------------------------------------------------------------------
+def _vis_train(out, extra=()):
+    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored."""
+    args = train.get_args_parser().parse_args(VIS_TINY + ["--output_dir", str(out)] + list(extra))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        train.main(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    with open(os.path.join(out, "log.txt")) as f:
+        return args, [json.loads(line) for line in f]
+
+
+def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path):
+    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"])
+    names = sorted(f for f in os.listdir(tmp_path / "vis") if f.endswith(".png"))
+    assert names == ["clusters_epoch0000.png", "clusters_epoch0001.png"]
+    with Image.open(tmp_path / "vis" / names[-1]) as im:
+        assert im.size == visualize.figure_size(4, 3, args.k_start - 1, 128)  # 4 images, vit_tiny's 3 heads
+    _, without = _vis_train(tmp_path / "plain")
+    keys = ("loss", "loss_glob", "loss_dense", "mean_k", "kept_centroids")
+    assert [{k: e[k] for k in keys} for e in with_pictures] == [{k: e[k] for k in keys} for e in without]

@@ -141,6 +141,10 @@ def get_args_parser():
     g.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpoint{epoch:04}.pth every N epochs.")
     g.add_argument("--seed", default=0, type=int, help="Seed; each rank uses seed + rank.")
     g.add_argument("--log_freq", default=10, type=int, help="Steps between progress updates (and host syncs).")
+    g.add_argument("--visualize_every", default=0, type=int,
+                   help="Every N epochs (and before the first), draw the teacher's clusters and CLS attention on a "
+                        "fixed batch of 4 images to output_dir/clusters_epoch{epochs done:04}.png (visualize.py); "
+                        "0 disables. Costs one teacher pass; training is unchanged.")
     return p
 
 
@@ -207,12 +211,13 @@ def world_size():
 # The CrOC step (Fig. 2): join -> locate -> split
 # --------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def teacher_assignments(tokens, positions, args, generator):
+def teacher_assignments(tokens, positions, args, generator, return_steps=False):
     """Cluster the teacher's last-block tokens of both views, every (image, head) problem in one call.
 
     tokens: (2B, H, 1+N, d) view 1 then view 2, CLS at index 0 (Eq. 21); positions: (B, 2, N, 2) patch
     positions in the original image (Sec. 3.3.2). Returns the hard assignment split view-wise (2, B, N, H*K),
-    the heads' clusters side by side (Sec. 3.3.3), the kept-centroid mask (B, H*K) (Eq. 16), and the ClusterResult.
+    the heads' clusters side by side (Sec. 3.3.3), the kept-centroid mask (B, H*K) (Eq. 16), and the ClusterResult
+    (with every merge step's assignment when return_steps, for visualize.py).
     """
     H = tokens.shape[1]
     tokens = tokens.float()  # clustering in fp32 whatever the autocast: exp(-lambda * cost) needs the range
@@ -222,7 +227,7 @@ def teacher_assignments(tokens, positions, args, generator):
     res = clustering.cluster(joint, pos, cls, k_start=args.k_start, k_max=args.k_max, lambda_pos=args.lambda_pos,
                              sinkhorn_lambda=args.sinkhorn_lambda, sinkhorn_iterations=args.sinkhorn_iterations,
                              marginal_temp=args.marginal_temp, uniform_marginals=args.uniform_marginals,
-                             generator=generator)
+                             generator=generator, return_steps=return_steps)
     assignment = rearrange(res.assignment, "(b h) (v n) k -> v b n (h k)", h=H, v=2)  # split: Q*_1, Q*_2
     valid = rearrange(res.valid, "(b h) k -> b (h k)", h=H)
     return assignment, valid, res
@@ -387,6 +392,17 @@ def main(args):
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
                          "loss": loss_fn.state_dict(), "epoch": epoch, "args": vars(args)}, ckpt_path)
 
+    if args.visualize_every > 0 and is_main_process():
+        import visualize  # here, not at the top: visualize imports train
+        vis_views, vis_positions, vis_originals = visualize.fixed_batch(dataset, 4, args.seed)  # global RNG untouched
+
+        def draw_clusters(epochs_done):
+            path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
+            visualize.render_clusters(teacher.backbone, vis_views, vis_positions, args, path, vis_originals,
+                                      seed=args.seed, title=f"epoch {epochs_done}")
+        if start_epoch == 0:
+            draw_clusters(0)
+
     stop = StopFlag()
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed * 1000 + rank)
@@ -452,6 +468,8 @@ def main(args):
         if is_main_process():
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
                 save_atomic(torch_load(ckpt_path), os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+            if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
+                draw_clusters(epoch + 1)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             print(json.dumps(log))

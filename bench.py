@@ -1,0 +1,490 @@
+"""What CrOC costs on top of DINO (issue 6): the full training step with and without the dense loss, the
+clusterer alone, peak memory, and (on a GPU) images/s with and without torch.compile. BENCHMARKS.md holds the
+numbers this printed.
+
+    python bench.py                          # the full run (CPU: a few minutes on 2 cores; GPU: batch 128, bf16)
+    python bench.py --quick                  # tiny shapes, one repeat, seconds: the same table (used by the test)
+    python bench.py --json bench.json        # also write the results as JSON
+
+Machines are noisy, so every figure is a median of --repeats runs, and the CrOC and DINO steps are interleaved
+(DINO, CrOC, CrOC, DINO, ...) so that a load that comes and goes hits both: read the ratio, not the milliseconds.
+The step is train.train_step (teacher and student forward, clustering, heads, loss) followed by the lines of
+train.main that finish a step: backward, AdamW step, teacher EMA.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+from tqdm import tqdm
+
+import clustering
+import train
+from model import CrOCHead, CrOCModel, build_vit
+
+# The official clusterer's cost, as measured on a 2-core CPU (../shared/spec/croc_method.md, "Cost of the
+# official clusterer"): per call at K_start 12, and its time at ViT-S/16 224 as 10 ms + 7 ms per image.
+OFFICIAL = {"op_calls": 2000, "host_syncs": 45, "ms_fixed": 10.0, "ms_per_image": 7.0,
+            "source": "shared/spec/croc_method.md (official code, 2-core CPU, K_start 12)"}
+PAPER_TABLE_A2 = "paper Table A2 (2 V100, batch 256): clustering 67 ms = 8% of an 841.5 ms step"
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
+            "aten::permute", "aten::transpose", "aten::t", "aten::select", "aten::slice", "aten::flatten",
+            "aten::unflatten", "aten::unbind", "aten::as_strided", "aten::alias", "aten::contiguous", "aten::to",
+            "aten::promote_types"}  # metadata only, or no-ops on an already contiguous / right-dtype tensor
+LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CrOC benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch", default=None, type=int,
+                   help="Images per step (each gives two views). Default: 128 on a GPU (the paper's per-GPU "
+                        "batch), 8 on CPU (a ViT-S/16 224 step then takes ~10 s on 2 cores).")
+    p.add_argument("--cluster_batches", nargs="+", default=[8, 32, 128], type=int,
+                   help="Images B of the clusterer-alone rows; each is B x 6 heads problems at ViT-S/16 224 shapes.")
+    p.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (paper 65,536).")
+    p.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (paper 8,192).")
+    p.add_argument("--repeats", default=5, type=int, help="Timed runs of each variant; the median is reported.")
+    p.add_argument("--warmup", default=1, type=int, help="Untimed runs of each variant first.")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="Autocast on a GPU (the throughput rows ask for bf16). CPU always runs fp32, as train.py.")
+    p.add_argument("--compile", default=True, type=train.bool_flag,
+                   help="GPU only: also time the step with torch.compile'd student and teacher backbones.")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
+    p.add_argument("--threads", default=None, type=int,
+                   help="torch CPU threads (default: torch's own choice). On a CPU shared with other jobs, 1 thread "
+                        "gives steadier numbers than threads that wait on each other.")
+    p.add_argument("--quick", action="store_true",
+                   help="Tiny shapes (ViT-Ti at 32 px, small heads, 2N = 32 tokens), one repeat: runs in seconds.")
+    p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
+    p.add_argument("--seed", default=0, type=int, help="Seed of the synthetic inputs, weights and clusterer draws.")
+    return p
+
+
+def resolve_args(args):
+    """Fill the device-dependent defaults and the --quick overrides (explicit flags still win for sizes)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.device.type == "cpu":
+        args.precision = "fp32"
+    if args.quick:
+        args.batch = args.batch or 2
+        args.cluster_batches = [1, 2]
+        args.repeats, args.warmup = 1, 0
+        args.out_dim, args.out_dim_c = min(args.out_dim, 1024), min(args.out_dim_c, 256)
+        args.step_configs = [("vit_tiny", 16, 64), ("vit_tiny", 8, 32)]  # 2N = 32 >= K_start
+        args.cluster_shape = ("vit_tiny", 8, 32)  # (arch, patch, img): 2N = 32 tokens, 3 heads of d = 64
+    else:
+        args.batch = args.batch or (128 if args.device.type == "cuda" else 8)
+        args.step_configs = [("vit_small", 16, 224), ("vit_tiny", 8, 64)]
+        args.cluster_shape = ("vit_small", 16, 224)  # 2N = 392 tokens, 6 heads of d = 64
+    return args
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measuring
+# --------------------------------------------------------------------------------------------------------------
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns, repeats, warmup, device, desc):
+    """{name: fn} -> {name: [seconds]}. Warm-up in the given order, then rounds whose order alternates
+    (A B, B A, ...): a load that rises or falls during the run weighs on every variant alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in tqdm(range(repeats), desc=desc, leave=False, file=sys.stderr):
+        for name in names if i % 2 == 0 else names[::-1]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median_ms(seconds):
+    return 1e3 * statistics.median(seconds)
+
+
+def peak_step_memory(bench, alpha, device):
+    """MiB that one training step allocates at its peak above what was allocated when it started (models,
+    optimizer state and inputs; the previous step's gradients are freed first): what a larger batch would need.
+    Returns (that, the whole peak including models and optimizer state, or None where not known).
+
+    CUDA: torch.cuda.max_memory_allocated - memory_allocated. CPU: the same quantity from torch.profiler's
+    allocation records (a running sum of every allocation and free of torch's CPU allocator, in time order);
+    the process RSS is no use here, since glibc keeps freed tensors resident and ru_maxrss never comes down.
+    """
+    bench.optimizer.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        bench.step(alpha)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        return (peak - start) / 2 ** 20, peak / 2 ** 20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        bench.step(alpha)
+    try:  # the raw records: parsing them into prof.events() would attribute every record to an op, slowly
+        events = prof.profiler.kineto_results.events()
+    except AttributeError:  # a torch whose profiler internals moved: no figure rather than a wrong one
+        return float("nan"), None
+    records = sorted((e.start_ns(), e.nbytes()) for e in events
+                     if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2 ** 20, None
+
+
+def inside(event, name):
+    """Whether a profiler event has an ancestor called name."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name == name:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def count_ops(fn, device):
+    """Operator calls of one call of fn, from torch.profiler.
+
+    top_level_aten_ops: `aten::` events whose parent event is not an `aten::` event, i.e. the operators the
+    Python code calls (an einsum counts once, not with the bmm and views it runs inside); top_level_view_ops:
+    those of them in VIEW_OPS (no arithmetic: reshapes, expands, no-op casts); all_aten_ops: every `aten::`
+    event, nested ones included. On CUDA also the kernel launches and the synchronising runtime calls
+    (cuda*Synchronize, blocking cudaMemcpy) the profiler saw.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        with record_function("bench.call"):  # marks fn's own events: not the profiler's final synchronisation
+            fn()
+    events = [e for e in prof.events() if inside(e, "bench.call")]
+    aten = [e for e in events if e.name.startswith("aten::")]
+    top = [e for e in aten if not e.cpu_parent.name.startswith("aten::")]
+    out = {"top_level_aten_ops": len(top), "top_level_view_ops": sum(e.name in VIEW_OPS for e in top),
+           "all_aten_ops": len(aten)}
+    if device.type == "cuda":
+        out["kernel_launches"] = sum(e.name in LAUNCH_EVENTS for e in events)
+        out["sync_runtime_calls"] = sum(e.name in SYNC_EVENTS for e in events)
+    return out
+
+
+def count_syncs(fn, device):
+    """Host-device synchronisations of one call of fn. CUDA: the warnings of torch.cuda.set_sync_debug_mode
+    ('warn' reports every synchronising operation torch knows of). CPU: 0 by construction (no device to wait
+    for); clustering.py also holds none of the calls that would synchronise on a GPU (test_croc checks it)."""
+    if device.type != "cuda":
+        return 0
+    sync(device)
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    sync(device)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training step, CrOC (alpha 1) and DINO (alpha 0) on the same models
+# --------------------------------------------------------------------------------------------------------------
+class StepBench:
+    """Student, teacher, loss, optimizer and synthetic inputs for one backbone, built as train.main builds them.
+    One set of models serves both variants: DINO leaves the centroid last layer without a gradient, which AdamW
+    skips, exactly as in a `--alpha 0` run."""
+
+    def __init__(self, arch, patch, img, bench_args):
+        a = train.get_args_parser().parse_args([])
+        a.arch, a.patch_size, a.img_size = arch, patch, img
+        a.out_dim, a.out_dim_c, a.batch_size_per_gpu = bench_args.out_dim, bench_args.out_dim_c, bench_args.batch
+        a.precision, a.k_max = bench_args.precision, a.k_start
+        self.args, self.device = a, bench_args.device
+        self.epoch = a.freeze_last_layer  # a step after the first epoch: every layer, the last ones too, learns
+        torch.manual_seed(bench_args.seed)
+
+        def make(drop_path):
+            backbone = build_vit(arch, patch, drop_path_rate=drop_path)
+            return CrOCModel(backbone, CrOCHead(backbone.embed_dim, a.out_dim, a.out_dim_c,
+                                                norm_last_layer=a.norm_last_layer))
+        self.student, self.teacher = make(a.drop_path_rate).to(self.device), make(0.0).to(self.device)
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.loss_fn = train.CrOCLoss(a.out_dim, a.out_dim_c, a).to(self.device)
+        self.optimizer = torch.optim.AdamW(train.param_groups(self.student), lr=a.lr * a.batch_size_per_gpu / 256,
+                                           weight_decay=a.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and a.precision == "fp16")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+        self.generator = torch.Generator(device=self.device).manual_seed(bench_args.seed)
+        n = (img // patch) ** 2
+        gen = torch.Generator().manual_seed(bench_args.seed)
+        self.views = torch.randn(a.batch_size_per_gpu, 2, 3, img, img, generator=gen).to(self.device)  # (B, 2, 3, S, S)
+        self.positions = (img * torch.rand(a.batch_size_per_gpu, 2, n, 2, generator=gen)).to(self.device)  # (B, 2, N, 2)
+        self.s_params, self.t_params = list(self.student.parameters()), list(self.teacher.parameters())
+
+    def step(self, alpha):
+        """One full training step: train.train_step, then backward, AdamW and EMA as train.main runs them."""
+        self.args.alpha = alpha
+        loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
+                                   self.args, self.generator, self.autocast)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():  # EMA teacher, momentum at its initial value
+            m = self.args.momentum_teacher
+            torch._foreach_mul_(self.t_params, m)
+            torch._foreach_add_(self.t_params, self.s_params, alpha=1 - m)
+
+    def set_compiled(self, compiled):
+        """Swap torch.compile'd forward_features into (or out of) both backbones; train_step calls that method."""
+        for backbone in (self.student.backbone, self.teacher.backbone):
+            if compiled:
+                if "_compiled_forward_features" not in backbone.__dict__:
+                    backbone._compiled_forward_features = torch.compile(backbone.forward_features)
+                backbone.forward_features = backbone._compiled_forward_features
+            else:
+                backbone.__dict__.pop("forward_features", None)
+
+
+def label(arch, patch, img):
+    return f"{'ViT-S' if arch == 'vit_small' else 'ViT-Ti' if arch == 'vit_tiny' else 'ViT-B'}/{patch} {img}"
+
+
+def bench_steps(args):
+    rows = []
+    for arch, patch, img in args.step_configs:
+        bench = StepBench(arch, patch, img, args)
+        fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0)}
+        times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"step {label(arch, patch, img)}")
+        dino, croc = median_ms(times["DINO"]), median_ms(times["CrOC"])
+        rows.append({"model": label(arch, patch, img), "arch": arch, "patch": patch, "img": img,
+                     "tokens_per_view": (img // patch) ** 2, "batch": args.batch, "out_dim": args.out_dim,
+                     "out_dim_c": args.out_dim_c, "precision": args.precision,
+                     "dino_ms": dino, "croc_ms": croc, "ratio": croc / dino, "croc_minus_dino_ms": croc - dino,
+                     "dino_ms_all": [1e3 * t for t in times["DINO"]], "croc_ms_all": [1e3 * t for t in times["CrOC"]],
+                     **memory_columns(bench, args.device)})
+        if args.device.type == "cuda" and (arch, patch, img) == ("vit_small", 16, 224):
+            rows[-1]["compiled"] = bench_compiled(bench, fns, args)
+        del bench, fns
+    return rows
+
+
+def memory_columns(bench, device):
+    (dino, dino_total), (croc, croc_total) = peak_step_memory(bench, 0.0, device), peak_step_memory(bench, 1.0, device)
+    return {"dino_mem_mib": dino, "croc_mem_mib": croc, "dino_mem_total_mib": dino_total,
+            "croc_mem_total_mib": croc_total}
+
+
+def bench_compiled(bench, fns, args):
+    """GPU: images/s of the step, eager and with compiled backbones, all four variants interleaved."""
+    try:
+        bench.set_compiled(True)
+        for fn in fns.values():
+            fn()  # compile (and recompile for the teacher's q/k/v output) outside the timing
+        sync(args.device)
+    except Exception as e:  # a compiler failure must not cost the eager numbers: report it instead
+        bench.set_compiled(False)
+        return {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+
+    def run(fn, compiled):
+        def go():
+            bench.set_compiled(compiled)
+            fn()
+        return go
+    variants = {f"{name} {mode}": run(fn, mode == "compiled") for name, fn in fns.items()
+                for mode in ("eager", "compiled")}
+    times = time_interleaved(variants, args.repeats, args.warmup, args.device, "step eager vs compiled")
+    bench.set_compiled(False)
+    return {name: {"ms": median_ms(t), "images_per_s": args.batch / statistics.median(t)}
+            for name, t in times.items()}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The clusterer alone
+# --------------------------------------------------------------------------------------------------------------
+def cluster_inputs(batch, arch, patch, img, device, seed):
+    """Random teacher tokens at a backbone's shapes, laid out as train.teacher_assignments passes them:
+    P = batch x heads problems of 2N joint tokens of the head dimension, each view's CLS, pixel positions."""
+    backbone = build_vit(arch, patch)  # only for its shapes
+    heads, d = backbone.num_heads, backbone.embed_dim // backbone.num_heads
+    n = 2 * (img // patch) ** 2
+    gen = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch * heads, n, d, generator=gen)  # (P, 2N, d)
+    positions = img * torch.rand(batch * heads, n, 2, generator=gen)  # (P, 2N, 2)
+    cls = torch.randn(batch * heads, 2, d, generator=gen)  # (P, 2, d)
+    return tokens.to(device), positions.to(device), cls.to(device)
+
+
+def bench_clusterer(args, step_rows):
+    a = train.get_args_parser().parse_args([])
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    arch, patch, img = args.cluster_shape
+    step_ms = {r["batch"]: r["croc_ms"] for r in step_rows if (r["arch"], r["patch"], r["img"]) == (arch, patch, img)}
+    rows = []
+    for batch in args.cluster_batches:
+        tokens, positions, cls = cluster_inputs(batch, arch, patch, img, args.device, args.seed)
+
+        def call():
+            clustering.cluster(tokens, positions, cls, k_start=a.k_start, k_max=a.k_start, lambda_pos=a.lambda_pos,
+                               sinkhorn_lambda=a.sinkhorn_lambda, sinkhorn_iterations=a.sinkhorn_iterations,
+                               marginal_temp=a.marginal_temp, uniform_marginals=a.uniform_marginals,
+                               generator=generator)
+        ms = median_ms(time_interleaved({"cluster": call}, args.repeats, args.warmup, args.device,
+                                        f"cluster B={batch}")["cluster"])
+        row = {"batch": batch, "problems": tokens.shape[0], "tokens": tokens.shape[1], "dim": tokens.shape[2],
+               "k_start": a.k_start, "ms": ms, "step_ms": step_ms.get(batch),
+               "share_of_step": ms / step_ms[batch] if batch in step_ms else None,
+               **count_ops(call, args.device), "host_syncs": count_syncs(call, args.device)}
+        if not args.quick:
+            row["official_ms_from_spec"] = OFFICIAL["ms_fixed"] + OFFICIAL["ms_per_image"] * batch
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Machine and table
+# --------------------------------------------------------------------------------------------------------------
+def load_average():
+    """1-minute load average: how many processes wanted the CPUs while this ran (NaN where unknown)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def machine_info(device):
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "device": str(device),
+            "load_average_1min_start": load_average()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def table(headers, rows):
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    return "\n".join([lines[0], "-" * len(lines[0])] + lines[1:])
+
+
+def memory_cell(step, total):
+    return f"{step:.0f}" if total is None else f"{step:.0f} / {total:.0f}"
+
+
+def format_results(res):
+    m, cfg = res["machine"], res["config"]
+    out = [f"machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), torch {m['torch']}, "
+           f"device {m['device']}" + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
+           + f"; load average {m['load_average_1min_start']:.2f} at start, {m['load_average_1min_end']:.2f} at end",
+           f"medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up; CrOC and DINO interleaved; "
+           f"precision {cfg['precision']}; heads L-bar/L = {cfg['out_dim']}/{cfg['out_dim_c']}", ""]
+
+    out.append("1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)")
+    out.append(table(["model", "batch", "DINO ms", "CrOC ms", "CrOC/DINO", "CrOC-DINO ms", "DINO mem MiB",
+                      "CrOC mem MiB"],
+                     [[r["model"], r["batch"], f"{r['dino_ms']:.1f}", f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}",
+                       f"{r['croc_minus_dino_ms']:+.1f}", memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
+                       memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
+                      for r in res["steps"]]))
+    cuda = m["device"].startswith("cuda")
+    out.append("goal: CrOC/DINO <= 1.10. mem: peak MiB a step allocates above what it starts with (models, optimizer "
+               "state, inputs; gradients freed)" + (" / the whole peak, from torch.cuda.max_memory_allocated."
+                                                    if cuda else ", from torch.profiler's allocation records."))
+    out.append("")
+
+    c0 = res["clusterer"][0]
+    out.append(f"2. Clusterer alone (clustering.cluster): B images x heads problems, 2N = {c0['tokens']} tokens, "
+               f"d = {c0['dim']}, K_start = {c0['k_start']}")
+    headers = ["B", "P", "ms/call", "share of step", "top-level aten ops", "of them views", "all aten ops",
+               "host syncs"]
+    gpu = "kernel_launches" in c0
+    if gpu:
+        headers += ["kernel launches", "sync runtime calls"]
+    official = "official_ms_from_spec" in c0
+    if official:
+        headers.append("official ms (spec)")
+    rows = []
+    for r in res["clusterer"]:
+        row = [r["batch"], r["problems"], f"{r['ms']:.1f}",
+               "-" if r["share_of_step"] is None else f"{100 * r['share_of_step']:.1f}%",
+               r["top_level_aten_ops"], r["top_level_view_ops"], r["all_aten_ops"], r["host_syncs"]]
+        if gpu:
+            row += [r["kernel_launches"], r["sync_runtime_calls"]]
+        if official:
+            row.append(f"~{r['official_ms_from_spec']:.0f}")
+        rows.append(row)
+    out.append(table(headers, rows))
+    out.append(f"share of step: ms/call over the CrOC step of the same batch in table 1 ({res['clusterer_step']}), "
+               "'-' where no step of that batch was measured; "
+               f"{PAPER_TABLE_A2}.")
+    out.append("top-level aten ops: aten:: profiler events whose parent is not an aten:: event (the calls the Python "
+               "code makes; of them views: reshapes, expands, no-op casts); all aten ops: every aten:: event, nested "
+               "ones included. host syncs: " + ("torch.cuda.set_sync_debug_mode('warn') warnings during one call."
+                                               if gpu else "0 by construction on CPU (no device to wait for)."))
+    out.append(f"official clusterer: ~{OFFICIAL['op_calls']:,} operator calls and ~{OFFICIAL['host_syncs']} host "
+               f"syncs per call" + (f", ~{OFFICIAL['ms_fixed']:.0f} ms + {OFFICIAL['ms_per_image']:.0f} ms per image "
+                                    "(the 'official ms' column)" if official else "")
+               + f"; source: {OFFICIAL['source']}.")
+    out.append("")
+
+    out.append("3. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")
+    compiled = next((r["compiled"] for r in res["steps"] if "compiled" in r), None)
+    if compiled is None:
+        out.append("not measured: " + ("no GPU on this machine." if not gpu else "no ViT-S/16 224 step in this run."))
+    elif "error" in compiled:
+        out.append(f"torch.compile failed: {compiled['error']}")
+    else:
+        out.append(table(["variant", "ms/step", "images/s"],
+                         [[name, f"{v['ms']:.1f}", f"{v['images_per_s']:.0f}"] for name, v in compiled.items()]))
+        out.append(f"batch {cfg['batch']} images (2 views each) per step, precision {cfg['precision']}.")
+    return "\n".join(out)
+
+
+def main(args):
+    args = resolve_args(args)
+    config = {k: v for k, v in vars(args).items() if k not in ("device",)}
+    print("\n".join(f"{k}: {v}" for k, v in sorted(config.items())), flush=True)
+    torch.manual_seed(args.seed)
+    res = {"machine": machine_info(args.device), "config": {**config, "device": str(args.device)}}
+    res["steps"] = bench_steps(args)
+    res["clusterer"] = bench_clusterer(args, res["steps"])
+    arch, patch, img = args.cluster_shape
+    res["clusterer_step"] = f"{label(arch, patch, img)}, batch {args.batch}"
+    res["machine"]["load_average_1min_end"] = load_average()
+    text = format_results(res)
+    print("\n" + text, flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({**res, "table": text}, f, indent=2, default=str)
+    return res
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
