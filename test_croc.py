@@ -32,6 +32,7 @@ import eval_davis as ed
 import eval_kmeans
 import eval_linear
 import model as M
+import bench
 import train
 import visualize
 
@@ -1321,15 +1322,13 @@ def synthetic_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    """A checkpoint in train.py's format: DDP-prefixed student, plain teacher, argparse args."""
-    torch.manual_seed(1)
-    student, teacher = [CrOCModel(build_vit("vit_tiny", 16), CrOCHead(192, out_dim=64, out_dim_c=32,
-                                                                      hidden_dim=32, bottleneck_dim=16))
-                        for _ in range(2)]
-    path = str(tmp_path_factory.mktemp("ckpt") / "checkpoint.pth")
-    torch.save({"student": {"module." + k: v for k, v in student.state_dict().items()},
-                "teacher": teacher.state_dict(), "epoch": 1,
-                "args": argparse.Namespace(arch="vit_tiny", patch_size=16)}, path)
+    """A checkpoint written by train.py itself after a few steps (2 epochs of 2 steps on synthetic scenes)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    train.main(train.get_args_parser().parse_args(TINY + ["--epochs", "2", "--synthetic_images", "8",
+                                                          "--output_dir", str(out)]))
+    path = str(out / "checkpoint.pth")
+    teacher = CrOCModel(build_vit("vit_tiny", 16), CrOCHead(192, out_dim=128, out_dim_c=64))
+    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
     return path, teacher
 
 
@@ -1623,7 +1622,7 @@ def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
     """DAVIS-2017 layout with squares moving across a textured background; seq i has i + 1 objects."""
     h, w = size
     rng = np.random.default_rng(0)
-    palette = ed.color_map()
+    palette = data.VOC_PALETTE
     names = [f"seq{i}" for i in range(n_seqs)]
     for i, name in enumerate(names):
         (root / "JPEGImages" / "480p" / name).mkdir(parents=True)
@@ -1692,7 +1691,7 @@ def break_count(root):
 
 def break_size(root):
     path = root / "Annotations/480p/seq1/00002.png"
-    ed.write_indexed_png(path, np.zeros((40, 96), dtype=np.uint8), ed.color_map())
+    ed.write_indexed_png(path, np.zeros((40, 96), dtype=np.uint8), data.VOC_PALETTE)
     return path
 
 
@@ -1909,3 +1908,40 @@ def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp
     _, without = _vis_train(tmp_path / "plain")
     keys = ("loss", "loss_glob", "loss_dense", "mean_k", "kept_centroids")
     assert [{k: e[k] for k in keys} for e in with_pictures] == [{k: e[k] for k in keys} for e in without]
+
+
+# ==============================================================================================================
+# bench.py
+# ==============================================================================================================
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_bench_quick_runs_in_seconds_and_prints_every_section(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=BENCH_DIR, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
+                     "2. Clusterer alone", "top-level aten ops", "host syncs", "official clusterer: ~2,000",
+                     "3. GPU throughput"):
+        assert expected in proc.stdout, expected
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "ViT-Ti/8 32"]
+    for row in res["steps"]:
+        assert row["dino_ms"] > 0 and row["croc_ms"] > 0 and math.isfinite(row["ratio"])
+        assert row["dino_mem_mib"] > 0 and row["croc_mem_mib"] > 0
+    assert [r["batch"] for r in res["clusterer"]] == [1, 2]
+    assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick step batch
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
+
+
+def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
+    device = torch.device("cpu")
+    tokens, positions, cls = bench.cluster_inputs(1, "vit_tiny", 8, 32, device, seed=0)  # P = 3, 2N = 32, d = 64
+
+    def call():
+        clustering.cluster(tokens, positions, cls, k_start=4, generator=torch.Generator().manual_seed(0))
+    counts = bench.count_ops(call, device)
+    assert 0 < counts["top_level_view_ops"] < counts["top_level_aten_ops"] <= counts["all_aten_ops"]
+    assert bench.count_syncs(call, device) == 0

@@ -302,8 +302,11 @@ class StopFlag:
     def __init__(self):
         self.requested = False
         self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handler)
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -452,6 +455,7 @@ def main(args):
                 bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith("loss")})
             if stop.should_stop():
                 checkpoint(epoch)  # the epoch restarts on resume, from the weights reached so far
+                stop.restore()
                 if is_main_process():
                     print(f"signal received: saved {ckpt_path} at epoch {epoch}, step {it}; exiting")
                 if dist.is_initialized():
@@ -473,6 +477,7 @@ def main(args):
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
                 f.write(json.dumps(log) + "\n")
             print(json.dumps(log))
+    stop.restore()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
