@@ -240,21 +240,14 @@ class StepBench:
         b = a.batch_size_per_gpu
         self.views = torch.randn(b, 2, 3, img, img, generator=gen).to(self.device)  # (B, 2, 3, S, S)
         self.positions = (img * torch.rand(b, 2, n, 2, generator=gen)).to(self.device)  # (B, 2, N, 2) in pixels
-        self.s_params, self.t_params = list(self.student.parameters()), list(self.teacher.parameters())
 
     def step(self, alpha):
-        """One full training step: train.train_step, then backward, AdamW and EMA as train.main runs them."""
+        """One full training step: train.train_step, then train.optimizer_step (backward, AdamW, EMA)."""
         self.args.alpha = alpha
         loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
                                    self.args, self.generator, self.autocast)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        with torch.no_grad():  # EMA teacher, momentum at its initial value
-            m = self.args.momentum_teacher
-            torch._foreach_mul_(self.t_params, m)
-            torch._foreach_add_(self.t_params, self.s_params, alpha=1 - m)
+        train.optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
+                             self.args.momentum_teacher, self.args)  # EMA momentum at its initial value
 
     def set_compiled(self, compiled):
         """Swap torch.compile'd forward_features into (or out of) both backbones; train_step calls that method."""

@@ -265,6 +265,25 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
+    """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if args.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        clip_gradients(student, args.clip_grad)
+    if epoch < args.freeze_last_layer:
+        for name, p in student.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+    scaler.step(optimizer)
+    scaler.update()
+    with torch.no_grad():  # EMA teacher
+        t_params = list(teacher.parameters())
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
+
+
 def clip_gradients(model, clip):
     for p in model.parameters():
         if p.grad is not None:
@@ -426,22 +445,7 @@ def main(args):
             positions = positions.to(device, non_blocking=True)
             loss, stats = train_step(ddp_student, teacher, loss_fn, views, positions, epoch, args, generator,
                                      autocast)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad > 0:
-                scaler.unscale_(optimizer)
-                clip_gradients(student, args.clip_grad)
-            if epoch < args.freeze_last_layer:
-                for name, p in student.named_parameters():
-                    if "last_layer" in name:
-                        p.grad = None
-            scaler.step(optimizer)
-            scaler.update()
-            with torch.no_grad():  # EMA teacher
-                m = float(mom_sched[step])
-                s_params, t_params = list(student.parameters()), list(teacher.parameters())
-                torch._foreach_mul_(t_params, m)
-                torch._foreach_add_(t_params, s_params, alpha=1 - m)
+            optimizer_step(student, teacher, optimizer, scaler, loss, epoch, float(mom_sched[step]), args)
             nonfinite |= ~torch.isfinite(loss.detach())
             skipped += n_skipped.sum().to(device)
             for k, v in stats.items():

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import train
-from model import IMAGENET_MEAN, IMAGENET_STD, build_vit, load_pretrained, torch_load
+from model import IMAGENET_MEAN, IMAGENET_STD, load_backbone, torch_load
 
 # --------------------------------------------------------------------------------------------------------------
 # Layout (pixels). tile: side of a view panel; a merge step shows view 1 above view 2 at tile / 2 each.
@@ -373,12 +373,7 @@ def main(args):
     args = resolve_args(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.manual_seed(args.seed)  # the random init, then the crops
-    backbone = build_vit(args.arch, args.patch_size)
-    if args.weights:
-        result = load_pretrained(backbone, args.weights, args.checkpoint_key)
-        if len(result["missing"]) == len(backbone.state_dict()):
-            raise ValueError(f"{args.weights}: no key matches a {args.arch}/{args.patch_size} backbone")
-    backbone.eval().to(args.device)
+    backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(args.device)
     if args.image:
         original, name = data.load_rgb(args.image), os.path.basename(args.image)
     else:
