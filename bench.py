@@ -22,10 +22,12 @@ import warnings
 from contextlib import nullcontext
 
 import torch
+from einops import rearrange
 from torch.profiler import ProfilerActivity, profile, record_function
 from tqdm import tqdm
 
 import clustering
+import data
 import train
 from model import CrOCHead, CrOCModel, build_vit
 
@@ -235,15 +237,25 @@ class StepBench:
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
         self.autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
         self.generator = torch.Generator(device=self.device).manual_seed(bench_args.seed)
-        n = (img // patch) ** 2
-        gen = torch.Generator().manual_seed(bench_args.seed)
-        b = a.batch_size_per_gpu
-        self.views = torch.randn(b, 2, 3, img, img, generator=gen).to(self.device)  # (B, 2, 3, S, S)
-        self.positions = (img * torch.rand(b, 2, n, 2, generator=gen)).to(self.device)  # (B, 2, N, 2) in pixels
+        # two augmented views of synthetic scenes, as train.py makes them: pruning then keeps a realistic share
+        # of the centroid slots (random noise views would keep other counts)
+        torch.manual_seed(bench_args.seed)
+        scenes = data.SyntheticPretrain(a.batch_size_per_gpu, img, bench_args.seed,
+                                        data.TwoViews(img, patch, tuple(a.global_crops_scale)))
+        views, positions, _ = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
+        self.views, self.positions = views.to(self.device), positions.to(self.device)  # (B, 2, 3, S, S), (B, 2, N, 2)
 
-    def step(self, alpha):
+    def kept_slots(self):
+        """Mean kept centroids (Eq. 16) per image and view, all heads, for these views and the initial teacher."""
+        with torch.no_grad(), self.autocast:
+            x = rearrange(self.views, "b v c h w -> (v b) c h w")  # as train.train_step
+            tf = self.teacher.backbone.forward_features(x, which=self.args.which_features)
+            _, valid, _ = train.teacher_assignments(tf.tokens, self.positions, self.args, self.generator)
+        return valid.sum(1).float().mean().item()
+
+    def step(self, alpha, compact=False):
         """One full training step: train.train_step, then train.optimizer_step (backward, AdamW, EMA)."""
-        self.args.alpha = alpha
+        self.args.alpha, self.args.compact_centroids = alpha, compact
         loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
                                    self.args, self.generator, self.autocast)
         train.optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
@@ -268,15 +280,19 @@ def bench_steps(args):
     rows = []
     for arch, patch, img in args.step_configs:
         bench = StepBench(arch, patch, img, args)
-        fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0)}
+        fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0),
+               "CrOC compact": lambda: bench.step(1.0, compact=True)}
         times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"step {label(arch, patch, img)}")
-        dino, croc = median_ms(times["DINO"]), median_ms(times["CrOC"])
+        dino, croc, compact = (median_ms(times[k]) for k in ("DINO", "CrOC", "CrOC compact"))
         rows.append({"model": label(arch, patch, img), "arch": arch, "patch": patch, "img": img,
                      "tokens_per_view": (img // patch) ** 2, "batch": args.batch,
-                     "centroid_slots": bench.student.backbone.num_heads * args.k_max, "out_dim": args.out_dim,
+                     "centroid_slots": bench.student.backbone.num_heads * args.k_max,
+                     "kept_slots": bench.kept_slots(), "out_dim": args.out_dim,
                      "out_dim_c": args.out_dim_c, "precision": args.precision,
                      "dino_ms": dino, "croc_ms": croc, "ratio": croc / dino, "croc_minus_dino_ms": croc - dino,
+                     "croc_compact_ms": compact, "compact_ratio": compact / dino,
                      "dino_ms_all": [1e3 * t for t in times["DINO"]], "croc_ms_all": [1e3 * t for t in times["CrOC"]],
+                     "croc_compact_ms_all": [1e3 * t for t in times["CrOC compact"]],
                      **memory_columns(bench, args.device)})
         if args.compile and args.device.type == "cuda" and (arch, patch, img) == ("vit_small", 16, 224):
             rows[-1]["compiled"] = bench_compiled(bench, fns, args)
@@ -405,16 +421,19 @@ def format_results(res):
            f"K_start {cfg['k_start']}, K_max {cfg['k_max']}", ""]
 
     out.append("1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)")
-    out.append(table(["model", "batch", "centroid slots", "DINO ms", "CrOC ms", "CrOC/DINO", "CrOC-DINO ms",
-                      "DINO mem MiB", "CrOC mem MiB"],
-                     [[r["model"], r["batch"], r["centroid_slots"], f"{r['dino_ms']:.1f}", f"{r['croc_ms']:.1f}",
-                       f"{r['ratio']:.3f}", f"{r['croc_minus_dino_ms']:+.1f}",
+    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "compact ms",
+                      "compact/DINO", "DINO mem MiB", "CrOC mem MiB"],
+                     [[r["model"], r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}", f"{r['dino_ms']:.1f}",
+                       f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['croc_compact_ms']:.1f}",
+                       f"{r['compact_ratio']:.3f}",
                        memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
                        memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
                       for r in res["steps"]]))
     cuda = m["device"].startswith("cuda")
-    out.append("centroid slots: heads x K_max centroids per image and view, each through the head MLP and the centroid "
-               "last layer whether kept or pruned (zero).")
+    out.append("slots: heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) on "
+               "these views (synthetic scenes, initial teacher). CrOC: the sync-free step, every slot through the heads "
+               "(train.py's default on CUDA); compact: only the kept centroids, one host sync (nonzero) per step "
+               "(--compact_centroids, train.py's default on CPU); the same loss either way.")
     out.append("goal: CrOC/DINO <= 1.10. mem: peak MiB a step allocates above what it starts with (models, optimizer "
                "state, inputs; gradients freed)" + (" / the whole peak, from torch.cuda.max_memory_allocated."
                                                     if cuda else ", from torch.profiler's allocation records."))

@@ -19,6 +19,7 @@ two disagree we follow the paper. The differences from the official code, each n
 Kept from the official code although the paper's equations say otherwise: the temperature 2.0 in the marginals
 (Eq. 10 has none) and d_c measured on the normalised total cost (Eq. 13 writes T_sem).
 """
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -38,14 +39,20 @@ class ClusterResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 # Optimal transport (Eq. 11-13)
 # --------------------------------------------------------------------------------------------------------------
-def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int = 5):
+def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int = 5,
+             cost_range: Optional[float] = None):
     """Sinkhorn-Knopp (Eq. 11-12): plan (P, n, k) and transport cost d_c = <plan, cost> (P,) (Eq. 13).
 
     P = exp(-lam * cost) normalised to mass 1, then `n_iter` rounds of scaling rows to r (P, n) and columns to
     c (P, k). Converges to the entropic OT plan for regularisation 1 / lam.
-    Run in the log domain: the scalings are kept as potentials f (P, n), g (P, k) with
-    plan = exp(f_i + g_j - lam * cost_ij): the same numbers as the plain scaling algorithm, but finite and free
-    of underflow however far lam * cost spans (exp(-lam * cost) itself would zero whole rows or columns).
+
+    cost_range: the caller's guarantee that every entry of cost lies in [0, cost_range] (`cluster` passes 1: its
+    cost is min-max normalised). When lam * cost_range is small enough that exp(-lam * cost) and its square stay
+    normal floats (lam 20 on [0, 1] spans e^-20), the rounds run as the textbook scaling u = r / (K v),
+    v = c / (K^T u): two batched matrix-vector products and two divisions per round. Otherwise (no guarantee,
+    or a wider span) they run in the log domain, as potentials f, g with plan = exp(f_i + g_j - lam * cost_ij):
+    the same numbers, finite however far lam * cost spans (exp(-lam * cost) would zero whole rows), at about
+    twice the operator calls.
     """
     if cost.dim() != 3 or not cost.is_floating_point():
         raise ValueError(f"sinkhorn: cost must be a float (P, n, k) tensor, got {cost.dtype} {tuple(cost.shape)}")
@@ -54,16 +61,25 @@ def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int 
         raise ValueError(f"sinkhorn: r must be (P, n) = {(n_problems, n)}, got {tuple(r.shape)}")
     if c.shape != (n_problems, k):
         raise ValueError(f"sinkhorn: c must be (P, k) = {(n_problems, k)}, got {tuple(c.shape)}")
-    tiny = torch.finfo(cost.dtype).tiny  # a zero marginal entry would give -inf - (-inf) = NaN
-    log_r = r.to(cost.dtype).clamp_min(tiny).log()  # (P, n)
-    log_c = c.to(cost.dtype).clamp_min(tiny).log()  # (P, k)
-
-    log_kernel = -lam * cost  # (P, n, k)
+    tiny = torch.finfo(cost.dtype).tiny
+    r, c = r.to(cost.dtype), c.to(cost.dtype)
     if n_iter == 0:
+        log_kernel = -lam * cost
         plan = (log_kernel - torch.logsumexp(log_kernel, dim=(1, 2), keepdim=True)).exp()  # P /= sum(P)
         return plan, (plan * cost).sum(dim=(1, 2))
-    # P /= sum(P) is absorbed by the first row scaling, which is blind to a global factor. The column step
-    # reduces over the last axis of a transposed copy: a reduction over the middle axis is ~3x slower on CPU.
+    # P /= sum(P) is absorbed by the first row scaling, which is blind to a global factor.
+    if cost_range is not None and lam * cost_range < -0.5 * math.log(tiny):
+        kernel = torch.exp(-lam * cost)  # entries in [exp(-lam * cost_range), 1]: no underflow
+        v = torch.ones_like(c)
+        for _ in range(n_iter):
+            u = r / torch.einsum("pnk,pk->pn", kernel, v)  # rows sum to r
+            v = c / torch.einsum("pnk,pn->pk", kernel, u)  # columns sum to c
+        plan = kernel * rearrange(u, "p n -> p n 1") * rearrange(v, "p k -> p 1 k")
+        return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
+    log_r = r.clamp_min(tiny).log()  # (P, n); a zero marginal entry would give -inf - (-inf) = NaN
+    log_c = c.clamp_min(tiny).log()  # (P, k)
+    log_kernel = -lam * cost  # (P, n, k)
+    # The column step reduces over the last axis of a transposed copy: over the middle axis is ~3x slower on CPU.
     log_kernel_t = rearrange(log_kernel, "p n k -> p k n").contiguous()
     g = torch.zeros_like(log_c)
     for _ in range(n_iter):
@@ -127,14 +143,13 @@ def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, c
     whole batch at once, which couples the images of a batch; here each problem is normalised on its own.
     """
     eps = torch.finfo(joint.dtype).eps  # spans below eps are rounding noise: leave them unamplified
-    semantic = -torch.einsum("pnd,pkd->pnk", joint, F.normalize(centroids, dim=-1))  # Eq. 9: -Z_cat C^T
-    offset = rearrange(positions, "p n c -> p n 1 c") - rearrange(centroid_positions, "p k c -> p 1 k c")
-    distance = torch.hypot(offset[..., 0], offset[..., 1])  # (P, 2N, K); torch.cdist's matmul path loses pixels
+    semantic = torch.einsum("pnd,pkd->pnk", joint, F.normalize(centroids, dim=-1))  # Eq. 9: T_sem = -Z_cat C^T
+    # Euclidean distances (P, 2N, K), computed directly: cdist's default matrix-product path loses pixels
+    distance = torch.cdist(positions, centroid_positions, compute_mode="donot_use_mm_for_euclid_dist")
     positional = distance / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17, S = max
-    total = semantic + lambda_pos * positional  # Eq. 18
-    low = total.amin(dim=(1, 2), keepdim=True)
-    high = total.amax(dim=(1, 2), keepdim=True)
-    return (total - low) / (high - low).clamp_min(eps)
+    total = lambda_pos * positional - semantic  # Eq. 18
+    low, high = torch.aminmax(total.flatten(1), dim=1)
+    return (total - low[:, None, None]) / (high - low).clamp_min(eps)[:, None, None]
 
 
 def update_centroids(joint: Tensor, plan: Tensor) -> Tensor:
@@ -143,15 +158,17 @@ def update_centroids(joint: Tensor, plan: Tensor) -> Tensor:
     return torch.einsum("pnk,pnd->pkd", weights, joint)
 
 
-def _merge_rows(x: Tensor, i: Tensor, j: Tensor) -> Tensor:
-    """x (P, K, m) -> (P, K - 1, m): row i becomes the mean of rows i and j, row j is removed (i < j, each (P,))."""
-    n_problems, k, m = x.shape
-    row_i = torch.gather(x, 1, i.view(-1, 1, 1).expand(n_problems, 1, m))
-    row_j = torch.gather(x, 1, j.view(-1, 1, 1).expand(n_problems, 1, m))
-    x = x.scatter(1, i.view(-1, 1, 1).expand(n_problems, 1, m), (row_i + row_j) / 2)
-    keep = torch.arange(k - 1, device=x.device).expand(n_problems, k - 1)
-    keep = keep + (keep >= j[:, None]).long()  # (P, K - 1): every row index except j, in order
-    return torch.gather(x, 1, keep[:, :, None].expand(n_problems, k - 1, m))
+def merge_matrix(i: Tensor, j: Tensor, k: int, dtype: torch.dtype) -> Tensor:
+    """(P, K - 1, K): the linear map of a merge (Eq. 14), for pairs i < j (each (P,)).
+
+    Row i averages old rows i and j; every other new row copies one old row, in order, skipping j. Left-multiply
+    C (P, K, d) by it, right-multiply Y (P, 2N, K) by its transpose: one batched product each, no gather/scatter.
+    """
+    new, old = torch.arange(k - 1, device=i.device), torch.arange(k, device=i.device)
+    source = new + (new >= j[:, None])  # (P, K - 1): the old row each new row copies
+    copy = (source[:, :, None] == old).to(dtype)  # (P, K - 1, K) one-hot
+    pair = ((old == i[:, None]) | (old == j[:, None])).to(dtype) / 2  # (P, K): (e_i + e_j) / 2
+    return torch.where((new == i[:, None])[:, :, None], pair[:, None, :], copy)
 
 
 def merge_closest(centroids: Tensor, seeds: Tensor):
@@ -161,16 +178,14 @@ def merge_closest(centroids: Tensor, seeds: Tensor):
     are averaged, the obsolete ones removed. The official code instead picks the pair by the dot product of the
     unnormalised means and sums the pair's plan columns (see the module docstring).
     """
-    n_problems, k, _ = centroids.shape
+    k = centroids.shape[1]
     unit = F.normalize(centroids, dim=-1)
-    similarity = unit @ unit.transpose(1, 2)  # (P, K, K) cosine
-    above_diagonal = torch.ones(k, k, dtype=torch.bool, device=centroids.device).triu(1)
-    similarity = similarity.masked_fill(~above_diagonal, float("-inf"))
-    pair = similarity.flatten(1).argmax(dim=1)  # (P,); ties go to the first pair
+    similarity = torch.einsum("pkd,pld->pkl", unit, unit)  # (P, K, K) cosine
+    below_diagonal = torch.ones(k, k, dtype=torch.bool, device=centroids.device).tril()
+    pair = similarity.masked_fill(below_diagonal, float("-inf")).flatten(1).argmax(dim=1)  # (P,); ties: first
     i, j = torch.div(pair, k, rounding_mode="floor"), pair % k  # i < j
-    centroids = _merge_rows(centroids, i, j)
-    seeds = rearrange(_merge_rows(rearrange(seeds, "p n k -> p k n"), i, j), "p k n -> p n k")
-    return centroids, seeds
+    mix = merge_matrix(i, j, k, centroids.dtype)
+    return torch.einsum("pmk,pkd->pmd", mix, centroids), torch.einsum("pnk,pmk->pnm", seeds, mix)
 
 
 class _Selection(NamedTuple):
@@ -304,7 +319,7 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
             cent_positions = torch.einsum("pnk,pnc->pkc", y, positions)  # (P, K, 2) E_cen = Y^T E_cat
             c = centroid_marginal(y, r, marginal_temp, uniform_marginals)  # (P, K) Eq. 10
             cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # Eq. 9, 17, 18
-            plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations)  # Eq. 11-13
+            plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations, cost_range=1.0)  # Eq. 11-13
             costs.append(d_c)
             if return_steps:
                 steps.append(step_labels(plan, y, seeds)[:, None])

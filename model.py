@@ -258,16 +258,19 @@ class CrOCHead(nn.Module):
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
 
-def view_centroids(patch, cls, assignment):
+def view_centroids(patch, cls, assignment, keep=None):
     """Centroids of each view (Eq. 2: C^T = Z^T Q*), L2-normalised and rescaled to the mean CLS norm.
 
     patch: (2B, N, D) final tokens, view 1 then view 2; cls: (2B, D); assignment: (2, B, N, K) hard assignments
     split view-wise (the heads' clusters side by side on K, Sec. 3.3.3). Returns (2, B, K, D). As in the
     official code, the centroids get the norm of an average CLS token so the shared head sees inputs of the
     scale it sees for images; an empty (pruned or padded) column gives a zero centroid.
+    keep: optional (M,) indices into the B x K slots (image-major): only those centroids, as (2, M, D).
     """
     patch = rearrange(patch, "(v b) n d -> v b n d", v=2)
     c = torch.einsum("vbnd,vbnk->vbkd", patch, assignment.to(patch.dtype))  # Eq. 2
+    if keep is not None:
+        c = c.flatten(1, 2)[:, keep]
     return cls.norm(dim=-1).mean() * F.normalize(c, dim=-1)
 
 
@@ -279,14 +282,15 @@ class CrOCModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x, assignment=None):
+    def forward(self, x, assignment=None, keep=None):
         """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
-        assignment (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None."""
+        assignment (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None; with `keep` (M,) slot
+        indices (see `view_centroids`), the kept centroids' logits only, (2, M, L_c)."""
         f = self.backbone.forward_features(x)
         img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
         if assignment is None:
             return img, None
-        return img, self.head(view_centroids(f.patch, f.cls, assignment), centroids=True)
+        return img, self.head(view_centroids(f.patch, f.cls, assignment, keep), centroids=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

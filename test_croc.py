@@ -318,6 +318,49 @@ def test_sinkhorn_stays_finite_at_extreme_costs(dtype):
     torch.testing.assert_close(plan[2], torch.full((50, 8), 1 / 400, dtype=dtype))  # uniform cost: r c^T
 
 
+@pytest.mark.parametrize("n_iter", [1, 5, 50])
+def test_sinkhorn_scaling_domain_equals_log_domain_on_bounded_costs(n_iter):
+    """cost_range=1 (what `cluster` passes) runs plain scaling rounds; the numbers are the log domain's."""
+    gen = torch.Generator().manual_seed(4)
+    cost = torch.rand(6, 64, 9, generator=gen, dtype=torch.float64)
+    cost[:, 0, 0], cost[:, 1, 1] = 0.0, 1.0  # the span cluster's min-max normalisation produces
+    r = torch.softmax(torch.randn(6, 64, generator=gen, dtype=torch.float64) * 3, -1)
+    c = torch.softmax(torch.randn(6, 9, generator=gen, dtype=torch.float64), -1)
+    fast, fast_cost = sinkhorn(cost, r, c, lam=20.0, n_iter=n_iter, cost_range=1.0)
+    slow, slow_cost = sinkhorn(cost, r, c, lam=20.0, n_iter=n_iter)
+    torch.testing.assert_close(fast, slow, atol=1e-15, rtol=1e-10)
+    torch.testing.assert_close(fast_cost, slow_cost, atol=1e-15, rtol=1e-10)
+    torch.testing.assert_close(fast.sum(1), c, atol=1e-15, rtol=1e-10)  # the last round scales columns
+
+
+def test_sinkhorn_with_a_too_wide_cost_range_falls_back_to_the_log_domain():
+    cost = torch.rand(1, 50, 8, generator=torch.Generator().manual_seed(5)) * 200  # lam * cost spans 4000
+    r, c = torch.full((1, 50), 1 / 50), torch.full((1, 8), 1 / 8)
+    plan, transport = sinkhorn(cost, r, c, lam=20.0, n_iter=5, cost_range=200.0)
+    assert torch.isfinite(plan).all() and torch.isfinite(transport).all()
+    torch.testing.assert_close(plan, sinkhorn(cost, r, c, lam=20.0, n_iter=5)[0])
+
+
+def test_merge_closest_averages_the_most_similar_pair_and_removes_the_second():
+    """Against a direct per-problem reference: rows/columns i and j (i < j, the highest cosine) are averaged
+    into i, j is removed, the other rows keep their order."""
+    gen = torch.Generator().manual_seed(6)
+    for k in (2, 3, 7, 12):
+        cents = torch.randn(5, k, 4, generator=gen, dtype=torch.float64)
+        y = torch.rand(5, 20, k, generator=gen, dtype=torch.float64)
+        merged_c, merged_y = clustering.merge_closest(cents, y)
+        assert merged_c.shape == (5, k - 1, 4) and merged_y.shape == (5, 20, k - 1)
+        for p in range(5):
+            unit = F.normalize(cents[p], dim=-1)
+            pairs = [(unit[a] @ unit[b], a, b) for a in range(k) for b in range(a + 1, k)]
+            _, i, j = max(pairs, key=lambda t: t[0])
+            keep = [m for m in range(k) if m != j]
+            ref_c, ref_y = cents[p].clone(), y[p].clone()
+            ref_c[i], ref_y[:, i] = (cents[p, i] + cents[p, j]) / 2, (y[p, :, i] + y[p, :, j]) / 2
+            torch.testing.assert_close(merged_c[p], ref_c[keep], atol=1e-15, rtol=0)
+            torch.testing.assert_close(merged_y[p], ref_y[:, keep], atol=1e-15, rtol=0)
+
+
 def test_sinkhorn_rejects_mismatched_marginals():
     with pytest.raises(ValueError, match="r must be"):
         sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 9), torch.rand(2, 3))
@@ -1021,6 +1064,51 @@ def _batch(B=2, size=64, patch=16):
     grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(n, 2)
     positions = torch.stack([grid, grid + 8.0], 0).expand(B, 2, n, 2)
     return views, positions
+
+
+def test_compact_centroids_gives_the_same_loss_and_gradients():
+    """--compact_centroids runs the heads on the kept centroids only: an exact shortcut, not an approximation."""
+    args = _args()
+    args.k_max = args.k_start
+    student, teacher = _models(args)
+    views, positions = _batch(B=3)
+    results = []
+    for compact in (False, True):
+        args.compact_centroids = compact
+        student.zero_grad(set_to_none=True)
+        loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
+        loss, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args,
+                                       torch.Generator().manual_seed(0), nullcontext())
+        loss.backward()
+        results.append((loss.detach(), stats, [p.grad for p in student.parameters()], loss_fn.center_c))
+    (full, full_stats, full_grads, full_centre), (compact, compact_stats, compact_grads, compact_centre) = results
+    assert 0 < full_stats["kept_centroids"] < 3 * args.k_max  # some slots pruned or padded: compaction matters
+    torch.testing.assert_close(compact, full, rtol=1e-5, atol=1e-6)
+    for key in ("teacher_entropy_c", "kept_centroids", "mean_k", "share_images_no_centroid", "loss_dense"):
+        torch.testing.assert_close(compact_stats[key], full_stats[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compact_centre, full_centre, rtol=1e-5, atol=1e-7)
+    assert [g is None for g in compact_grads] == [g is None for g in full_grads]
+    for a, b in zip(compact_grads, full_grads):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
+    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
+    args = _args()
+    args.k_max = args.k_start
+    student, teacher = _models(args)
+    loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    views, positions = _batch()
+    _, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+                                nullcontext())
+    assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
+    assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
+    assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
+    loss_fn.center.fill_(0)
+    uniform = torch.zeros(2, 3, args.out_dim)
+    loss_fn(uniform, uniform, None, None, None, 0)
+    torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
 
 
 def test_croc_loss_is_finite_with_gradients_in_the_student_only():
@@ -1945,3 +2033,13 @@ def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
     counts = bench.count_ops(call, device)
     assert 0 < counts["top_level_view_ops"] < counts["top_level_aten_ops"] <= counts["all_aten_ops"]
     assert bench.count_syncs(call, device) == 0
+
+
+def test_repro_script_is_valid_bash_and_its_training_flags_parse():
+    """repro.sh (README's synthetic reproduction) must not drift from train.py's flags."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    common = text.split('COMMON="', 1)[1].split('"', 1)[0].split()
+    args = train.get_args_parser().parse_args(common + ["--alpha", "1"])
+    assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False

@@ -91,6 +91,10 @@ def get_args_parser():
     g.add_argument("--which_features", default="v", choices=["last", "q", "k", "v"],
                    help="Tokens clustered (Eq. 21, Table 6): last-block values (paper's COCO runs), keys "
                         "(ablations, ImageNet), queries, or the final tokens (`last`).")
+    g.add_argument("--compact_centroids", default=None, type=bool_flag,
+                   help="Run the heads on the kept centroids only (exact, and the head is most of CrOC's extra "
+                        "cost: heads x K_max slots per view otherwise), at the price of one host sync per step "
+                        "(nonzero). Default: on for CPU (no device to wait for), off for CUDA (sync-free step).")
     g.add_argument("--k_start", default=12, type=int, help="Initial number of centroids K_start (paper: 12).")
     g.add_argument("--k_max", default=None, type=int,
                    help="Largest K the selection may pick (default: k_start; the official code: 4 with k_start 5).")
@@ -184,6 +188,9 @@ class CrOCLoss(nn.Module):
         t = F.softmax((t_img - self.center) / temp, dim=-1)
         s = F.log_softmax(s_img / self.student_temp, dim=-1)
         loss_glob = 0.5 * (-(t[0] * s[1]).sum(-1).mean() - (t[1] * s[0]).sum(-1).mean())  # Eq. 6
+        # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
+        # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
+        self.stats = {"teacher_entropy": entropy(t).detach()}
         loss_dense = s_img.new_zeros(())
         batch_center = all_reduce(t_img.sum(dim=(0, 1)).unsqueeze(0))
         n_img = t_img.shape[0] * t_img.shape[1] * world_size()
@@ -196,11 +203,18 @@ class CrOCLoss(nn.Module):
         sc = F.log_softmax(s_cen / self.student_temp, dim=-1)
         ce = -(tc[0] * sc[1]).sum(-1) - (tc[1] * sc[0]).sum(-1)  # (B, K): H(P_t1, P_s2) + H(P_t2, P_s1)
         loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
+        ent_c = -(tc * torch.log(tc.clamp(min=1e-30))).sum(-1).mean(0)  # (B, K) per kept centroid
+        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()
         batch_center_c = all_reduce((t_cen * w[None, :, :, None]).sum(dim=(0, 1, 2)).unsqueeze(0))
         new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
             1 - self.center_momentum)
         self.center_c.copy_(torch.where(count > 0, new_c, self.center_c))  # no kept centroid anywhere: keep it
         return loss_glob, loss_dense
+
+
+def entropy(p):
+    """Mean entropy (nats) of the distributions on the last axis."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean()
 
 
 def world_size():
@@ -240,15 +254,21 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
         with torch.no_grad():
             tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
             t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
-            assignment = valid = res = t_cen = None
+            assignment = valid = res = t_cen = keep = None
             if args.alpha > 0:
                 assignment, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
-                t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment), centroids=True)
-        s_img, s_cen = student(x, assignment)
+                if args.compact_centroids:  # exact: pruned and padded slots weigh 0 in Eq. 4 anyway
+                    keep = valid.flatten().nonzero().squeeze(1)  # the step's one host sync on a GPU
+                t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment, keep), centroids=True)
+        s_img, s_cen = student(x, assignment, keep)
+    loss_valid = valid
+    if keep is not None:  # the kept centroids as one "image" of M slots, all valid
+        s_cen, t_cen, loss_valid = s_cen[:, None], t_cen[:, None], valid.new_ones(1, keep.numel())
     loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
-                                    None if t_cen is None else t_cen.float(), valid, epoch)
+                                    None if t_cen is None else t_cen.float(), loss_valid, epoch)
     loss = loss_glob + args.alpha * loss_dense  # Eq. 7
-    stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach()}
+    stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
+             **loss_fn.stats}
     if res is not None:
         kept = valid.sum(dim=1).float()  # kept centroids per image, all heads
         stats.update(mean_k=res.k.float().mean(), kept_centroids=kept.mean(),
@@ -350,6 +370,8 @@ def main(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.k_max is None:
         args.k_max = args.k_start
+    if args.compact_centroids is None:
+        args.compact_centroids = device.type == "cpu"
     if device.type == "cpu" and args.precision != "fp32":
         args.precision = "fp32"  # autocast on CPU would be bf16 and slow; the paper's fp16 is a GPU setting
     os.makedirs(args.output_dir, exist_ok=True)
