@@ -1093,15 +1093,21 @@ def test_compact_centroids_gives_the_same_loss_and_gradients():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
-    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
+def _one_step():
+    """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
     args = _args()
     args.k_max = args.k_start
     student, teacher = _models(args)
     loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
     views, positions = _batch()
-    _, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
-                                nullcontext())
+    loss, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+                                   nullcontext())
+    return loss, stats, student, teacher, loss_fn, args
+
+
+def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
+    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
+    _, stats, _, _, loss_fn, args = _one_step()
     assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
     assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
     assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
@@ -1112,13 +1118,7 @@ def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
 
 
 def test_croc_loss_is_finite_with_gradients_in_the_student_only():
-    args = _args()
-    args.k_max = args.k_start
-    student, teacher = _models(args)
-    loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
-    views, positions = _batch()
-    loss, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
-                                   nullcontext())
+    loss, stats, student, teacher, _, _ = _one_step()
     assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
     loss.backward()
     grads = [p.grad for p in student.parameters() if p.requires_grad]
@@ -2040,6 +2040,6 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
-    common = text.split('COMMON="', 1)[1].split('"', 1)[0].split()
+    common = text.split('COMMON="', 1)[1].split('"', 1)[0].replace("$SEED", "0").split()
     args = train.get_args_parser().parse_args(common + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
