@@ -258,7 +258,9 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
             if args.alpha > 0:
                 assignment, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
                 if args.compact_centroids:  # exact: pruned and padded slots weigh 0 in Eq. 4 anyway
-                    keep = valid.flatten().nonzero().squeeze(1)  # the step's one host sync on a GPU
+                    # nonzero waits for the clustering result: free on CPU (no device), a host sync on CUDA,
+                    # which is why --compact_centroids is off there unless asked for
+                    keep = valid.flatten().nonzero().squeeze(1)
                 t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment, keep), centroids=True)
         s_img, s_cen = student(x, assignment, keep)
     loss_valid = valid
