@@ -265,12 +265,13 @@ def view_centroids(patch, cls, assignment, keep=None):
     split view-wise (the heads' clusters side by side on K, Sec. 3.3.3). Returns (2, B, K, D). As in the
     official code, the centroids get the norm of an average CLS token so the shared head sees inputs of the
     scale it sees for images; an empty (pruned or padded) column gives a zero centroid.
-    keep: optional (M,) indices into the B x K slots (image-major): only those centroids, as (2, M, D).
+    keep: optional (M,) indices into the B x K slots (image-major): only those centroids, as one "image" of M
+    slots, (2, 1, M, D).
     """
     patch = rearrange(patch, "(v b) n d -> v b n d", v=2)
     c = torch.einsum("vbnd,vbnk->vbkd", patch, assignment.to(patch.dtype))  # Eq. 2
     if keep is not None:
-        c = c.flatten(1, 2)[:, keep]
+        c = c.flatten(1, 2)[:, None, keep]
     return cls.norm(dim=-1).mean() * F.normalize(c, dim=-1)
 
 
@@ -285,7 +286,7 @@ class CrOCModel(nn.Module):
     def forward(self, x, assignment=None, keep=None):
         """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
         assignment (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None; with `keep` (M,) slot
-        indices (see `view_centroids`), the kept centroids' logits only, (2, M, L_c)."""
+        indices (see `view_centroids`), the kept centroids' logits only, (2, 1, M, L_c)."""
         f = self.backbone.forward_features(x)
         img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
         if assignment is None:

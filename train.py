@@ -190,7 +190,7 @@ class CrOCLoss(nn.Module):
         loss_glob = 0.5 * (-(t[0] * s[1]).sum(-1).mean() - (t[1] * s[0]).sum(-1).mean())  # Eq. 6
         # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
         # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
-        self.stats = {"teacher_entropy": entropy(t).detach()}
+        self.stats = {"teacher_entropy": entropy(t).mean().detach()}
         loss_dense = s_img.new_zeros(())
         batch_center = all_reduce(t_img.sum(dim=(0, 1)).unsqueeze(0))
         n_img = t_img.shape[0] * t_img.shape[1] * world_size()
@@ -203,8 +203,8 @@ class CrOCLoss(nn.Module):
         sc = F.log_softmax(s_cen / self.student_temp, dim=-1)
         ce = -(tc[0] * sc[1]).sum(-1) - (tc[1] * sc[0]).sum(-1)  # (B, K): H(P_t1, P_s2) + H(P_t2, P_s1)
         loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
-        ent_c = -(tc * torch.log(tc.clamp(min=1e-30))).sum(-1).mean(0)  # (B, K) per kept centroid
-        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()
+        ent_c = entropy(tc).mean(0)  # (B, K), averaged over the views
+        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
         batch_center_c = all_reduce((t_cen * w[None, :, :, None]).sum(dim=(0, 1, 2)).unsqueeze(0))
         new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
             1 - self.center_momentum)
@@ -213,8 +213,8 @@ class CrOCLoss(nn.Module):
 
 
 def entropy(p):
-    """Mean entropy (nats) of the distributions on the last axis."""
-    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1).mean()
+    """Entropy (nats) of each distribution on the last axis."""
+    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
 
 
 def world_size():
@@ -263,9 +263,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
                     keep = valid.flatten().nonzero().squeeze(1)
                 t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment, keep), centroids=True)
         s_img, s_cen = student(x, assignment, keep)
-    loss_valid = valid
-    if keep is not None:  # the kept centroids as one "image" of M slots, all valid
-        s_cen, t_cen, loss_valid = s_cen[:, None], t_cen[:, None], valid.new_ones(1, keep.numel())
+    loss_valid = valid if keep is None else valid.new_ones(1, keep.numel())  # compact: one "image", M kept slots
     loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
                                     None if t_cen is None else t_cen.float(), loss_valid, epoch)
     loss = loss_glob + args.alpha * loss_dense  # Eq. 7
