@@ -24,6 +24,7 @@ from contextlib import nullcontext
 import torch
 from einops import rearrange
 from torch.profiler import ProfilerActivity, profile, record_function
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import clustering
@@ -253,13 +254,13 @@ class StepBench:
             _, valid, _ = train.teacher_assignments(tf.tokens, self.positions, self.args, self.generator)
         return valid.sum(1).float().mean().item()
 
-    def step(self, alpha, compact=False):
+    def step(self, alpha, compact=False, mark=train.no_mark):
         """One full training step: train.train_step, then train.optimizer_step (backward, AdamW, EMA)."""
         self.args.alpha, self.args.compact_centroids = alpha, compact
         loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
-                                   self.args, self.generator, self.autocast)
+                                   self.args, self.generator, self.autocast, mark)
         train.optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
-                             self.args.momentum_teacher, self.args)  # EMA momentum at its initial value
+                             self.args.momentum_teacher, self.args, mark)  # EMA momentum at its initial value
 
     def set_compiled(self, compiled):
         """Swap torch.compile'd forward_features into (or out of) both backbones; train_step calls that method."""
@@ -291,6 +292,10 @@ def bench_steps(args):
                      "out_dim_c": args.out_dim_c, "precision": args.precision,
                      "dino_ms": dino, "croc_ms": croc, "ratio": croc / dino, "croc_minus_dino_ms": croc - dino,
                      "croc_compact_ms": compact, "compact_ratio": compact / dino,
+                     "dino_gflops": step_flops(lambda: bench.step(0.0)) / 1e9,
+                     "croc_gflops": step_flops(lambda: bench.step(1.0)) / 1e9,
+                     "croc_compact_gflops": step_flops(lambda: bench.step(1.0, compact=True)) / 1e9,
+                     "breakdown": step_breakdown(bench, args),
                      "dino_ms_all": [1e3 * t for t in times["DINO"]], "croc_ms_all": [1e3 * t for t in times["CrOC"]],
                      "croc_compact_ms_all": [1e3 * t for t in times["CrOC compact"]],
                      **memory_columns(bench, args.device)})
@@ -298,6 +303,52 @@ def bench_steps(args):
             rows[-1]["compiled"] = bench_compiled(bench, fns, args)
         del bench, fns
     return rows
+
+
+def step_flops(fn):
+    """Floating-point operations of one call of fn, from torch.utils.flop_counter (matrix products, convolutions
+    and attention, forward and backward: the arithmetic, whatever the machine)."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+class PartTimer:
+    """Passed as train.train_step's and train.optimizer_step's `mark`: each part's time is the time since the
+    previous mark (or `start`), after waiting for the device."""
+
+    def __init__(self, device):
+        self.device, self.times = device, {}
+
+    def start(self):
+        sync(self.device)
+        self.last = time.perf_counter()
+
+    def __call__(self, part):
+        sync(self.device)
+        now = time.perf_counter()
+        self.times.setdefault(part, []).append(now - self.last)
+        self.last = now
+
+
+def step_breakdown(bench, args):
+    """Median ms of each part of the DINO step and of the CrOC step train.py runs on this device (compact on a CPU,
+    all slots on a GPU), interleaved like the step timing; the parts are train.py's own marks."""
+    compact = args.device.type == "cpu"
+    variants = {"DINO": (0.0, False), "CrOC": (1.0, compact)}
+    timers = {name: PartTimer(args.device) for name in variants}
+    for _ in range(args.warmup):
+        for alpha, comp in variants.values():
+            bench.step(alpha, comp)
+    for i in range(args.repeats):
+        for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
+            timers[name].start()
+            bench.step(*variants[name], mark=timers[name])
+    parts = list(timers["CrOC"].times)
+    return {"croc_variant": "compact" if compact else "all slots",
+            "parts": [{"part": part, "dino_ms": median_ms(timers["DINO"].times[part]) if part in timers["DINO"].times
+                       else 0.0, "croc_ms": median_ms(timers["CrOC"].times[part])} for part in parts]}
 
 
 def memory_columns(bench, device):
@@ -421,11 +472,12 @@ def format_results(res):
            f"K_start {cfg['k_start']}, K_max {cfg['k_max']}", ""]
 
     out.append("1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)")
-    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "compact ms",
-                      "compact/DINO", "DINO mem MiB", "CrOC mem MiB"],
+    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs", "compact ms",
+                      "compact/DINO", "FLOPs", "DINO mem MiB", "CrOC mem MiB"],
                      [[r["model"], r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}", f"{r['dino_ms']:.1f}",
-                       f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['croc_compact_ms']:.1f}",
-                       f"{r['compact_ratio']:.3f}",
+                       f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['croc_gflops'] / r['dino_gflops']:.3f}",
+                       f"{r['croc_compact_ms']:.1f}", f"{r['compact_ratio']:.3f}",
+                       f"{r['croc_compact_gflops'] / r['dino_gflops']:.3f}",
                        memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
                        memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
                       for r in res["steps"]]))
@@ -434,6 +486,9 @@ def format_results(res):
                "these views (synthetic scenes, initial teacher). CrOC: the sync-free step, every slot through the heads "
                "(train.py's default on CUDA); compact: only the kept centroids, one host sync (nonzero) per step "
                "(--compact_centroids, train.py's default on CPU); the same loss either way.")
+    out.append("FLOPs: the step's floating-point operations over DINO's (torch.utils.flop_counter: matrix products, "
+               "convolutions, attention; forward and backward), the machine-independent share of the ratio before it "
+               "(DINO step: " + ", ".join(f"{r['model']} {r['dino_gflops']:.0f} GFLOP" for r in res["steps"]) + ").")
     out.append("goal: CrOC/DINO <= 1.10. mem: peak MiB a step allocates above what it starts with (models, optimizer "
                "state, inputs; gradients freed)" + (" / the whole peak, from torch.cuda.max_memory_allocated."
                                                     if cuda else ", from torch.profiler's allocation records."))
@@ -481,7 +536,23 @@ def format_results(res):
                + f"; source: {OFFICIAL['source']}.")
     out.append("")
 
-    out.append("3. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")
+    out.append("3. Where the CrOC step's extra time goes: each part of the step, timed between train.py's marks "
+               f"(medians of {cfg['repeats']} runs, interleaved)")
+    for r in res["steps"]:
+        b = r["breakdown"]
+        rows = [[p["part"], f"{p['dino_ms']:.1f}", f"{p['croc_ms']:.1f}", f"{p['croc_ms'] - p['dino_ms']:+.1f}"]
+                for p in b["parts"]]
+        dino, croc = (sum(p[k] for p in b["parts"]) for k in ("dino_ms", "croc_ms"))
+        rows.append(["whole step", f"{dino:.1f}", f"{croc:.1f}", f"{croc - dino:+.1f}"])
+        out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", f"CrOC ({b['croc_variant']}) ms",
+                          "CrOC - DINO"], rows))
+    out.append("teacher forward: backbone and image head; clustering: train.teacher_assignments (and the compaction); "
+               "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
+               "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: the "
+               "optimizer step; teacher EMA: the momentum update.")
+    out.append("")
+
+    out.append("4. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")
     compiled = next((r["compiled"] for r in res["steps"] if "compiled" in r), None)
     if compiled is None:
         out.append("not measured: " + ("no GPU on this machine." if not gpu else

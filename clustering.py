@@ -70,10 +70,11 @@ def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int 
     # P /= sum(P) is absorbed by the first row scaling, which is blind to a global factor.
     if cost_range is not None and lam * cost_range < -0.5 * math.log(tiny):
         kernel = torch.exp(-lam * cost)  # entries in [exp(-lam * cost_range), 1]: no underflow
-        v = torch.ones_like(c)
-        for _ in range(n_iter):
-            u = r / torch.einsum("pnk,pk->pn", kernel, v)  # rows sum to r
-            v = c / torch.einsum("pnk,pn->pk", kernel, u)  # columns sum to c
+        u = r / kernel.sum(dim=2)  # rows sum to r (the first round's v is all ones)
+        v = c / torch.einsum("pnk,pn->pk", kernel, u)  # columns sum to c
+        for _ in range(n_iter - 1):
+            u = r / torch.einsum("pnk,pk->pn", kernel, v)
+            v = c / torch.einsum("pnk,pn->pk", kernel, u)
         plan = kernel * rearrange(u, "p n -> p n 1") * rearrange(v, "p k -> p 1 k")
         return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
     log_r = r.clamp_min(tiny).log()  # (P, n); a zero marginal entry would give -inf - (-inf) = NaN
@@ -127,12 +128,12 @@ def seed_matrix(seeds: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return y.scatter_(1, rearrange(seeds, "p k -> p 1 k"), 1.0)
 
 
-def centroid_marginal(seeds: Tensor, r: Tensor, temperature: float, uniform: bool) -> Tensor:
-    """c (P, K) = softmax(Y^T r / temperature) (Eq. 10; the temperature comes from the official code)."""
-    n_problems, _, k = seeds.shape
+def centroid_marginal(seed_mass: Tensor, temperature: float, uniform: bool) -> Tensor:
+    """c (P, K) = softmax(Y^T r / temperature) from seed_mass = Y^T r (P, K) (Eq. 10; the temperature comes from
+    the official code)."""
     if uniform:
-        return seeds.new_full((n_problems, k), 1.0 / k)
-    return torch.softmax(torch.einsum("pnk,pn->pk", seeds, r) / temperature, dim=-1)
+        return torch.full_like(seed_mass, 1.0 / seed_mass.shape[1])
+    return torch.softmax(seed_mass / temperature, dim=-1)
 
 
 def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, centroid_positions: Tensor,
@@ -143,19 +144,20 @@ def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, c
     whole batch at once, which couples the images of a batch; here each problem is normalised on its own.
     """
     eps = torch.finfo(joint.dtype).eps  # spans below eps are rounding noise: leave them unamplified
-    semantic = torch.einsum("pnd,pkd->pnk", joint, F.normalize(centroids, dim=-1))  # Eq. 9: T_sem = -Z_cat C^T
+    unit = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
     # Euclidean distances (P, 2N, K), computed directly: cdist's default matrix-product path loses pixels
     distance = torch.cdist(positions, centroid_positions, compute_mode="donot_use_mm_for_euclid_dist")
-    positional = distance / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17, S = max
-    total = lambda_pos * positional - semantic  # Eq. 18
-    low, high = torch.aminmax(total.flatten(1), dim=1)
-    return (total - low[:, None, None]) / (high - low).clamp_min(eps)[:, None, None]
+    scale = lambda_pos / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17: S = max
+    # Eq. 18 with Eq. 9 in one batched product: T = lambda_pos T_pos - Z_cat C^T
+    total = torch.baddbmm(distance * scale, joint, unit.transpose(1, 2), alpha=-1.0)
+    low, high = torch.aminmax(total.flatten(1), dim=1, keepdim=True)  # (P, 1) each
+    return (total - low[..., None]) / (high - low).clamp_min(eps)[..., None]
 
 
 def update_centroids(joint: Tensor, plan: Tensor) -> Tensor:
     """C (P, K, d): C^T = Z^T Q* with Q* column-normalised, i.e. each centroid is its tokens' mean (Eq. 14 text)."""
-    weights = plan / plan.sum(dim=1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
-    return torch.einsum("pnk,pnd->pkd", weights, joint)
+    mass = plan.sum(dim=1).clamp_min(torch.finfo(plan.dtype).tiny)  # (P, K) column sums
+    return torch.einsum("pnk,pnd->pkd", plan, joint) / mass[..., None]
 
 
 def merge_matrix(i: Tensor, j: Tensor, k: int, dtype: torch.dtype) -> Tensor:
@@ -171,21 +173,52 @@ def merge_matrix(i: Tensor, j: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return torch.where((new == i[:, None])[:, :, None], pair[:, None, :], copy)
 
 
-def merge_closest(centroids: Tensor, seeds: Tensor):
+class MergeMaps(NamedTuple):
+    matrices: Tensor  # (k * k, k - 1, k) `merge_matrix` of every pair at the flat index i * k + j (i < j)
+    lower: Tensor  # (k, k) bool, True on and below the diagonal: the entries that are not a pair i < j
+
+
+def merge_maps(k: int, dtype: torch.dtype, device: torch.device) -> MergeMaps:
+    """Every merge map for up to k centroids, built once per `cluster` call (entries with i >= j are unused).
+
+    The map of a pair i < j at a smaller K is the top-left (K - 1, K) block of this one (rows before j copy the
+    same rows, rows after it the next ones), so one table serves every step.
+    """
+    pairs = torch.arange(k * k, device=device)
+    matrices = merge_matrix(torch.div(pairs, k, rounding_mode="floor"), pairs % k, k, dtype)
+    return MergeMaps(matrices, torch.ones(k, k, dtype=torch.bool, device=device).tril())
+
+
+def merge_closest(centroids: Tensor, seeds: Tensor, maps: Optional[MergeMaps] = None):
     """Eq. 14: merge the two centroids with the highest cosine similarity, per problem.
 
     centroids (P, K, d), seeds Y (P, 2N, K) -> (P, K - 1, d), (P, 2N, K - 1): the pair's C rows and Y columns
-    are averaged, the obsolete ones removed. The official code instead picks the pair by the dot product of the
-    unnormalised means and sums the pair's plan columns (see the module docstring).
+    are averaged, the obsolete ones removed. maps: `merge_maps(k0, ...)` for some k0 >= K (built here when
+    None). The official code instead picks the pair by the dot product of the unnormalised means and sums the
+    pair's plan columns (see the module docstring).
     """
     k = centroids.shape[1]
-    unit = F.normalize(centroids, dim=-1)
-    similarity = torch.einsum("pkd,pld->pkl", unit, unit)  # (P, K, K) cosine
-    below_diagonal = torch.ones(k, k, dtype=torch.bool, device=centroids.device).tril()
-    pair = similarity.masked_fill(below_diagonal, float("-inf")).flatten(1).argmax(dim=1)  # (P,); ties: first
-    i, j = torch.div(pair, k, rounding_mode="floor"), pair % k  # i < j
-    mix = merge_matrix(i, j, k, centroids.dtype)
+    maps = merge_maps(k, centroids.dtype, centroids.device) if maps is None else maps
+    k0 = maps.lower.shape[0]
+    unit = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    similarity = torch.einsum("pkd,pld->pkl", unit, unit).masked_fill(maps.lower[:k, :k], float("-inf"))  # cosine
+    similarity = F.pad(similarity, (0, k0 - k, 0, k0 - k), value=float("-inf"))  # (P, k0, k0): flat index i k0 + j
+    pair = similarity.flatten(1).argmax(dim=1)  # (P,); ties: the first
+    mix = maps.matrices[pair, :k - 1, :k]  # (P, K - 1, K)
     return torch.einsum("pmk,pkd->pmd", mix, centroids), torch.einsum("pnk,pmk->pnm", seeds, mix)
+
+
+def step_labels(labels: Tensor, y: Tensor, seeds: Tensor) -> Tensor:
+    """(P, 2N) long: each token's cluster at one merge step, named for pictures.
+
+    labels (P, 2N): the step's row argmax of the plan (Eq. 15), an index into its K columns. A cluster is named
+    by the first of the k_start initial seeds it holds (seeds (P, k_start), Y (P, 2N, K)): a merge averages
+    columns i < j into i (Eq. 14), so the merged cluster keeps i's name and a name follows its cluster from
+    K_start down to 2. Names lie in [0, k_start) and are distinct while the seed tokens are.
+    """
+    members = torch.gather(y, 1, rearrange(seeds, "p s -> p s 1").expand(-1, -1, y.shape[-1])) > 0  # (P, s, K)
+    names = members.to(y.dtype).argmax(dim=1)  # (P, K): argmax returns the first maximum
+    return torch.gather(names, 1, labels)
 
 
 class _Selection(NamedTuple):
@@ -197,26 +230,15 @@ class _Selection(NamedTuple):
 def select_k(best: _Selection, plan: Tensor, cost: Tensor) -> _Selection:
     """A-posteriori K (Sec. 3.3): keep, per problem, the plan with the smallest d_c seen so far.
 
-    Called for K = k_max, ..., 2 only; ties keep the larger K (the first seen).
+    Called for K = k_max, ..., 2 only; ties keep the larger K (the first seen). (Keeping every step's row argmax
+    instead and choosing at the end is fewer operator calls but slower: an argmax over K <= 12 columns is a
+    slow reduction on CPU.)
     """
-    k = plan.shape[-1]
+    k, k_max = plan.shape[-1], best.plan.shape[-1]
     better = cost < best.cost  # (P,)
-    padded = F.pad(plan, (0, best.plan.shape[-1] - k))  # (P, 2N, k_max)
-    return _Selection(plan=torch.where(better[:, None, None], padded, best.plan),
-                      cost=torch.where(better, cost, best.cost),
-                      k=torch.where(better, torch.full_like(best.k, k), best.k))
-
-
-def step_labels(plan: Tensor, y: Tensor, seeds: Tensor) -> Tensor:
-    """(P, 2N) long: each token's cluster at one merge step (row argmax of plan (P, 2N, K), Eq. 15), for pictures.
-
-    A cluster is named by the first of the k_start initial seeds it holds (seeds (P, k_start), Y (P, 2N, K)):
-    a merge averages columns i < j into i (Eq. 14), so the merged cluster keeps i's name and a name follows its
-    cluster from K_start down to 2. Names lie in [0, k_start) and are distinct while the seed tokens are.
-    """
-    members = torch.gather(y, 1, rearrange(seeds, "p s -> p s 1").expand(-1, -1, y.shape[-1])) > 0  # (P, s, K)
-    names = members.to(plan.dtype).argmax(dim=1)  # (P, K): argmax returns the first maximum
-    return torch.gather(names, 1, plan.argmax(dim=-1))
+    padded = plan if k == k_max else F.pad(plan, (0, k_max - k))  # (P, 2N, k_max)
+    return _Selection(plan=torch.where(rearrange(better, "p -> p 1 1"), padded, best.plan),
+                      cost=torch.where(better, cost, best.cost), k=torch.where(better, k, best.k))
 
 
 def hard_assignment(plan: Tensor, k: Tensor) -> Tensor:
@@ -311,25 +333,29 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
             seeds = sample_seeds(r, k_start, generator)  # (P, k_start)
         y = seed_matrix(seeds, n, dtype)  # (P, 2N, K) Y
         cents = torch.einsum("pnk,pnd->pkd", y, joint)  # (P, K, d) Eq. 8: C = Y^T Z_cat
+        marks = torch.cat([positions, r[..., None]], dim=-1)  # (P, 2N, 3): what Y^T pools at every step
+        maps = merge_maps(k_start, dtype, tokens.device)  # Eq. 14's maps, built once
 
         best = _Selection(plan=joint.new_zeros(n_problems, n, k_max), cost=joint.new_full((n_problems,), torch.inf),
                           k=torch.full((n_problems,), k_max, dtype=torch.long, device=tokens.device))
-        costs, steps = [], [joint.new_empty(n_problems, 0, n, dtype=torch.long)]
+        costs, steps = [], []
         for k in range(k_start, 1, -1):
-            cent_positions = torch.einsum("pnk,pnc->pkc", y, positions)  # (P, K, 2) E_cen = Y^T E_cat
-            c = centroid_marginal(y, r, marginal_temp, uniform_marginals)  # (P, K) Eq. 10
+            pooled = torch.einsum("pnk,pnc->pkc", y, marks)  # (P, K, 3)
+            cent_positions = pooled[..., :2]  # (P, K, 2) E_cen = Y^T E_cat (Sec. 3.3.2)
+            c = centroid_marginal(pooled[..., 2], marginal_temp, uniform_marginals)  # (P, K) Eq. 10
             cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # Eq. 9, 17, 18
             plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations, cost_range=1.0)  # Eq. 11-13
             costs.append(d_c)
             if return_steps:
-                steps.append(step_labels(plan, y, seeds)[:, None])
+                steps.append(step_labels(plan.argmax(dim=-1), y, seeds))
             if k <= k_max:
                 best = select_k(best, plan, d_c)
             if k > 2:
                 cents = update_centroids(joint, plan)  # C^T = Z^T Q*
-                cents, y = merge_closest(cents, y)  # Eq. 14
+                cents, y = merge_closest(cents, y, maps)  # Eq. 14
 
         assignment = hard_assignment(best.plan, best.k)  # Eq. 15
         assignment, valid = prune_single_view(assignment)  # Eq. 16
+        steps = torch.stack(steps, dim=1) if return_steps else joint.new_empty(n_problems, 0, n, dtype=torch.long)
     return ClusterResult(assignment=assignment.to(tokens.dtype), valid=valid, k=best.k,
-                         cost=torch.stack(costs, dim=1), steps=torch.cat(steps, dim=1) if return_steps else steps[0])
+                         cost=torch.stack(costs, dim=1), steps=steps)

@@ -4,6 +4,7 @@
 # eval_linear, eval_kmeans and eval_davis on the synthetic val data. Prints the table at the end.
 #   bash repro.sh [OUT]        (default OUT=repro; under half an hour on a 2-core CPU)
 #   SEED=1 bash repro.sh OUT   (another seed for pretraining, the random init and the linear head; same data)
+#   EPOCHS=24 bash repro.sh OUT (a longer pretraining; the schedules stretch with it)
 # The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn).
 # Small-scale settings (see README, "Results on the synthetic scenes"): a 256-d output for both heads, a sharp
 # teacher (0.02) without warm-up, a trainable last layer, constant weight decay; everything else is DINO's.
@@ -11,8 +12,9 @@ set -euo pipefail
 OUT=${1:-repro}
 PY=${PYTHON:-python}
 SEED=${SEED:-0}
+EPOCHS=${EPOCHS:-8}
 COMMON="--arch vit_tiny --patch_size 8 --img_size 64 --synthetic_size 96 --synthetic_images 2000
-        --batch_size_per_gpu 32 --epochs 8 --warmup_epochs 1 --lr 0.001 --momentum_teacher 0.99
+        --batch_size_per_gpu 32 --epochs $EPOCHS --warmup_epochs 1 --lr 0.001 --momentum_teacher 0.99
         --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
         --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --num_workers 1 --seed $SEED"
 mkdir -p "$OUT"

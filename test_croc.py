@@ -361,6 +361,17 @@ def test_merge_closest_averages_the_most_similar_pair_and_removes_the_second():
             torch.testing.assert_close(merged_y[p], ref_y[:, keep], atol=1e-15, rtol=0)
 
 
+def test_merge_maps_of_a_larger_k_serve_every_smaller_k():
+    """`cluster` builds the merge maps once for K_start and uses their top-left blocks at every smaller K."""
+    gen = torch.Generator().manual_seed(7)
+    maps = clustering.merge_maps(12, torch.float64, torch.device("cpu"))
+    for k in (2, 3, 7, 11, 12):
+        cents = torch.randn(6, k, 5, generator=gen, dtype=torch.float64)
+        y = torch.rand(6, 30, k, generator=gen, dtype=torch.float64)
+        for got, want in zip(clustering.merge_closest(cents, y, maps), clustering.merge_closest(cents, y)):
+            assert torch.equal(got, want)
+
+
 def test_sinkhorn_rejects_mismatched_marginals():
     with pytest.raises(ValueError, match="r must be"):
         sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 9), torch.rand(2, 3))
@@ -1150,6 +1161,33 @@ def test_dense_loss_averages_over_kept_centroids_only():
     s = torch.log_softmax(s_cen / args.student_temp, -1)
     ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
     torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+
+
+def test_cross_view_entropy_matches_autograd_through_the_plain_formula():
+    """The closed-form gradient (q_v - p_other) / temp equals autograd's through log_softmax, products, sums."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64)
+    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
+    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
+    fast = logits.clone().requires_grad_()
+    (train.CrossViewEntropy.apply(fast, p, 0.1) * weights).sum().backward()
+    plain = logits.clone().requires_grad_()
+    log_q = torch.log_softmax(plain / 0.1, -1)
+    reference = -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(train.CrossViewEntropy.apply(logits, p, 0.1), reference.detach())
+    torch.testing.assert_close(fast.grad, plain.grad)
+    with pytest.raises(ValueError, match="no gradient"):
+        train.CrossViewEntropy.apply(logits, p.clone().requires_grad_(), 0.1)
+
+
+def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
+    p, h = train.teacher_distribution(logits, center, 0.04)
+    want = torch.softmax((logits - center) / 0.04, -1)
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_schedules_follow_dino():
@@ -2012,13 +2050,19 @@ def test_bench_quick_runs_in_seconds_and_prints_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
                      "2. Clusterer alone", "top-level aten ops", "host syncs", "official clusterer: ~2,000",
-                     "3. GPU throughput"):
+                     "FLOPs:", "3. Where the CrOC step's extra time goes", "whole step", "4. GPU throughput"):
         assert expected in proc.stdout, expected
     res = json.loads(out.read_text())
     assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "ViT-Ti/8 32"]
     for row in res["steps"]:
         assert row["dino_ms"] > 0 and row["croc_ms"] > 0 and math.isfinite(row["ratio"])
         assert row["dino_mem_mib"] > 0 and row["croc_mem_mib"] > 0
+        # the centroid heads add arithmetic; compaction removes the pruned slots' share of it
+        assert row["dino_gflops"] < row["croc_compact_gflops"] <= row["croc_gflops"]
+        parts = {p["part"]: p for p in row["breakdown"]["parts"]}
+        assert list(parts) == ["teacher forward", "clustering", "teacher centroid head", "student forward", "loss",
+                               "backward", "AdamW", "teacher EMA"]
+        assert parts["clustering"]["dino_ms"] == 0 < parts["clustering"]["croc_ms"]
     assert [r["batch"] for r in res["clusterer"]] == [1, 2]
     assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick step batch
     assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
@@ -2040,6 +2084,6 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
-    common = text.split('COMMON="', 1)[1].split('"', 1)[0].replace("$SEED", "0").split()
+    common = text.split('COMMON="', 1)[1].split('"', 1)[0].replace("$SEED", "0").replace("$EPOCHS", "8").split()
     args = train.get_args_parser().parse_args(common + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False

@@ -185,12 +185,11 @@ class CrOCLoss(nn.Module):
         whose clusters were all pruned adds nothing; a batch with none anywhere gives 0, not NaN.
         """
         temp = self.teacher_temps[epoch]
-        t = F.softmax((t_img - self.center) / temp, dim=-1)
-        s = F.log_softmax(s_img / self.student_temp, dim=-1)
-        loss_glob = 0.5 * (-(t[0] * s[1]).sum(-1).mean() - (t[1] * s[0]).sum(-1).mean())  # Eq. 6
+        t, t_entropy = teacher_distribution(t_img, self.center, temp)
+        loss_glob = 0.5 * CrossViewEntropy.apply(s_img, t, self.student_temp).mean()  # Eq. 6: both pairs
         # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
         # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
-        self.stats = {"teacher_entropy": entropy(t).mean().detach()}
+        self.stats = {"teacher_entropy": t_entropy.mean().detach()}
         loss_dense = s_img.new_zeros(())
         batch_center = all_reduce(t_img.sum(dim=(0, 1)).unsqueeze(0))
         n_img = t_img.shape[0] * t_img.shape[1] * world_size()
@@ -199,22 +198,54 @@ class CrOCLoss(nn.Module):
             return loss_glob, loss_dense
         w = valid.float()  # (B, K); pruned and padded centroids weigh 0
         count = all_reduce(w.sum())  # kept centroids on all ranks: sum and count, never a mean of means
-        tc = F.softmax((t_cen - self.center_c) / temp, dim=-1)
-        sc = F.log_softmax(s_cen / self.student_temp, dim=-1)
-        ce = -(tc[0] * sc[1]).sum(-1) - (tc[1] * sc[0]).sum(-1)  # (B, K): H(P_t1, P_s2) + H(P_t2, P_s1)
+        tc, tc_entropy = teacher_distribution(t_cen, self.center_c, temp)
+        ce = CrossViewEntropy.apply(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
         loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
-        ent_c = entropy(tc).mean(0)  # (B, K), averaged over the views
+        ent_c = tc_entropy.mean(0)  # (B, K), averaged over the views
         self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
-        batch_center_c = all_reduce((t_cen * w[None, :, :, None]).sum(dim=(0, 1, 2)).unsqueeze(0))
+        kept_sum = (w.flatten() @ rearrange(t_cen, "v b k l -> v (b k) l")).sum(dim=0)  # (Lc,) one pass over t_cen
+        batch_center_c = all_reduce(kept_sum.unsqueeze(0))
         new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
             1 - self.center_momentum)
         self.center_c.copy_(torch.where(count > 0, new_c, self.center_c))  # no kept centroid anywhere: keep it
         return loss_glob, loss_dense
 
 
-def entropy(p):
-    """Entropy (nats) of each distribution on the last axis."""
-    return -(p * torch.log(p.clamp(min=1e-30))).sum(-1)
+# The loss tensors are (2, rows, L) with L = 65,536 or 8,192 and ~100 centroid rows per image: on a CPU each pass
+# over them costs about as much as a layer of the head, so the two functions below make as few as they can.
+def teacher_distribution(logits, center, temp):
+    """P_t = softmax((logits - center) / temp) (Eq. 3, 5: DINO's centring and sharpening) and its entropy per row
+    (nats), for the collapse diagnostics."""
+    log_p = F.log_softmax(torch.add(-center / temp, logits, alpha=1 / temp), dim=-1)  # (logits - c) / T, one pass
+    p = log_p.exp()
+    return p, -(p * log_p).sum(-1)
+
+
+class CrossViewEntropy(torch.autograd.Function):
+    """H(p_2, q_1) + H(p_1, q_2) per row (Eq. 4, 6), q_v = softmax(logits_v / temp), p_v the teacher's
+    distributions (rows sum to 1, no gradient); logits and p are (2, ..., L), view 1 then view 2.
+
+    The gradient is the closed form d/d logits_v = (q_v - p_{other view}) / temp: the numbers autograd would give
+    through log_softmax, the products and the sums, in fewer passes over the (2, ..., L) tensors, and without
+    gathering view-sliced gradients into a zero-filled buffer.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, p, temp):
+        if ctx.needs_input_grad[1]:
+            raise ValueError("CrossViewEntropy: the teacher's distribution p gets no gradient")
+        log_q = F.log_softmax(logits / temp, dim=-1)
+        ctx.save_for_backward(log_q, p)
+        ctx.temp = temp
+        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, p = ctx.saved_tensors
+        out = log_q.exp()  # q, then in place: (q_v - p_other) * grad / temp
+        out[0].sub_(p[1])
+        out[1].sub_(p[0])
+        return out.mul_(rearrange(grad / ctx.temp, "... -> ... 1")), None, None
 
 
 def world_size():
@@ -247,13 +278,19 @@ def teacher_assignments(tokens, positions, args, generator, return_steps=False):
     return assignment, valid, res
 
 
-def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
-    """One CrOC step up to the loss. views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> losses and stats."""
+def no_mark(part):
+    pass
+
+
+def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast, mark=no_mark):
+    """One CrOC step up to the loss. views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> losses and stats.
+    mark(part) is called as each part ends (bench.py times them; training passes nothing)."""
     x = rearrange(views, "b v c h w -> (v b) c h w")  # both views in one pass: view 1 then view 2
     with autocast:
         with torch.no_grad():
             tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
             t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
+            mark("teacher forward")
             assignment = valid = res = t_cen = keep = None
             if args.alpha > 0:
                 assignment, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
@@ -261,12 +298,16 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
                     # nonzero waits for the clustering result: free on CPU (no device), a host sync on CUDA,
                     # which is why --compact_centroids is off there unless asked for
                     keep = valid.flatten().nonzero().squeeze(1)
+                mark("clustering")
                 t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment, keep), centroids=True)
+                mark("teacher centroid head")
         s_img, s_cen = student(x, assignment, keep)
+        mark("student forward")
     loss_valid = valid if keep is None else valid.new_ones(1, keep.numel())  # compact: one "image", M kept slots
     loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
                                     None if t_cen is None else t_cen.float(), loss_valid, epoch)
     loss = loss_glob + args.alpha * loss_dense  # Eq. 7
+    mark("loss")
     stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
              **loss_fn.stats}
     if res is not None:
@@ -285,10 +326,11 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
+def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args, mark=no_mark):
     """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    mark("backward")
     if args.clip_grad > 0:
         scaler.unscale_(optimizer)
         clip_gradients(student, args.clip_grad)
@@ -298,10 +340,12 @@ def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, a
                 p.grad = None
     scaler.step(optimizer)
     scaler.update()
+    mark("AdamW")
     with torch.no_grad():  # EMA teacher
         t_params = list(teacher.parameters())
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
+    mark("teacher EMA")
 
 
 def clip_gradients(model, clip):
