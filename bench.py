@@ -548,8 +548,8 @@ def format_results(res):
                           "CrOC - DINO"], rows))
     out.append("teacher forward: backbone and image head; clustering: train.teacher_assignments (and the compaction); "
                "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
-               "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: the "
-               "optimizer step; teacher EMA: the momentum update.")
+               "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: gradient "
+               "clipping and the optimizer step; teacher EMA: the momentum update.")
     out.append("")
 
     out.append("4. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")

@@ -136,6 +136,11 @@ def centroid_marginal(seed_mass: Tensor, temperature: float, uniform: bool) -> T
     return torch.softmax(seed_mass / temperature, dim=-1)
 
 
+def unit_rows(x: Tensor) -> Tensor:
+    """F.normalize(x, dim=-1) in three operator calls instead of four (it runs twice per merge step)."""
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+
+
 def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, centroid_positions: Tensor,
                           lambda_pos: float) -> Tensor:
     """T (P, 2N, K) = T_sem + lambda_pos T_pos (Eq. 9, 17, 18), min-max normalised to [0, 1] per problem.
@@ -144,7 +149,7 @@ def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, c
     whole batch at once, which couples the images of a batch; here each problem is normalised on its own.
     """
     eps = torch.finfo(joint.dtype).eps  # spans below eps are rounding noise: leave them unamplified
-    unit = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    unit = unit_rows(centroids)
     # Euclidean distances (P, 2N, K), computed directly: cdist's default matrix-product path loses pixels
     distance = torch.cdist(positions, centroid_positions, compute_mode="donot_use_mm_for_euclid_dist")
     scale = lambda_pos / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17: S = max
@@ -200,7 +205,7 @@ def merge_closest(centroids: Tensor, seeds: Tensor, maps: Optional[MergeMaps] = 
     k = centroids.shape[1]
     maps = merge_maps(k, centroids.dtype, centroids.device) if maps is None else maps
     k0 = maps.lower.shape[0]
-    unit = centroids / torch.linalg.vector_norm(centroids, dim=-1, keepdim=True).clamp_min(1e-12)  # F.normalize
+    unit = unit_rows(centroids)
     similarity = torch.einsum("pkd,pld->pkl", unit, unit).masked_fill(maps.lower[:k, :k], float("-inf"))  # cosine
     similarity = F.pad(similarity, (0, k0 - k, 0, k0 - k), value=float("-inf"))  # (P, k0, k0): flat index i k0 + j
     pair = similarity.flatten(1).argmax(dim=1)  # (P,); ties: the first
