@@ -1,4 +1,4 @@
-"""What CrOC costs on top of DINO (issue 6): the full training step with and without the dense loss, the
+"""What CrOC costs on top of DINO: the full training step with and without the dense loss, the
 clusterer alone, peak memory, and (on a GPU) images/s with and without torch.compile. BENCHMARKS.md holds the
 numbers this printed.
 
@@ -22,7 +22,9 @@ import warnings
 from contextlib import nullcontext
 
 import torch
-from einops import rearrange
+import torch.nn.functional as F
+from einops import rearrange, reduce, repeat
+from torch.nn.utils.rnn import pad_sequence
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -30,12 +32,11 @@ from tqdm import tqdm
 import clustering
 import data
 import train
-from model import CrOCHead, CrOCModel, build_vit
+from model import CrOCHead, CrOCModel, build_vit, view_centroids
 
-# The official clusterer's cost, as measured on a 2-core CPU (../shared/spec/croc_method.md, "Cost of the
-# official clusterer"): per call at K_start 12, and its time at ViT-S/16 224 as 10 ms + 7 ms per image.
-OFFICIAL = {"op_calls": 2000, "host_syncs": 45, "ms_fixed": 10.0, "ms_per_image": 7.0,
-            "source": "shared/spec/croc_method.md (official code, 2-core CPU, K_start 12)"}
+# The parts train.train_step and train.optimizer_step label with torch.profiler.record_function, in step order.
+STEP_PARTS = ("teacher forward", "clustering", "teacher centroid head", "student forward", "loss", "backward",
+              "AdamW", "teacher EMA")
 PAPER_TABLE_A2 = "paper Table A2 (2 V100, batch 256): clustering 67 ms = 8% of an 841.5 ms step"
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
 VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::expand_as", "aten::unsqueeze", "aten::squeeze",
@@ -254,13 +255,13 @@ class StepBench:
             _, valid, _ = train.teacher_assignments(tf.tokens, self.positions, self.args, self.generator)
         return valid.sum(1).float().mean().item()
 
-    def step(self, alpha, compact=False, mark=train.no_mark):
+    def step(self, alpha):
         """One full training step: train.train_step, then train.optimizer_step (backward, AdamW, EMA)."""
-        self.args.alpha, self.args.compact_centroids = alpha, compact
+        self.args.alpha = alpha
         loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
-                                   self.args, self.generator, self.autocast, mark)
+                                   self.args, self.generator, self.autocast)
         train.optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
-                             self.args.momentum_teacher, self.args, mark)  # EMA momentum at its initial value
+                             self.args.momentum_teacher, self.args)  # EMA momentum at its initial value
 
     def set_compiled(self, compiled):
         """Swap torch.compile'd forward_features into (or out of) both backbones; train_step calls that method."""
@@ -281,23 +282,19 @@ def bench_steps(args):
     rows = []
     for arch, patch, img in args.step_configs:
         bench = StepBench(arch, patch, img, args)
-        fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0),
-               "CrOC compact": lambda: bench.step(1.0, compact=True)}
+        fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0)}
         times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"step {label(arch, patch, img)}")
-        dino, croc, compact = (median_ms(times[k]) for k in ("DINO", "CrOC", "CrOC compact"))
+        dino, croc = (median_ms(times[k]) for k in ("DINO", "CrOC"))
         rows.append({"model": label(arch, patch, img), "arch": arch, "patch": patch, "img": img,
                      "tokens_per_view": (img // patch) ** 2, "batch": args.batch,
                      "centroid_slots": bench.student.backbone.num_heads * args.k_max,
                      "kept_slots": bench.kept_slots(), "out_dim": args.out_dim,
                      "out_dim_c": args.out_dim_c, "precision": args.precision,
                      "dino_ms": dino, "croc_ms": croc, "ratio": croc / dino, "croc_minus_dino_ms": croc - dino,
-                     "croc_compact_ms": compact, "compact_ratio": compact / dino,
                      "dino_gflops": step_flops(lambda: bench.step(0.0)) / 1e9,
                      "croc_gflops": step_flops(lambda: bench.step(1.0)) / 1e9,
-                     "croc_compact_gflops": step_flops(lambda: bench.step(1.0, compact=True)) / 1e9,
                      "breakdown": step_breakdown(bench, args),
                      "dino_ms_all": [1e3 * t for t in times["DINO"]], "croc_ms_all": [1e3 * t for t in times["CrOC"]],
-                     "croc_compact_ms_all": [1e3 * t for t in times["CrOC compact"]],
                      **memory_columns(bench, args.device)})
         if args.compile and args.device.type == "cuda" and (arch, patch, img) == ("vit_small", 16, 224):
             rows[-1]["compiled"] = bench_compiled(bench, fns, args)
@@ -314,41 +311,38 @@ def step_flops(fn):
     return counter.get_total_flops()
 
 
-class PartTimer:
-    """Passed as train.train_step's and train.optimizer_step's `mark`: each part's time is the time since the
-    previous mark (or `start`), after waiting for the device."""
-
-    def __init__(self, device):
-        self.device, self.times = device, {}
-
-    def start(self):
-        sync(self.device)
-        self.last = time.perf_counter()
-
-    def __call__(self, part):
-        sync(self.device)
-        now = time.perf_counter()
-        self.times.setdefault(part, []).append(now - self.last)
-        self.last = now
+def part_times(fn, device):
+    """ms of each part of one call of fn, read from the torch.profiler ranges train.py labels (STEP_PARTS). On
+    CUDA the parts' device time (the profiler's GPU annotations), else their wall time on the host."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    host, gpu = {}, {}
+    for e in prof.events():
+        if e.name in STEP_PARTS:
+            on_gpu = e.device_type == torch.autograd.DeviceType.CUDA
+            times = gpu if on_gpu else host
+            times[e.name] = times.get(e.name, 0.0) + e.time_range.elapsed_us() / 1e3
+    return gpu if gpu else host
 
 
 def step_breakdown(bench, args):
-    """Median ms of each part of the DINO step and of the CrOC step train.py runs on this device (compact on a CPU,
-    all slots on a GPU), interleaved like the step timing; the parts are train.py's own marks."""
-    compact = args.device.type == "cpu"
-    variants = {"DINO": (0.0, False), "CrOC": (1.0, compact)}
-    timers = {name: PartTimer(args.device) for name in variants}
+    """Median ms of each part of the DINO and CrOC steps (the profiler ranges of train.py), interleaved like the
+    step timing. The profiler adds a little to every part; the whole step is timed without it in table 1."""
+    variants = {"DINO": 0.0, "CrOC": 1.0}
     for _ in range(args.warmup):
-        for alpha, comp in variants.values():
-            bench.step(alpha, comp)
+        for alpha in variants.values():
+            bench.step(alpha)
+    times = {name: {} for name in variants}
     for i in range(args.repeats):
         for name in list(variants) if i % 2 == 0 else list(variants)[::-1]:
-            timers[name].start()
-            bench.step(*variants[name], mark=timers[name])
-    parts = list(timers["CrOC"].times)
-    return {"croc_variant": "compact" if compact else "all slots",
-            "parts": [{"part": part, "dino_ms": median_ms(timers["DINO"].times[part]) if part in timers["DINO"].times
-                       else 0.0, "croc_ms": median_ms(timers["CrOC"].times[part])} for part in parts]}
+            for part, ms in part_times(lambda: bench.step(variants[name]), args.device).items():
+                times[name].setdefault(part, []).append(ms)
+    parts = [p for p in STEP_PARTS if p in times["CrOC"]]
+    return {"parts": [{"part": p, "dino_ms": statistics.median(times["DINO"][p]) if p in times["DINO"] else 0.0,
+                       "croc_ms": statistics.median(times["CrOC"][p])} for p in parts]}
 
 
 def memory_columns(bench, device):
@@ -384,11 +378,187 @@ def bench_compiled(bench, fns, args):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The official clusterer, re-expressed for comparison (not used in training)
+# --------------------------------------------------------------------------------------------------------------
+# The algorithm of the official `Clustering.compute_teacher_centroids` (github.com/stegmuel/CrOC, main_croc.py),
+# written again on this repository's tensor layout so that it runs on the same inputs as `clustering.cluster`.
+# It keeps the official operator sequence on purpose, host synchronisations included (`.tolist()` index tuples at
+# every merge, boolean-mask indexing, `multinomial`, `nonzero().tolist()` and set intersections at the end, CPU
+# identity and arange copied to the device). Checked against the official class on CPU (same seeds): identical
+# kept clusters and K, centroids within 3e-5. Layout differences, none changing the arithmetic: tokens (P, 2N, d)
+# with each view's CLS apart (P, 2, d); positions arrive per patch and per head (the official per-pixel maps,
+# their patch average and the per-head repeat are skipped); non-uniform marginals only.
+def _official_sinkhorn(cost, row_marginal, col_marginal, lam, iterations):
+    """Official entropic OT: exp, global normalisation, `iterations` row/column rescalings, nan_to_num."""
+    plan = torch.exp(-lam * cost)
+    plan /= reduce(plan, 'p n k -> p 1 1', reduction='sum')
+    for _ in range(iterations):
+        plan *= row_marginal / reduce(plan, 'p n k -> p n 1', reduction='sum')
+        plan *= col_marginal / reduce(plan, 'p n k -> p 1 k', reduction='sum')
+    plan = torch.nan_to_num(plan, nan=1e-8)
+    return plan, torch.sum(plan * cost, dim=[1, 2])
+
+
+def _official_distances(centre_pos, positions):
+    """(P, 2N, K) Euclidean distances token -> centroid position, divided by their max per problem."""
+    dist = torch.sqrt(torch.sum((centre_pos[:, None, :, :] - positions[:, :, None, :]) ** 2, dim=-1))
+    dist /= dist.amax(dim=(-1, -2))[:, None, None]
+    return dist
+
+
+@torch.no_grad()
+def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=12, lambda_pos=4.0,
+                     sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0, heads=6):
+    """tokens (P, 2N, d) last-block q/k/v of both views (view 1's N tokens then view 2's), P = B * heads, image-major
+    (problem p = b * heads + h); positions (P, 2N, 2) patch positions in the original image; cls (P, 2, d) each view's
+    CLS token in the same space; last_tokens (2B, 1 + N, D) the final tokens (CLS first), view 1's B images then
+    view 2's. Returns (centroids_v1, centroids_v2, valid_centroids, region_count) as the official code does."""
+    device = tokens.device
+
+    # Scale of the output centroids: mean CLS norm; final patch tokens split per view and repeated per head
+    cls_norm = last_tokens[:, 0, :].norm(dim=-1).mean()
+    final = rearrange(last_tokens[:, 1:], '(m b) n e -> m b n e', m=2)
+    final = repeat(final, 'm b n e -> m (b h) n e', h=heads)
+
+    # L2-normalised tokens and CLS (official: one call on the CLS-first tensor)
+    joint = F.normalize(tokens, dim=-1)
+    cls_unit = F.normalize(cls, dim=-1)
+
+    # Raw token/CLS similarity s, per view, then laid out jointly (P, 2N)
+    sim = torch.einsum('p m n d, p m d -> p m n', rearrange(joint, 'p (m n) d -> p m n d', m=2), cls_unit)
+    sim = rearrange(sim, 'p m n -> p (m n)')
+    draw = F.softmax(sim / marginal_temp, dim=1)
+    n_problems, n_joint, _ = joint.shape
+
+    # Seeds: multinomial draw without replacement, one-hot rows of a CPU identity copied to the device
+    picks = draw.multinomial(num_samples=k_start, replacement=False)
+    picks = rearrange(picks, 'p k -> (p k)')
+    onehot = torch.eye(n_joint).to(device)[picks].to(device)
+    onehot = rearrange(onehot, '(p k) n -> p k n', p=n_problems)
+
+    # Marginals: c = softmax(Y^T s / temp), r = softmax(s / temp)
+    col_marg = torch.einsum('p n, p k n -> p k', sim, onehot)
+    col_marg = F.softmax(rearrange(col_marg / marginal_temp, 'p k -> p 1 k'), dim=-1)
+    row_marg = F.softmax(rearrange(sim, 'p n -> p n 1') / marginal_temp, dim=1)
+    row_marg, col_marg = torch.nan_to_num(row_marg), torch.nan_to_num(col_marg)
+
+    # Seed positions and normalised position distances
+    centre_pos = torch.einsum('p n c, p k n -> p k c', positions, onehot)
+    dist = _official_distances(centre_pos, positions)
+
+    centres = torch.einsum('p n d, p k n -> p k d', joint, onehot)
+
+    n_regions = k_start
+    step_costs, step_plans, step_onehots = [], [], []
+    while n_regions >= 2:
+        centres = F.normalize(centres, dim=-1)
+        affinity = torch.einsum('p n d, p k d -> p n k', joint, centres)
+        _, _, k = affinity.shape
+
+        # Cost, min-max normalised over the whole batch (as official)
+        cost = -affinity + lambda_pos * dist
+        cost = (cost - cost.min()) / (cost.max() - cost.min())
+
+        plan, ot_cost = _official_sinkhorn(cost, row_marg, col_marg, sinkhorn_lambda, sinkhorn_iterations)
+        step_costs.append(ot_cost)
+
+        # Keep this step's plan, columns normalised per view
+        per_view = rearrange(plan, 'p (m n) k -> m p n k', m=2)
+        view_a, view_b = per_view.unbind()
+        view_a = view_a / view_a.sum(dim=-2, keepdim=True)
+        view_b = view_b / view_b.sum(dim=-2, keepdim=True)
+        step_plans.append(torch.cat([view_a, view_b], dim=1))
+        step_onehots.append(onehot)
+
+        if n_regions == 2:
+            break
+
+        # Soft centroids of this step (unnormalised), and the most similar pair of distinct ones
+        weights = plan / plan.sum(dim=1, keepdim=True)
+        centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
+        pair_sim = torch.einsum('p i d, p j d -> p i j', centres, centres)
+        pair_sim -= 2 * torch.eye(n_regions).to(pair_sim.device)
+        pair_sim = rearrange(pair_sim, 'p i j -> p (i j)')
+        flat = torch.argmax(pair_sim, dim=-1)
+        first = torch.div(flat, n_regions, rounding_mode='floor')
+        second = flat % n_regions
+
+        # Python index tuples (host sync) for the two merged columns
+        rows = torch.arange(0, n_problems).to(first.device)
+        at_first = tuple(torch.stack([rows, first]).tolist())
+        at_second = tuple(torch.stack([rows, second]).tolist())
+        merged_onehot = (onehot[at_first] + onehot[at_second])[:, None, :]
+
+        # Boolean mask of the untouched columns (CPU arange copied over), applied by masked indexing
+        col_ids = repeat(torch.arange(0, k), 'k -> p k', p=n_problems).to(first.device)
+        first_rep = repeat(first, 'p -> p k', k=k).to(first.device)
+        second_rep = repeat(second, 'p -> p k', k=k).to(first.device)
+        keep = torch.logical_and(col_ids != first_rep, col_ids != second_rep)
+        onehot = rearrange(onehot[keep], '(p k) n -> p k n', p=n_problems)
+        onehot = torch.cat([onehot, merged_onehot], dim=1)
+
+        # Merge the plan: sum of the two columns appended after the kept ones
+        plan = rearrange(plan, 'p n k -> p k n')
+        merged_plan = (plan[at_first] + plan[at_second])[:, None, :]
+        kept_plan = rearrange(plan[keep], '(p k) n -> p k n', p=n_problems)
+        plan = torch.cat([kept_plan, merged_plan], dim=1)
+        plan = rearrange(plan, 'p k n -> p n k')
+
+        # Centroids, centroid positions, distances and centroid marginal from the merged plan
+        weights = plan / plan.sum(dim=1, keepdim=True)
+        centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
+        centre_pos = torch.einsum('p n c, p n k -> p k c', positions, weights)
+        dist = _official_distances(centre_pos, positions)
+
+        n_regions -= 1
+
+        col_marg = torch.einsum('p n, p n k -> p k', row_marg.squeeze(), weights).unsqueeze(1)
+        col_marg /= col_marg.sum(dim=-1, keepdim=True)
+
+    # Selection among the last k_max - 1 steps (official indexing and offset)
+    step_costs = torch.stack(step_costs, dim=-1)
+    step_costs = step_costs[:, -(k_max - 1):]
+    chosen = step_costs.argmin(dim=-1)
+    chosen = chosen + (k_start - k_max)
+
+    # Per-problem python gather of the chosen step's plan, padded to the largest K
+    picked = [step_plans[step][p].transpose(0, 1) for p, step in enumerate(chosen.tolist())]
+    picked = pad_sequence(picked, batch_first=True).transpose(1, 2)
+
+    # Hard assignment as a mask of the row maxima, applied to the plan
+    row_max = torch.max(picked, dim=-1, keepdim=True).values
+    row_max = repeat(row_max, 'p n 1 -> p n k', k=picked.shape[-1])
+    hard = (picked == row_max).float()
+    masked = picked * hard
+    masked = rearrange(masked, 'p (m n) k -> m p n k', m=2)
+
+    # Centroids of each view from the final tokens
+    centroids = torch.einsum('m p n e, m p n k -> m p k e', final, masked)
+    centroids = rearrange(centroids, 'm p k e -> m (p k) e')
+    centroids_v1, centroids_v2 = centroids.unbind()
+
+    # Valid clusters: non-empty in both views (nonzero -> tolist -> python set intersection)
+    mass_v1, mass_v2 = rearrange(masked, 'm p n k -> m (p k) n').unbind()
+    nonempty_v1 = set(mass_v1.sum(dim=-1).nonzero().squeeze().tolist())
+    nonempty_v2 = set(mass_v2.sum(dim=-1).nonzero().squeeze().tolist())
+    valid_centroids = list(nonempty_v1.intersection(nonempty_v2))
+    centroids_v1, centroids_v2 = centroids_v1[valid_centroids], centroids_v2[valid_centroids]
+
+    # Rescale to the CLS norm
+    centroids_v1 = cls_norm * F.normalize(centroids_v1, dim=-1)
+    centroids_v2 = cls_norm * F.normalize(centroids_v2, dim=-1)
+
+    region_count = k_start - chosen.float().mean().item()
+    return centroids_v1, centroids_v2, valid_centroids, region_count
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The clusterer alone
 # --------------------------------------------------------------------------------------------------------------
 def cluster_inputs(batch, arch, patch, img, device, seed):
     """Random teacher tokens at a backbone's shapes, laid out as train.teacher_assignments passes them:
-    P = batch x heads problems of 2N joint tokens of the head dimension, each view's CLS, pixel positions."""
+    P = batch x heads problems of 2N joint tokens of the head dimension, each view's CLS, pixel positions; and
+    the final tokens (2B, 1 + N, D), CLS first, that the centroids pool."""
     backbone = build_vit(arch, patch)  # only for its shapes
     heads, d = backbone.num_heads, backbone.embed_dim // backbone.num_heads
     n = 2 * (img // patch) ** 2
@@ -396,34 +566,47 @@ def cluster_inputs(batch, arch, patch, img, device, seed):
     tokens = torch.randn(batch * heads, n, d, generator=gen)  # (P, 2N, d)
     positions = img * torch.rand(batch * heads, n, 2, generator=gen)  # (P, 2N, 2)
     cls = torch.randn(batch * heads, 2, d, generator=gen)  # (P, 2, d)
-    return tokens.to(device), positions.to(device), cls.to(device)
+    final = torch.randn(2 * batch, 1 + n // 2, backbone.embed_dim, generator=gen)  # (2B, 1 + N, D)
+    return tokens.to(device), positions.to(device), cls.to(device), final.to(device)
 
 
 def bench_clusterer(args, step_rows):
+    """`clustering.cluster` alone, then with the view centroids pooled from the final tokens (the same output as
+    the official `compute_teacher_centroids`), against the official clusterer on the same inputs, interleaved."""
     a = train.get_args_parser().parse_args([])
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     arch, patch, img = args.cluster_shape
     steps = {r["batch"]: r for r in step_rows if (r["arch"], r["patch"], r["img"]) == (arch, patch, img)}
+    settings = dict(k_start=args.k_start, k_max=args.k_max, lambda_pos=a.lambda_pos, sinkhorn_lambda=a.sinkhorn_lambda,
+                    sinkhorn_iterations=a.sinkhorn_iterations, marginal_temp=a.marginal_temp)
     rows = []
     for batch in args.cluster_batches:
-        tokens, positions, cls = cluster_inputs(batch, arch, patch, img, args.device, args.seed)
+        tokens, positions, cls, final = cluster_inputs(batch, arch, patch, img, args.device, args.seed)
+        heads = tokens.shape[0] // batch
 
         def call():
-            clustering.cluster(tokens, positions, cls, k_start=args.k_start, k_max=args.k_max, lambda_pos=a.lambda_pos,
-                               sinkhorn_lambda=a.sinkhorn_lambda, sinkhorn_iterations=a.sinkhorn_iterations,
-                               marginal_temp=a.marginal_temp, uniform_marginals=a.uniform_marginals,
-                               generator=generator)
-        ms = median_ms(time_interleaved({"cluster": call}, args.repeats, args.warmup, args.device,
-                                        f"cluster B={batch}")["cluster"])
-        row = {"batch": batch, "problems": tokens.shape[0], "tokens": tokens.shape[1], "dim": tokens.shape[2],
-               "k_start": args.k_start, "k_max": args.k_max, "ms": ms,
-               "step_ms": steps[batch]["croc_ms"] if batch in steps else None,
-               "share_of_step": ms / steps[batch]["croc_ms"] if batch in steps else None,
-               "croc_minus_dino_ms": steps[batch]["croc_minus_dino_ms"] if batch in steps else None,
-               **count_ops(call, args.device), "host_syncs": count_syncs(call, args.device)}
-        if not args.quick and args.k_start == 12:  # the spec's figure is for K_start 12 at ViT-S/16 224
-            row["official_ms_from_spec"] = OFFICIAL["ms_fixed"] + OFFICIAL["ms_per_image"] * batch
-        rows.append(row)
+            return clustering.cluster(tokens, positions, cls, generator=generator, **settings)
+
+        def call_with_centroids():
+            plan = rearrange(call().plan, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)
+            return view_centroids(final[:, 1:], final[:, 0], plan)
+
+        def official():
+            return official_cluster(tokens, positions, cls, final, heads=heads, **settings)
+        fns = {"cluster": call, "cluster + centroids": call_with_centroids, "official": official}
+        times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"cluster B={batch}")
+        ms, with_centroids, official_ms = (median_ms(times[k]) for k in fns)
+        official_ops = count_ops(official, args.device)
+        rows.append({"batch": batch, "problems": tokens.shape[0], "tokens": tokens.shape[1], "dim": tokens.shape[2],
+                     "k_start": args.k_start, "k_max": args.k_max, "ms": ms,
+                     "step_ms": steps[batch]["croc_ms"] if batch in steps else None,
+                     "share_of_step": ms / steps[batch]["croc_ms"] if batch in steps else None,
+                     "croc_minus_dino_ms": steps[batch]["croc_minus_dino_ms"] if batch in steps else None,
+                     **count_ops(call, args.device), "host_syncs": count_syncs(call, args.device),
+                     "with_centroids_ms": with_centroids, "official_ms": official_ms,
+                     "speedup_over_official": official_ms / with_centroids,
+                     "official_top_level_aten_ops": official_ops["top_level_aten_ops"],
+                     "official_host_syncs": count_syncs(official, args.device)})
     return rows
 
 
@@ -472,20 +655,17 @@ def format_results(res):
            f"K_start {cfg['k_start']}, K_max {cfg['k_max']}", ""]
 
     out.append("1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)")
-    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs", "compact ms",
-                      "compact/DINO", "FLOPs", "DINO mem MiB", "CrOC mem MiB"],
+    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs",
+                      "DINO mem MiB", "CrOC mem MiB"],
                      [[r["model"], r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}", f"{r['dino_ms']:.1f}",
                        f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['croc_gflops'] / r['dino_gflops']:.3f}",
-                       f"{r['croc_compact_ms']:.1f}", f"{r['compact_ratio']:.3f}",
-                       f"{r['croc_compact_gflops'] / r['dino_gflops']:.3f}",
                        memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
                        memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
                       for r in res["steps"]]))
     cuda = m["device"].startswith("cuda")
     out.append("slots: heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) on "
-               "these views (synthetic scenes, initial teacher). CrOC: the sync-free step, every slot through the heads "
-               "(train.py's default on CUDA); compact: only the kept centroids, one host sync (nonzero) per step "
-               "(--compact_centroids, train.py's default on CPU); the same loss either way.")
+               "these views (synthetic scenes, initial teacher). CrOC: train.py's sync-free step, every slot through the "
+               "heads (pruned ones weigh 0 in the loss).")
     out.append("FLOPs: the step's floating-point operations over DINO's (torch.utils.flop_counter: matrix products, "
                "convolutions, attention; forward and backward), the machine-independent share of the ratio before it "
                "(DINO step: " + ", ".join(f"{r['model']} {r['dino_gflops']:.0f} GFLOP" for r in res["steps"]) + ").")
@@ -502,9 +682,7 @@ def format_results(res):
     gpu = "kernel_launches" in c0
     if gpu:
         headers += ["kernel launches", "sync runtime calls"]
-    official = "official_ms_from_spec" in c0
-    if official:
-        headers.append("official ms (spec)")
+    headers += ["+ centroids ms", "official ms", "speed-up", "official ops", "official syncs"]
     rows = []
     for r in res["clusterer"]:
         row = [r["batch"], r["problems"], f"{r['ms']:.1f}",
@@ -512,8 +690,8 @@ def format_results(res):
                r["top_level_aten_ops"], r["top_level_view_ops"], r["all_aten_ops"], r["host_syncs"]]
         if gpu:
             row += [r["kernel_launches"], r["sync_runtime_calls"]]
-        if official:
-            row.append(f"~{r['official_ms_from_spec']:.0f}")
+        row += [f"{r['with_centroids_ms']:.1f}", f"{r['official_ms']:.1f}", f"{r['speedup_over_official']:.2f}x",
+                r["official_top_level_aten_ops"], r["official_host_syncs"]]
         rows.append(row)
     out.append(table(headers, rows))
     out.append(f"share of step: ms/call over the CrOC step of the same batch in table 1 ({res['clusterer_step']}), "
@@ -530,23 +708,22 @@ def format_results(res):
                "code makes; of them views: reshapes, expands, no-op casts); all aten ops: every aten:: event, nested "
                "ones included. host syncs: " + ("torch.cuda.set_sync_debug_mode('warn') warnings during one call."
                                                if gpu else "0 by construction on CPU (no device to wait for)."))
-    out.append(f"official clusterer: ~{OFFICIAL['op_calls']:,} operator calls and ~{OFFICIAL['host_syncs']} host "
-               f"syncs per call" + (f", ~{OFFICIAL['ms_fixed']:.0f} ms + {OFFICIAL['ms_per_image']:.0f} ms per image "
-                                    "(the 'official ms' column)" if official else "")
-               + f"; source: {OFFICIAL['source']}.")
+    out.append("+ centroids: cluster, then the view centroids pooled from the final tokens (model.view_centroids), "
+               "the output of the official clusterer; official: bench.official_cluster, the official algorithm on the "
+               "same inputs (its operator sequence and host syncs kept); speed-up: official ms / + centroids ms.")
     out.append("")
 
-    out.append("3. Where the CrOC step's extra time goes: each part of the step, timed between train.py's marks "
-               f"(medians of {cfg['repeats']} runs, interleaved)")
+    out.append("3. Where the CrOC step's extra time goes: each part of the step, from the torch.profiler ranges "
+               f"train.py labels (medians of {cfg['repeats']} runs, interleaved)")
     for r in res["steps"]:
         b = r["breakdown"]
         rows = [[p["part"], f"{p['dino_ms']:.1f}", f"{p['croc_ms']:.1f}", f"{p['croc_ms'] - p['dino_ms']:+.1f}"]
                 for p in b["parts"]]
         dino, croc = (sum(p[k] for p in b["parts"]) for k in ("dino_ms", "croc_ms"))
         rows.append(["whole step", f"{dino:.1f}", f"{croc:.1f}", f"{croc - dino:+.1f}"])
-        out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", f"CrOC ({b['croc_variant']}) ms",
+        out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", "CrOC ms",
                           "CrOC - DINO"], rows))
-    out.append("teacher forward: backbone and image head; clustering: train.teacher_assignments (and the compaction); "
+    out.append("teacher forward: backbone and image head; clustering: train.teacher_assignments; "
                "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
                "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: gradient "
                "clipping and the optimizer step; teacher EMA: the momentum update.")

@@ -14,10 +14,15 @@ two disagree we follow the paper. The differences from the official code, each n
     (assignment-weighted) positions and c (mean token mass per cluster) from that merged plan (`merge_closest`);
   - the hard assignment is the plain row argmax (Eq. 15 after the paper's row normalisation); the official code
     takes it after normalising each view's columns, which can move a few tokens (`hard_assignment`);
+  - the centroids pool the tokens with the soft Q* (Eq. 2: the selected plan, rows normalised, pruned columns
+    dropped); the official code pools with Q* * M, each view's columns normalised (`soft_assignment`);
   - seeds are drawn by an exponential race instead of torch.multinomial, which checks r on the host
     (`sample_seeds`); the distribution is the same.
-Kept from the official code although the paper's equations say otherwise: the temperature 2.0 in the marginals
-(Eq. 10 has none) and d_c measured on the normalised total cost (Eq. 13 writes T_sem).
+Kept from the official code although the paper's equations say otherwise, each because the literal reading is
+degenerate or unspecified: r is the softmax of the tokens' cosine similarity to the [CLS] token (the paper: "the
+attention map of the [CLS] token"); c = softmax(Y^T s) on those raw similarities s, not on r (Eq. 10 on r is
+uniform: `centroid_marginal`); the temperature 2.0 in both marginals (Eq. 10 has none); d_c measured on the
+normalised total cost (Eq. 13 writes T_sem).
 """
 import math
 from typing import NamedTuple, Optional
@@ -29,7 +34,8 @@ from torch import Tensor
 
 
 class ClusterResult(NamedTuple):
-    assignment: Tensor  # (P, 2N, k_max) hard 0/1 (Eq. 15); pruned columns (Eq. 16) and columns >= k are zero
+    plan: Tensor  # (P, 2N, k_max) Q*: the selected plan, rows normalised, pruned (Eq. 16) and padded columns zero
+    assignment: Tensor  # (P, 2N, k_max) M, hard 0/1 (Eq. 15); pruned columns and columns >= k are zero
     valid: Tensor  # (P, k_max) bool: the cluster has a token in both views (Eq. 16)
     k: Tensor  # (P,) long: the selected number of clusters, before pruning
     cost: Tensor  # (P, k_start - 1) d_c (Eq. 13) for K = k_start, k_start - 1, ..., 2
@@ -39,20 +45,21 @@ class ClusterResult(NamedTuple):
 # --------------------------------------------------------------------------------------------------------------
 # Optimal transport (Eq. 11-13)
 # --------------------------------------------------------------------------------------------------------------
-def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int = 5,
-             cost_range: Optional[float] = None):
+def max_sinkhorn_lambda(dtype: torch.dtype) -> float:
+    """The largest lambda for which exp(-lambda * cost), cost in [0, 1], and its square stay normal floats
+    (43.6 in float32, 354 in float64; the paper's 20 is well inside)."""
+    return -0.5 * math.log(torch.finfo(dtype).tiny)
+
+
+def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int = 5):
     """Sinkhorn-Knopp (Eq. 11-12): plan (P, n, k) and transport cost d_c = <plan, cost> (P,) (Eq. 13).
 
-    P = exp(-lam * cost) normalised to mass 1, then `n_iter` rounds of scaling rows to r (P, n) and columns to
-    c (P, k). Converges to the entropic OT plan for regularisation 1 / lam.
-
-    cost_range: the caller's guarantee that every entry of cost lies in [0, cost_range] (`cluster` passes 1: its
-    cost is min-max normalised). When lam * cost_range is small enough that exp(-lam * cost) and its square stay
-    normal floats (lam 20 on [0, 1] spans e^-20), the rounds run as the textbook scaling u = r / (K v),
-    v = c / (K^T u): two batched matrix-vector products and two divisions per round. Otherwise (no guarantee,
-    or a wider span) they run in the log domain, as potentials f, g with plan = exp(f_i + g_j - lam * cost_ij):
-    the same numbers, finite however far lam * cost spans (exp(-lam * cost) would zero whole rows), at about
-    twice the operator calls.
+    cost (P, n, k) in [0, 1], as `cluster` gives it (min-max normalised); r (P, n) and c (P, k) the marginals.
+    As the paper writes it: P = exp(-lam * cost), P /= sum(P), then `n_iter` rounds of scaling the rows to r and
+    the columns to c. Every scaling keeps P = diag(u) exp(-lam * cost) diag(v), so the rounds update only u and
+    v (two batched matrix-vector products per round) and P is formed once at the end: the same numbers as
+    scaling the whole matrix, which a test checks. It converges to the entropic OT plan for regularisation
+    1 / lam (POT's `ot.sinkhorn` with reg = 1 / lam).
     """
     if cost.dim() != 3 or not cost.is_floating_point():
         raise ValueError(f"sinkhorn: cost must be a float (P, n, k) tensor, got {cost.dtype} {tuple(cost.shape)}")
@@ -61,53 +68,39 @@ def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int 
         raise ValueError(f"sinkhorn: r must be (P, n) = {(n_problems, n)}, got {tuple(r.shape)}")
     if c.shape != (n_problems, k):
         raise ValueError(f"sinkhorn: c must be (P, k) = {(n_problems, k)}, got {tuple(c.shape)}")
-    tiny = torch.finfo(cost.dtype).tiny
+    if not 0 < lam <= max_sinkhorn_lambda(cost.dtype):
+        raise ValueError(f"sinkhorn: lambda must lie in (0, {max_sinkhorn_lambda(cost.dtype):.1f}] for a "
+                         f"{cost.dtype} cost in [0, 1] (exp(-lambda) would underflow), got {lam}")
     r, c = r.to(cost.dtype), c.to(cost.dtype)
-    if n_iter == 0:
-        log_kernel = -lam * cost
-        plan = (log_kernel - torch.logsumexp(log_kernel, dim=(1, 2), keepdim=True)).exp()  # P /= sum(P)
-        return plan, (plan * cost).sum(dim=(1, 2))
-    # P /= sum(P) is absorbed by the first row scaling, which is blind to a global factor.
-    if cost_range is not None and lam * cost_range < -0.5 * math.log(tiny):
-        kernel = torch.exp(-lam * cost)  # entries in [exp(-lam * cost_range), 1]: no underflow
-        u = r / kernel.sum(dim=2)  # rows sum to r (the first round's v is all ones)
+    kernel = torch.exp(-lam * cost)  # Eq. 11: entries in [exp(-lam), 1]
+    u = 1.0 / kernel.sum(dim=(1, 2))[:, None].expand(-1, n)  # P /= sum(P)
+    v = torch.ones_like(c)
+    for _ in range(n_iter):  # Eq. 12
+        u = r / torch.einsum("pnk,pk->pn", kernel, v)  # rows sum to r
         v = c / torch.einsum("pnk,pn->pk", kernel, u)  # columns sum to c
-        for _ in range(n_iter - 1):
-            u = r / torch.einsum("pnk,pk->pn", kernel, v)
-            v = c / torch.einsum("pnk,pn->pk", kernel, u)
-        plan = kernel * rearrange(u, "p n -> p n 1") * rearrange(v, "p k -> p 1 k")
-        return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
-    log_r = r.clamp_min(tiny).log()  # (P, n); a zero marginal entry would give -inf - (-inf) = NaN
-    log_c = c.clamp_min(tiny).log()  # (P, k)
-    log_kernel = -lam * cost  # (P, n, k)
-    # The column step reduces over the last axis of a transposed copy: over the middle axis is ~3x slower on CPU.
-    log_kernel_t = rearrange(log_kernel, "p n k -> p k n").contiguous()
-    g = torch.zeros_like(log_c)
-    for _ in range(n_iter):
-        f = log_r - torch.logsumexp(log_kernel + rearrange(g, "p k -> p 1 k"), dim=2)  # rows sum to r
-        g = log_c - torch.logsumexp(log_kernel_t + rearrange(f, "p n -> p 1 n"), dim=2)  # columns sum to c
-    plan = (log_kernel + rearrange(f, "p n -> p n 1") + rearrange(g, "p k -> p 1 k")).exp()
+    plan = rearrange(u, "p n -> p n 1") * kernel * rearrange(v, "p k -> p 1 k")
     return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The steps of Sec. 3.3, one function per idea
 # --------------------------------------------------------------------------------------------------------------
-def token_marginal(joint: Tensor, cls: Optional[Tensor], temperature: float, uniform: bool) -> Tensor:
-    """r (P, 2N): softmax over the joint tokens of their cosine similarity to the CLS token (Sec. 3.3).
+def cls_similarity(joint: Tensor, cls: Tensor) -> Tensor:
+    """s (P, 2N): each joint token's cosine similarity to the CLS token in the same space (Sec. 3.3).
 
-    cls is (P, d), one CLS for all tokens, or (P, 2, d), each view's own CLS for that view's tokens (what the
-    official code does: each view's attention map, then one softmax over the 2N joint tokens).
+    joint (P, 2N, d) is L2-normalised. cls is (P, d), one CLS for all tokens, or (P, 2, d), each view's own CLS
+    for that view's tokens (the official code: each view's attention map, joined).
     """
-    n_problems, n, _ = joint.shape
-    if cls is None or uniform:
-        return joint.new_full((n_problems, n), 1.0 / n)
     cls = F.normalize(cls.to(joint.dtype), dim=-1)
     if cls.dim() == 2:
-        similarity = torch.einsum("pnd,pd->pn", joint, cls)
-    else:
-        per_view = rearrange(joint, "p (v n) d -> p v n d", v=2)
-        similarity = rearrange(torch.einsum("pvnd,pvd->pvn", per_view, cls), "p v n -> p (v n)")
+        return torch.einsum("pnd,pd->pn", joint, cls)
+    per_view = rearrange(joint, "p (v n) d -> p v n d", v=2)
+    return rearrange(torch.einsum("pvnd,pvd->pvn", per_view, cls), "p v n -> p (v n)")
+
+
+def token_marginal(similarity: Tensor, temperature: float) -> Tensor:
+    """r (P, 2N) = softmax(s / temperature) over the 2N joint tokens (Sec. 3.3; the temperature, 2.0, comes from
+    the official code). s = 0 gives the uniform marginal."""
     return torch.softmax(similarity / temperature, dim=-1)
 
 
@@ -128,35 +121,34 @@ def seed_matrix(seeds: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     return y.scatter_(1, rearrange(seeds, "p k -> p 1 k"), 1.0)
 
 
-def centroid_marginal(seed_mass: Tensor, temperature: float, uniform: bool) -> Tensor:
-    """c (P, K) = softmax(Y^T r / temperature) from seed_mass = Y^T r (P, K) (Eq. 10; the temperature comes from
-    the official code)."""
-    if uniform:
-        return torch.full_like(seed_mass, 1.0 / seed_mass.shape[1])
-    return torch.softmax(seed_mass / temperature, dim=-1)
+def centroid_marginal(y: Tensor, similarity: Tensor, temperature: float) -> Tensor:
+    """c (P, K) = softmax(Y^T s / temperature) (Eq. 10), s the tokens' raw CLS similarities (P, 2N).
 
-
-def unit_rows(x: Tensor) -> Tensor:
-    """F.normalize(x, dim=-1) in three operator calls instead of four (it runs twice per merge step)."""
-    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
+    Eq. 10 writes softmax(Y^T r). Read literally on r, a distribution over the 2N joint tokens whose entries are
+    all about 1 / 2N, that softmax is uniform to four decimals and the marginal does nothing, against its stated
+    purpose (scale the importance of the centroids). The official code (`compute_c_marginals`) applies it to the
+    raw similarities s, as here: max/min about 1.3 at initialisation, up to e for a trained network. After a
+    merge Y's columns are averages of seed columns, so Y^T s is the mean similarity of a cluster's seeds.
+    """
+    return torch.softmax(torch.einsum("pnk,pn->pk", y, similarity) / temperature, dim=-1)
 
 
 def transport_cost_matrix(joint: Tensor, centroids: Tensor, positions: Tensor, centroid_positions: Tensor,
                           lambda_pos: float) -> Tensor:
     """T (P, 2N, K) = T_sem + lambda_pos T_pos (Eq. 9, 17, 18), min-max normalised to [0, 1] per problem.
 
-    The normalisation fixes the scale on which the Sinkhorn lambda acts. The official code normalises over the
-    whole batch at once, which couples the images of a batch; here each problem is normalised on its own.
+    The normalisation (official code) fixes the scale on which the Sinkhorn lambda acts. The official code
+    normalises over the whole batch at once, which couples the images of a batch; here each problem is
+    normalised on its own.
     """
     eps = torch.finfo(joint.dtype).eps  # spans below eps are rounding noise: leave them unamplified
-    unit = unit_rows(centroids)
-    # Euclidean distances (P, 2N, K), computed directly: cdist's default matrix-product path loses pixels
+    t_sem = -torch.einsum("pnd,pkd->pnk", joint, F.normalize(centroids, dim=-1))  # Eq. 9: T_sem = -Z_cat C^T
+    # Euclidean distances, computed directly: cdist's default matrix-product path loses pixels
     distance = torch.cdist(positions, centroid_positions, compute_mode="donot_use_mm_for_euclid_dist")
-    scale = lambda_pos / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17: S = max
-    # Eq. 18 with Eq. 9 in one batched product: T = lambda_pos T_pos - Z_cat C^T
-    total = torch.baddbmm(distance * scale, joint, unit.transpose(1, 2), alpha=-1.0)
-    low, high = torch.aminmax(total.flatten(1), dim=1, keepdim=True)  # (P, 1) each
-    return (total - low[..., None]) / (high - low).clamp_min(eps)[..., None]
+    t_pos = distance / distance.amax(dim=(1, 2), keepdim=True).clamp_min(eps)  # Eq. 17: / S, its max
+    total = t_sem + lambda_pos * t_pos  # Eq. 18
+    low, high = total.amin(dim=(1, 2), keepdim=True), total.amax(dim=(1, 2), keepdim=True)
+    return (total - low) / (high - low).clamp_min(eps)
 
 
 def update_centroids(joint: Tensor, plan: Tensor) -> Tensor:
@@ -178,38 +170,19 @@ def merge_matrix(i: Tensor, j: Tensor, k: int, dtype: torch.dtype) -> Tensor:
     return torch.where((new == i[:, None])[:, :, None], pair[:, None, :], copy)
 
 
-class MergeMaps(NamedTuple):
-    matrices: Tensor  # (k * k, k - 1, k) `merge_matrix` of every pair at the flat index i * k + j (i < j)
-    lower: Tensor  # (k, k) bool, True on and below the diagonal: the entries that are not a pair i < j
-
-
-def merge_maps(k: int, dtype: torch.dtype, device: torch.device) -> MergeMaps:
-    """Every merge map for up to k centroids, built once per `cluster` call (entries with i >= j are unused).
-
-    The map of a pair i < j at a smaller K is the top-left (K - 1, K) block of this one (rows before j copy the
-    same rows, rows after it the next ones), so one table serves every step.
-    """
-    pairs = torch.arange(k * k, device=device)
-    matrices = merge_matrix(torch.div(pairs, k, rounding_mode="floor"), pairs % k, k, dtype)
-    return MergeMaps(matrices, torch.ones(k, k, dtype=torch.bool, device=device).tril())
-
-
-def merge_closest(centroids: Tensor, seeds: Tensor, maps: Optional[MergeMaps] = None):
+def merge_closest(centroids: Tensor, seeds: Tensor):
     """Eq. 14: merge the two centroids with the highest cosine similarity, per problem.
 
     centroids (P, K, d), seeds Y (P, 2N, K) -> (P, K - 1, d), (P, 2N, K - 1): the pair's C rows and Y columns
-    are averaged, the obsolete ones removed. maps: `merge_maps(k0, ...)` for some k0 >= K (built here when
-    None). The official code instead picks the pair by the dot product of the unnormalised means and sums the
-    pair's plan columns (see the module docstring).
+    are averaged, the obsolete ones removed. The official code instead picks the pair by the dot product of the
+    unnormalised means and sums the pair's plan columns (see the module docstring).
     """
     k = centroids.shape[1]
-    maps = merge_maps(k, centroids.dtype, centroids.device) if maps is None else maps
-    k0 = maps.lower.shape[0]
-    unit = unit_rows(centroids)
-    similarity = torch.einsum("pkd,pld->pkl", unit, unit).masked_fill(maps.lower[:k, :k], float("-inf"))  # cosine
-    similarity = F.pad(similarity, (0, k0 - k, 0, k0 - k), value=float("-inf"))  # (P, k0, k0): flat index i k0 + j
-    pair = similarity.flatten(1).argmax(dim=1)  # (P,); ties: the first
-    mix = maps.matrices[pair, :k - 1, :k]  # (P, K - 1, K)
+    unit = F.normalize(centroids, dim=-1)
+    similarity = torch.einsum("pkd,pld->pkl", unit, unit)  # (P, K, K) cosine
+    not_a_pair = torch.ones(k, k, dtype=torch.bool, device=centroids.device).tril()  # keep i < j only
+    pair = similarity.masked_fill(not_a_pair, float("-inf")).flatten(1).argmax(dim=1)  # (P,); ties: the first
+    mix = merge_matrix(torch.div(pair, k, rounding_mode="floor"), pair % k, k, centroids.dtype)  # (P, K - 1, K)
     return torch.einsum("pmk,pkd->pmd", mix, centroids), torch.einsum("pnk,pmk->pnm", seeds, mix)
 
 
@@ -235,13 +208,11 @@ class _Selection(NamedTuple):
 def select_k(best: _Selection, plan: Tensor, cost: Tensor) -> _Selection:
     """A-posteriori K (Sec. 3.3): keep, per problem, the plan with the smallest d_c seen so far.
 
-    Called for K = k_max, ..., 2 only; ties keep the larger K (the first seen). (Keeping every step's row argmax
-    instead and choosing at the end is fewer operator calls but slower: an argmax over K <= 12 columns is a
-    slow reduction on CPU.)
+    Called for K = k_max, ..., 2 only; ties keep the larger K (the first seen).
     """
     k, k_max = plan.shape[-1], best.plan.shape[-1]
     better = cost < best.cost  # (P,)
-    padded = plan if k == k_max else F.pad(plan, (0, k_max - k))  # (P, 2N, k_max)
+    padded = F.pad(plan, (0, k_max - k))  # (P, 2N, k_max)
     return _Selection(plan=torch.where(rearrange(better, "p -> p 1 1"), padded, best.plan),
                       cost=torch.where(better, cost, best.cost), k=torch.where(better, k, best.k))
 
@@ -261,28 +232,41 @@ def hard_assignment(plan: Tensor, k: Tensor) -> Tensor:
 def prune_single_view(assignment: Tensor):
     """Eq. 16: drop clusters with no token in one of the views -> (assignment with those columns zeroed, valid).
 
-    assignment (P, 2N, K) is view 1's tokens then view 2's; valid (P, K) bool.
+    assignment (P, 2N, K) is view 1's tokens then view 2's; valid (P, K) bool. Dropped columns are zeroed, not
+    removed, so that every problem keeps the same shape; `valid` marks the kept ones.
     """
     view1, view2 = rearrange(assignment, "p (v n) k -> v p n k", v=2)
     valid = (view1.sum(dim=1) > 0) & (view2.sum(dim=1) > 0)  # (P, K)
     return assignment * rearrange(valid, "p k -> p 1 k").to(assignment.dtype), valid
 
 
-def centroids(tokens: Tensor, assignment: Tensor) -> Tensor:
-    """(P, K, d) = M^T Z, the sum of each cluster's tokens (Eq. 1-2); the caller normalises.
+def soft_assignment(plan: Tensor, valid: Tensor) -> Tensor:
+    """Q* (P, 2N, k_max): the selected plan with each row normalised over its K columns, then the pruned columns
+    (the set S of Sec. 3.3.1) set to zero (end of Sec. 3.3 and Eq. 16). Columns beyond K are zero already.
 
-    tokens (P, n, d), assignment (P, n, K): pass one view's rows of both for per-view centroids.
+    Its rows sum to at most 1, and its row argmax is M wherever M keeps the token. The official code pools with
+    Q* * M instead, each view's columns normalised (a difference listed in the README).
     """
-    if tokens.dim() != 3 or assignment.dim() != 3 or tokens.shape[:2] != assignment.shape[:2]:
-        raise ValueError(f"centroids: tokens (P, n, d) and assignment (P, n, K) must agree on P and n, got "
-                         f"{tuple(tokens.shape)} and {tuple(assignment.shape)}")
-    return torch.einsum("pnk,pnd->pkd", assignment.to(tokens.dtype), tokens)
+    rows = plan / plan.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+    return rows * rearrange(valid, "p k -> p 1 k").to(plan.dtype)
+
+
+def centroids(tokens: Tensor, plan: Tensor) -> Tensor:
+    """(P, K, d): C^T = Z^T Q* (Eq. 1-2), each cluster's tokens weighted by their assignment; the caller
+    normalises (the scale does not survive the L2 normalisation before the head).
+
+    tokens (P, n, d), plan (P, n, K): pass one view's rows of both (Q*_1 or Q*_2) for that view's centroids.
+    """
+    if tokens.dim() != 3 or plan.dim() != 3 or tokens.shape[:2] != plan.shape[:2]:
+        raise ValueError(f"centroids: tokens (P, n, d) and plan (P, n, K) must agree on P and n, got "
+                         f"{tuple(tokens.shape)} and {tuple(plan.shape)}")
+    return torch.einsum("pnk,pnd->pkd", plan.to(tokens.dtype), tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The whole of Sec. 3.3
 # --------------------------------------------------------------------------------------------------------------
-def _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp):
+def _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp, sinkhorn_lambda):
     if tokens.dim() != 3 or not tokens.is_floating_point():
         raise ValueError(f"cluster: tokens must be a float (P, 2N, d) tensor, got {tokens.dtype} "
                          f"{tuple(tokens.shape)}")
@@ -301,6 +285,9 @@ def _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp):
         raise ValueError(f"cluster: k_max must lie in [2, k_start] = [2, {k_start}], got {k_max}")
     if marginal_temp <= 0:
         raise ValueError(f"cluster: marginal_temp must be positive, got {marginal_temp}")
+    if not 0 < sinkhorn_lambda <= max_sinkhorn_lambda(torch.float32):
+        raise ValueError(f"cluster: sinkhorn_lambda must lie in (0, {max_sinkhorn_lambda(torch.float32):.1f}] "
+                         f"(exp(-lambda) underflows float32 beyond), got {sinkhorn_lambda}")
     if seeds is not None:
         if seeds.shape != (n_problems, k_start) or seeds.is_floating_point() or seeds.dtype == torch.bool:
             raise ValueError(f"cluster: seeds must be integer token indices (P, k_start) = {(n_problems, k_start)}, "
@@ -320,36 +307,36 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
 
     tokens (P, 2N, d): view 1's tokens then view 2's (Z_cat, Eq. 8); positions (P, 2N, 2): their (x, y) in the
     original image (E_cat, Sec. 3.3.2); cls (P, d), or (P, 2, d) with each view's own: the CLS token in the same
-    space, for the token marginal r (uniform when None or `uniform_marginals`). seeds (P, k_start): token indices of the initial centroids,
-    otherwise drawn from r with `generator`. k_max (default k_start): the largest K the selection may pick.
-    return_steps: also return every step's hard assignment (`ClusterResult.steps`, Fig. 3); it adds work, no sync.
-    Computed in at least float32 and without gradients.
+    space, for the marginals r and c (uniform when None or `uniform_marginals`). seeds (P, k_start): token
+    indices of the initial centroids, otherwise drawn from r with `generator`. k_max (default k_start): the
+    largest K the selection may pick. return_steps: also return every step's hard assignment
+    (`ClusterResult.steps`, Fig. 3); it adds work, no sync. Computed in at least float32, without gradients.
     """
     k_max = k_start if k_max is None else k_max
-    _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp)
+    _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp, sinkhorn_lambda)
     n_problems, n, _ = tokens.shape
     dtype = torch.promote_types(tokens.dtype, torch.float32)  # fp16 is too coarse for pixel positions and costs
     with torch.autocast(tokens.device.type, enabled=False):  # ... also inside the training step's autocast
         joint = F.normalize(tokens.to(dtype), dim=-1)  # (P, 2N, d) Z_cat, L2-normalised
         positions = positions.to(dtype)  # (P, 2N, 2) E_cat
-
-        r = token_marginal(joint, cls, marginal_temp, uniform_marginals)  # (P, 2N)
+        if cls is None or uniform_marginals:
+            s = joint.new_zeros(n_problems, n)  # r and c uniform
+        else:
+            s = cls_similarity(joint, cls)  # (P, 2N)
+        r = token_marginal(s, marginal_temp)  # (P, 2N)
         if seeds is None:
             seeds = sample_seeds(r, k_start, generator)  # (P, k_start)
         y = seed_matrix(seeds, n, dtype)  # (P, 2N, K) Y
         cents = torch.einsum("pnk,pnd->pkd", y, joint)  # (P, K, d) Eq. 8: C = Y^T Z_cat
-        marks = torch.cat([positions, r[..., None]], dim=-1)  # (P, 2N, 3): what Y^T pools at every step
-        maps = merge_maps(k_start, dtype, tokens.device)  # Eq. 14's maps, built once
 
         best = _Selection(plan=joint.new_zeros(n_problems, n, k_max), cost=joint.new_full((n_problems,), torch.inf),
                           k=torch.full((n_problems,), k_max, dtype=torch.long, device=tokens.device))
         costs, steps = [], []
         for k in range(k_start, 1, -1):
-            pooled = torch.einsum("pnk,pnc->pkc", y, marks)  # (P, K, 3)
-            cent_positions = pooled[..., :2]  # (P, K, 2) E_cen = Y^T E_cat (Sec. 3.3.2)
-            c = centroid_marginal(pooled[..., 2], marginal_temp, uniform_marginals)  # (P, K) Eq. 10
+            cent_positions = torch.einsum("pnk,pnc->pkc", y, positions)  # (P, K, 2) E_cen = Y^T E_cat (Sec. 3.3.2)
+            c = centroid_marginal(y, s, marginal_temp)  # (P, K) Eq. 10
             cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # Eq. 9, 17, 18
-            plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations, cost_range=1.0)  # Eq. 11-13
+            plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations)  # Eq. 11-13
             costs.append(d_c)
             if return_steps:
                 steps.append(step_labels(plan.argmax(dim=-1), y, seeds))
@@ -357,10 +344,11 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
                 best = select_k(best, plan, d_c)
             if k > 2:
                 cents = update_centroids(joint, plan)  # C^T = Z^T Q*
-                cents, y = merge_closest(cents, y, maps)  # Eq. 14
+                cents, y = merge_closest(cents, y)  # Eq. 14
 
         assignment = hard_assignment(best.plan, best.k)  # Eq. 15
         assignment, valid = prune_single_view(assignment)  # Eq. 16
+        plan = soft_assignment(best.plan, valid)  # Q*: rows normalised, pruned (end of Sec. 3.3, Eq. 16)
         steps = torch.stack(steps, dim=1) if return_steps else joint.new_empty(n_problems, 0, n, dtype=torch.long)
-    return ClusterResult(assignment=assignment.to(tokens.dtype), valid=valid, k=best.k,
-                         cost=torch.stack(costs, dim=1), steps=steps)
+    return ClusterResult(plan=plan.to(tokens.dtype), assignment=assignment.to(tokens.dtype), valid=valid,
+                         k=best.k, cost=torch.stack(costs, dim=1), steps=steps)

@@ -15,6 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+import clustering
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -241,7 +243,7 @@ class CrOCHead(nn.Module):
     `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3)."""
 
     def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
-                 norm_last_layer=True):
+                 norm_last_layer=False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
         layers = []
@@ -258,21 +260,16 @@ class CrOCHead(nn.Module):
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
 
-def view_centroids(patch, cls, assignment, keep=None):
+def view_centroids(patch, cls, plan):
     """Centroids of each view (Eq. 2: C^T = Z^T Q*), L2-normalised and rescaled to the mean CLS norm.
 
-    patch: (2B, N, D) final tokens, view 1 then view 2; cls: (2B, D); assignment: (2, B, N, K) hard assignments
-    split view-wise (the heads' clusters side by side on K, Sec. 3.3.3). Returns (2, B, K, D). As in the
-    official code, the centroids get the norm of an average CLS token so the shared head sees inputs of the
-    scale it sees for images; an empty (pruned or padded) column gives a zero centroid.
-    keep: optional (M,) indices into the B x K slots (image-major): only those centroids, as one "image" of M
-    slots, (2, 1, M, D).
+    patch: (2B, N, D) final tokens, view 1 then view 2; cls: (2B, D); plan: Q* split view-wise (2, B, N, K), the
+    heads' clusters side by side on K (Sec. 3.3.3). Returns (2, B, K, D). As in the official code, the centroids
+    get the norm of an average CLS token so that the shared head sees inputs of the scale it sees for images; a
+    pruned or padded (zero) column gives a zero centroid.
     """
-    patch = rearrange(patch, "(v b) n d -> v b n d", v=2)
-    c = torch.einsum("vbnd,vbnk->vbkd", patch, assignment.to(patch.dtype))  # Eq. 2
-    if keep is not None:
-        c = c.flatten(1, 2)[:, None, keep]
-    return cls.norm(dim=-1).mean() * F.normalize(c, dim=-1)
+    c = clustering.centroids(patch, rearrange(plan, "v b n k -> (v b) n k"))  # (2B, K, D) Eq. 2
+    return cls.norm(dim=-1).mean() * F.normalize(rearrange(c, "(v b) k d -> v b k d", v=2), dim=-1)
 
 
 class CrOCModel(nn.Module):
@@ -283,15 +280,14 @@ class CrOCModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x, assignment=None, keep=None):
+    def forward(self, x, plan=None):
         """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
-        assignment (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None; with `keep` (M,) slot
-        indices (see `view_centroids`), the kept centroids' logits only, (2, 1, M, L_c)."""
+        Q* split view-wise (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None."""
         f = self.backbone.forward_features(x)
         img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
-        if assignment is None:
+        if plan is None:
             return img, None
-        return img, self.head(view_centroids(f.patch, f.cls, assignment, keep), centroids=True)
+        return img, self.head(view_centroids(f.patch, f.cls, plan), centroids=True)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from torch.profiler import record_function
 from tqdm import tqdm
 
 import clustering
@@ -78,8 +79,10 @@ def get_args_parser():
     g.add_argument("--patch_size", default=16, type=int, help="8 or 16. The paper: 16.")
     g.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (Sec. 4.1: 65,536).")
     g.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (Sec. 4.1: 8,192).")
-    g.add_argument("--norm_last_layer", default=True, type=bool_flag,
-                   help="Weight-normalise the heads' last layers with fixed norm (DINO: True for ViT-S stability).")
+    g.add_argument("--norm_last_layer", default=False, type=bool_flag,
+                   help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: false "
+                        "for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for ViT-S, true "
+                        "for ViT-B stability. The official CrOC parser defaults to true.")
     g.add_argument("--momentum_teacher", default=0.996, type=float,
                    help="Teacher EMA momentum, cosine to 1 (DINO). 0.996 for batch 256; with small batches use "
                         "0.9995 or more.")
@@ -91,10 +94,6 @@ def get_args_parser():
     g.add_argument("--which_features", default="v", choices=["last", "q", "k", "v"],
                    help="Tokens clustered (Eq. 21, Table 6): last-block values (paper's COCO runs), keys "
                         "(ablations, ImageNet), queries, or the final tokens (`last`).")
-    g.add_argument("--compact_centroids", default=None, type=bool_flag,
-                   help="Run the heads on the kept centroids only (exact, and the head is most of CrOC's extra "
-                        "cost: heads x K_max slots per view otherwise), at the price of one host sync per step "
-                        "(nonzero). Default: on for CPU (no device to wait for), off for CUDA (sync-free step).")
     g.add_argument("--k_start", default=12, type=int, help="Initial number of centroids K_start (paper: 12).")
     g.add_argument("--k_max", default=None, type=int,
                    help="Largest K the selection may pick (default: k_start; the official code: 4 with k_start 5).")
@@ -102,8 +101,10 @@ def get_args_parser():
                    help="Weight of the positional cost (Eq. 18; paper 4 on COCO, 3 on ImageNet and in ablations).")
     g.add_argument("--sinkhorn_lambda", default=20.0, type=float, help="Entropy regularisation lambda (Eq. 11).")
     g.add_argument("--sinkhorn_iterations", default=5, type=int, help="Sinkhorn rounds (official: 5).")
-    g.add_argument("--marginal_temp", default=2.0, type=float, help="Temperature of the r and c marginals (Eq. 10).")
-    g.add_argument("--uniform_marginals", action="store_true", help="Uniform r and c instead of the CLS attention.")
+    g.add_argument("--marginal_temp", default=2.0, type=float,
+                   help="Temperature of the r and c marginals (official code: 2.0; Eq. 10 has none).")
+    g.add_argument("--uniform_marginals", action="store_true",
+                   help="Uniform r and c instead of the tokens' similarity to the CLS token.")
 
     g = p.add_argument_group("temperatures and centring (Eq. 3, 5; App. B)")
     g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="Initial teacher temperature.")
@@ -181,12 +182,13 @@ class CrOCLoss(nn.Module):
 
         Returns (loss_glob, loss_dense). The dense loss averages over every kept centroid of the whole batch, all
         ranks together: this rank's sum is divided by the global count and multiplied by the world size, so that
-        DDP's gradient average gives the exact global mean however many centroids each rank keeps. An image
+        DDP's gradient average gives the exact global mean however many centroids each rank keeps. (Eq. 4 writes
+        1/K per image; the official code averages over the kept centroids of the batch, per rank.) An image
         whose clusters were all pruned adds nothing; a batch with none anywhere gives 0, not NaN.
         """
         temp = self.teacher_temps[epoch]
         t, t_entropy = teacher_distribution(t_img, self.center, temp)
-        loss_glob = 0.5 * CrossViewEntropy.apply(s_img, t, self.student_temp).mean()  # Eq. 6: both pairs
+        loss_glob = 0.5 * cross_view_entropy(s_img, t, self.student_temp).mean()  # Eq. 6: both pairs
         # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
         # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
         self.stats = {"teacher_entropy": t_entropy.mean().detach()}
@@ -196,14 +198,14 @@ class CrOCLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center / n_img, alpha=1 - self.center_momentum)
         if s_cen is None:
             return loss_glob, loss_dense
-        w = valid.float()  # (B, K); pruned and padded centroids weigh 0
+        w = valid.to(t_cen.dtype)  # (B, K); pruned and padded centroids weigh 0
         count = all_reduce(w.sum())  # kept centroids on all ranks: sum and count, never a mean of means
         tc, tc_entropy = teacher_distribution(t_cen, self.center_c, temp)
-        ce = CrossViewEntropy.apply(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
+        ce = cross_view_entropy(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
         loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
         ent_c = tc_entropy.mean(0)  # (B, K), averaged over the views
         self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
-        kept_sum = (w.flatten() @ rearrange(t_cen, "v b k l -> v (b k) l")).sum(dim=0)  # (Lc,) one pass over t_cen
+        kept_sum = torch.einsum("bk,vbkl->l", w, t_cen)  # (Lc,) the kept centroids of both views
         batch_center_c = all_reduce(kept_sum.unsqueeze(0))
         new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
             1 - self.center_momentum)
@@ -211,41 +213,21 @@ class CrOCLoss(nn.Module):
         return loss_glob, loss_dense
 
 
-# The loss tensors are (2, rows, L) with L = 65,536 or 8,192 and ~100 centroid rows per image: on a CPU each pass
-# over them costs about as much as a layer of the head, so the two functions below make as few as they can.
 def teacher_distribution(logits, center, temp):
     """P_t = softmax((logits - center) / temp) (Eq. 3, 5: DINO's centring and sharpening) and its entropy per row
     (nats), for the collapse diagnostics."""
-    log_p = F.log_softmax(torch.add(-center / temp, logits, alpha=1 / temp), dim=-1)  # (logits - c) / T, one pass
+    log_p = F.log_softmax((logits - center) / temp, dim=-1)
     p = log_p.exp()
     return p, -(p * log_p).sum(-1)
 
 
-class CrossViewEntropy(torch.autograd.Function):
-    """H(p_2, q_1) + H(p_1, q_2) per row (Eq. 4, 6), q_v = softmax(logits_v / temp), p_v the teacher's
-    distributions (rows sum to 1, no gradient); logits and p are (2, ..., L), view 1 then view 2.
+def cross_view_entropy(student_logits, teacher_p, temp):
+    """H(P_t2, P_s1) + H(P_t1, P_s2) per row (Eq. 4, 6): each view's student against the other view's teacher.
 
-    The gradient is the closed form d/d logits_v = (q_v - p_{other view}) / temp: the numbers autograd would give
-    through log_softmax, the products and the sums, in fewer passes over the (2, ..., L) tensors, and without
-    gathering view-sliced gradients into a zero-filled buffer.
+    student_logits and teacher_p are (2, ..., L), view 1 then view 2; teacher_p has no gradient.
     """
-
-    @staticmethod
-    def forward(ctx, logits, p, temp):
-        if ctx.needs_input_grad[1]:
-            raise ValueError("CrossViewEntropy: the teacher's distribution p gets no gradient")
-        log_q = F.log_softmax(logits / temp, dim=-1)
-        ctx.save_for_backward(log_q, p)
-        ctx.temp = temp
-        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        log_q, p = ctx.saved_tensors
-        out = log_q.exp()  # q, then in place: (q_v - p_other) * grad / temp
-        out[0].sub_(p[1])
-        out[1].sub_(p[0])
-        return out.mul_(rearrange(grad / ctx.temp, "... -> ... 1")), None, None
+    log_q = F.log_softmax(student_logits / temp, dim=-1)  # log P_s
+    return -(teacher_p.flip(0) * log_q).sum(-1).sum(0)
 
 
 def world_size():
@@ -260,54 +242,49 @@ def teacher_assignments(tokens, positions, args, generator, return_steps=False):
     """Cluster the teacher's last-block tokens of both views, every (image, head) problem in one call.
 
     tokens: (2B, H, 1+N, d) view 1 then view 2, CLS at index 0 (Eq. 21); positions: (B, 2, N, 2) patch
-    positions in the original image (Sec. 3.3.2). Returns the hard assignment split view-wise (2, B, N, H*K),
-    the heads' clusters side by side (Sec. 3.3.3), the kept-centroid mask (B, H*K) (Eq. 16), and the ClusterResult
-    (with every merge step's assignment when return_steps, for visualize.py).
+    positions in the original image (Sec. 3.3.2). Returns Q* split view-wise (2, B, N, H*K), the heads' clusters
+    side by side (Sec. 3.3.3), the kept-centroid mask (B, H*K) (Eq. 16), and the ClusterResult (with every merge
+    step's assignment when return_steps, for visualize.py).
     """
     H = tokens.shape[1]
     tokens = tokens.float()  # clustering in fp32 whatever the autocast: exp(-lambda * cost) needs the range
-    joint = rearrange(tokens[:, :, 1:], "(v b) h n d -> (b h) (v n) d", v=2)  # Z_cat per problem (P, 2N, d)
-    cls = rearrange(tokens[:, :, 0], "(v b) h d -> (b h) v d", v=2)  # each view's CLS, for r (P, 2, d)
+    joint = rearrange(tokens[:, :, 1:], "(v b) h n d -> (b h) (v n) d", v=2)  # join: Z_cat per problem (P, 2N, d)
+    cls = rearrange(tokens[:, :, 0], "(v b) h d -> (b h) v d", v=2)  # each view's CLS, for r and c (P, 2, d)
     pos = repeat(positions.float(), "b v n c -> (b h) (v n) c", h=H)  # E_cat (P, 2N, 2)
     res = clustering.cluster(joint, pos, cls, k_start=args.k_start, k_max=args.k_max, lambda_pos=args.lambda_pos,
                              sinkhorn_lambda=args.sinkhorn_lambda, sinkhorn_iterations=args.sinkhorn_iterations,
                              marginal_temp=args.marginal_temp, uniform_marginals=args.uniform_marginals,
-                             generator=generator, return_steps=return_steps)
-    assignment = rearrange(res.assignment, "(b h) (v n) k -> v b n (h k)", h=H, v=2)  # split: Q*_1, Q*_2
+                             generator=generator, return_steps=return_steps)  # locate (Sec. 3.3)
+    plan = rearrange(res.plan, "(b h) (v n) k -> v b n (h k)", h=H, v=2)  # split: Q*_1, Q*_2
     valid = rearrange(res.valid, "(b h) k -> b (h k)", h=H)
-    return assignment, valid, res
+    return plan, valid, res
 
 
-def no_mark(part):
-    pass
+def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
+    """One CrOC step up to the loss (Fig. 2). views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> loss, stats.
 
-
-def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast, mark=no_mark):
-    """One CrOC step up to the loss. views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> losses and stats.
-    mark(part) is called as each part ends (bench.py times them; training passes nothing)."""
+    The parts are labelled with torch.profiler.record_function (free when no profiler runs; bench.py reads
+    them). The heads run on every centroid slot, pruned ones included, which weigh 0 in Eq. 4: the same loss as
+    on the kept ones alone, with no host sync to count them.
+    """
     x = rearrange(views, "b v c h w -> (v b) c h w")  # both views in one pass: view 1 then view 2
     with autocast:
         with torch.no_grad():
-            tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
-            t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
-            mark("teacher forward")
-            assignment = valid = res = t_cen = keep = None
+            with record_function("teacher forward"):
+                tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
+                t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
+            plan = valid = res = t_cen = None
             if args.alpha > 0:
-                assignment, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
-                if args.compact_centroids:  # exact: pruned and padded slots weigh 0 in Eq. 4 anyway
-                    # nonzero waits for the clustering result: free on CPU (no device), a host sync on CUDA,
-                    # which is why --compact_centroids is off there unless asked for
-                    keep = valid.flatten().nonzero().squeeze(1)
-                mark("clustering")
-                t_cen = teacher.head(view_centroids(tf.patch, tf.cls, assignment, keep), centroids=True)
-                mark("teacher centroid head")
-        s_img, s_cen = student(x, assignment, keep)
-        mark("student forward")
-    loss_valid = valid if keep is None else valid.new_ones(1, keep.numel())  # compact: one "image", M kept slots
-    loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
-                                    None if t_cen is None else t_cen.float(), loss_valid, epoch)
-    loss = loss_glob + args.alpha * loss_dense  # Eq. 7
-    mark("loss")
+                with record_function("clustering"):
+                    plan, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
+                with record_function("teacher centroid head"):
+                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True)  # Eq. 2-3
+        with record_function("student forward"):
+            s_img, s_cen = student(x, plan)  # the same Q* pools the student's tokens (Eq. 2)
+    with record_function("loss"):
+        loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
+                                        None if t_cen is None else t_cen.float(), valid, epoch)
+        loss = loss_glob + args.alpha * loss_dense  # Eq. 7
     stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
              **loss_fn.stats}
     if res is not None:
@@ -326,11 +303,11 @@ def param_groups(model):
     return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args, mark=no_mark):
+def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
     """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    mark("backward")
+    with record_function("backward"):
+        scaler.scale(loss).backward()
     if args.clip_grad > 0:
         scaler.unscale_(optimizer)
         clip_gradients(student, args.clip_grad)
@@ -338,14 +315,13 @@ def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, a
         for name, p in student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
-    scaler.step(optimizer)
-    scaler.update()
-    mark("AdamW")
-    with torch.no_grad():  # EMA teacher
+    with record_function("AdamW"):
+        scaler.step(optimizer)
+        scaler.update()
+    with torch.no_grad(), record_function("teacher EMA"):
         t_params = list(teacher.parameters())
         torch._foreach_mul_(t_params, momentum)
         torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
-    mark("teacher EMA")
 
 
 def clip_gradients(model, clip):
@@ -414,8 +390,6 @@ def main(args):
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.k_max is None:
         args.k_max = args.k_start
-    if args.compact_centroids is None:
-        args.compact_centroids = device.type == "cpu"
     if device.type == "cpu" and args.precision != "fp32":
         args.precision = "fp32"  # autocast on CPU would be bf16 and slow; the paper's fp16 is a GPU setting
     os.makedirs(args.output_dir, exist_ok=True)
