@@ -2128,6 +2128,23 @@ def test_visualize_cli_reads_its_settings_from_a_training_checkpoint(tmp_path, c
         assert im.size == visualize.figure_size(1, 3, 5, 32)
 
 
+def test_curves_draw_a_real_training_log_and_name_a_broken_line(checkpoint, tmp_path):
+    """`visualize.py --log` draws train.py's own log.txt (the checkpoint fixture's run); a broken line is named."""
+    log = os.path.join(os.path.dirname(checkpoint[0]), "log.txt")
+    records = visualize.read_log(log)
+    assert len(records) == 2 and {"loss", "teacher_entropy", "mean_k", "kept_centroids"} <= set(records[0])
+    out = tmp_path / "curves.png"
+    visualize.main(visualize.get_args_parser().parse_args(["--log", log, "--output", str(out)]))
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape[0] > 400 and image.shape[1] > 400
+    # every panel with a logged key drew a coloured curve, not only the grey frames and text
+    assert (np.abs(image.astype(int) - np.array(visualize.PALETTE[0])).sum(-1) < 10).sum() > 50
+    broken = tmp_path / "log.txt"
+    broken.write_text(open(log).read() + "{not json\n")
+    with pytest.raises(ValueError, match="line 3"):
+        visualize.read_log(str(broken))
+
+
 def test_crop_box_recovers_the_crop_and_the_flip_from_patch_positions():
     box = (10, 20, 48, 64)  # top, left, height, width
     for flip in (False, True):

@@ -20,6 +20,7 @@ selected K (smallest d_c, Sec. 3.3) is boxed in red, steps with K > k_max (never
 import argparse
 import colorsys
 import json
+import math
 import os
 
 import numpy as np
@@ -318,6 +319,104 @@ FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "k_start", 
                  "global_crops_scale", "synthetic_size")  # None on the command line: checkpoint, then train.py
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Training curves from log.txt (one JSON line per epoch), Pillow only
+# --------------------------------------------------------------------------------------------------------------
+# (title, [(log key, label)], reference) per panel; reference: a config key whose log is drawn dashed (uniform
+# collapse: the teacher's entropy reaches log(out_dim)).
+CURVE_PANELS = [
+    ("losses", [("loss", "loss"), ("loss_glob", "loss_glob (Eq. 6)"), ("loss_dense", "loss_dense (Eq. 4)")], None),
+    ("teacher entropy, image head", [("teacher_entropy", "H(P_t)")], "out_dim"),
+    ("teacher entropy, centroid head", [("teacher_entropy_c", "H(P_t), centroids")], "out_dim_c"),
+    ("selected K (mean)", [("mean_k", "mean K")], None),
+    ("kept centroids per image", [("kept_centroids", "kept (Eq. 16)")], None),
+    ("share of images with no centroid", [("share_images_no_centroid", "no centroid")], None),
+    ("dense quality (--eval_every)", [("eval_kmeans_miou", "k-means mIoU (%)")], None),
+]
+PANEL_W, PANEL_H, PLOT_PAD = 420, 230, 44
+
+
+def read_log(path):
+    """The JSON lines of a train.py log.txt -> list of dicts, with an error naming the file and line."""
+    records = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}, line {number}: not a JSON line of train.py's log ({e})") from e
+    if not records:
+        raise ValueError(f"{path}: no epoch logged yet")
+    return records
+
+
+def draw_panel(draw, x0, y0, title, series, reference, font):
+    """One line plot: series [(label, xs, ys)], an optional dashed horizontal reference (label, value)."""
+    draw.text((x0 + PLOT_PAD, y0 + 2), title, fill=TEXT, font=font)
+    left, top, right, bottom = x0 + PLOT_PAD, y0 + 2 * LINE, x0 + PANEL_W - GAP, y0 + PANEL_H - 2 * LINE
+    draw.rectangle([left, top, right, bottom], outline=MUTED)
+    points = [(x, y) for _, xs, ys in series for x, y in zip(xs, ys)]
+    if not points:
+        draw.text((left + GAP, top + GAP), "not logged", fill=MUTED, font=font)
+        return
+    ys_all = [y for _, y in points] + ([reference[1]] if reference else [])
+    lo, hi = min(ys_all), max(ys_all)
+    lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+    x_lo, x_hi = min(x for x, _ in points), max(x for x, _ in points)
+    x_span = max(x_hi - x_lo, 1)
+
+    def at(x, y):
+        return (left + (x - x_lo) / x_span * (right - left), bottom - (y - lo) / (hi - lo) * (bottom - top))
+    for value in (lo, hi):
+        draw.text((x0 + 2, at(x_lo, value)[1] - LINE / 2), f"{value:.3g}", fill=MUTED, font=font)
+    draw.text((left, bottom + 2), f"epoch {x_lo}", fill=MUTED, font=font)
+    draw.text((right - 60, bottom + 2), f"epoch {x_hi}", fill=MUTED, font=font)
+    if reference:
+        label, value = reference
+        y = at(x_lo, value)[1]
+        for x in range(int(left), int(right), 8):
+            draw.line([(x, y), (min(x + 4, right), y)], fill=SELECTED)
+        draw.text((right - 120, y - LINE), label, fill=SELECTED, font=font)
+    for i, (label, xs, ys) in enumerate(series):
+        colour = PALETTE[i % len(PALETTE)]
+        xy = [at(x, y) for x, y in zip(xs, ys)]
+        if len(xy) > 1:
+            draw.line(xy, fill=colour, width=2)
+        for px, py in xy:
+            draw.ellipse([px - 2, py - 2, px + 2, py + 2], fill=colour)
+        draw.text((left + GAP, top + GAP + i * LINE), label, fill=colour, font=font)
+
+
+def draw_curves(log_path, output, config=None):
+    """Draw a train.py log.txt as a PNG: losses, both teacher entropies against log(out_dim) (uniform collapse),
+    mean K, kept centroids, the share of images with none, and the --eval_every k-means mIoU, per epoch.
+    config: the run's config.json (default: the one beside log.txt, if any), for out_dim and out_dim_c."""
+    records = read_log(log_path)
+    if config is None:
+        beside = os.path.join(os.path.dirname(os.path.abspath(log_path)), "config.json")
+        config = json.load(open(beside)) if os.path.isfile(beside) else {}
+    font = ImageFont.load_default()
+    columns = 2
+    rows = -(-len(CURVE_PANELS) // columns)
+    image = Image.new("RGB", (2 * MARGIN + columns * PANEL_W, 2 * MARGIN + TITLE + rows * PANEL_H), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    draw.text((MARGIN, MARGIN), f"{log_path}: {len(records)} epochs", fill=TEXT, font=font)
+    for i, (title, keys, reference_key) in enumerate(CURVE_PANELS):
+        series = []
+        for key, label in keys:
+            logged = [(r["epoch"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+            if logged:
+                series.append((label, [e for e, _ in logged], [v for _, v in logged]))
+        reference = None
+        if reference_key and config.get(reference_key):
+            reference = (f"log({reference_key}) = {math.log(config[reference_key]):.2f}", math.log(config[reference_key]))
+        draw_panel(draw, MARGIN + (i % columns) * PANEL_W, MARGIN + TITLE + (i // columns) * PANEL_H, title, series,
+                   reference, font)
+    image.save(output)
+    return image
+
+
 def get_args_parser():
     p = argparse.ArgumentParser("CrOC cluster pictures", add_help=False)
     g = p.add_argument_group("input (default: synthetic scene 0)")
@@ -326,8 +425,10 @@ def get_args_parser():
     src.add_argument("--synthetic_index", type=int, default=0,
                      help="Scene I of train.py's built-in synthetic set (data.SyntheticScenes with seed --seed).")
     g.add_argument("--synthetic_size", type=int, help="Side of the synthetic scene (train.py default 128).")
-    g = p.add_argument_group("model (one of --weights, --random_init)")
+    g = p.add_argument_group("model (one of --weights, --random_init), or --log for training curves")
     w = g.add_mutually_exclusive_group(required=True)
+    w.add_argument("--log", help="Draw this train.py log.txt as training curves (losses, teacher entropies against "
+                                 "log(out_dim), K statistics, --eval_every mIoU) to --output, and nothing else.")
     w.add_argument("--weights", help="A checkpoint: this project's, DINO's or CrOC's (model.load_pretrained).")
     w.add_argument("--random_init", action="store_true", help="A randomly initialised backbone (DINO's init).")
     g.add_argument("--checkpoint_key", default="teacher", help="State dict to read from a training checkpoint.")
@@ -370,6 +471,10 @@ def resolve_args(args):
 
 
 def main(args):
+    if args.log:
+        draw_curves(args.log, args.output)
+        print(f"wrote {args.output}: curves of {args.log}")
+        return
     args = resolve_args(args)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.manual_seed(args.seed)  # the random init, then the crops
