@@ -13,11 +13,13 @@ train.main that finish a step: backward, AdamW step, teacher EMA.
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+import traceback
 import warnings
 from contextlib import nullcontext
 
@@ -74,6 +76,18 @@ def get_args_parser():
                         "one repeat, no warm-up: runs in seconds; the numbers mean nothing.")
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     p.add_argument("--seed", default=0, type=int, help="Seed of the synthetic inputs, weights and clusterer draws.")
+    g = p.add_argument_group("GPU check (gpu_check.sh runs these parts; see BENCHMARKS.md, 'GPU check')")
+    g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "ddp", "ddp_rank", "summary"],
+                   help="Run these parts of the GPU check instead of the benchmark, writing PART.json to --out.")
+    g.add_argument("--out", default="gpu_check_out", help="Folder of the GPU check's JSON files and summary.")
+    g.add_argument("--dry", action="store_true",
+                   help="The CPU skeleton of every part, in seconds (also the default when CUDA is absent).")
+    g.add_argument("--steps", default=100, type=int, help="Timed training steps per run of the training part.")
+    g.add_argument("--warmup_steps", default=10, type=int,
+                   help="Untimed steps first (torch.compile compiles during them).")
+    g.add_argument("--budget_s", default=200, type=float,
+                   help="Seconds the training part may take; runs that no longer fit are skipped, the last one cut.")
+    g.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="ddp_rank: the process group.")
     return p
 
 
@@ -745,6 +759,410 @@ def format_results(res):
     return "\n".join(out)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# GPU check (gpu_check.sh): the CUDA path run for real (syncs, fp16/bf16, torch.compile, DDP on CUDA tensors), or
+# its CPU skeleton in seconds (a dry run, where CUDA is absent). Each part writes OUT/PART.json; `summary` merges
+# them with the driver's exit codes into OUT/gpu_check.json and OUT/gpu_check.txt.
+# --------------------------------------------------------------------------------------------------------------
+NO_CUDA = "skipped: no CUDA"
+# two ranks, a few steps: the DDP code path on CUDA tensors, not a measurement
+DDP_TRAIN_ARGS = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "256",
+                  "--out_dim_c", "128", "--k_start", "6", "--batch_size_per_gpu", "8", "--synthetic_images", "32",
+                  "--synthetic_size", "64", "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0",
+                  "--log_freq", "2", "--precision", "bf16"]
+
+
+def gpu_check_setup(args):
+    """Device, shapes and step counts of the GPU check; a dry run (no CUDA, or --dry) gets tiny ones on the CPU."""
+    args.dry = args.dry or not torch.cuda.is_available()
+    args.device = torch.device("cpu" if args.dry else "cuda")
+    args.k_max = args.k_max or args.k_start
+    if args.dry:
+        args.batch, args.sync_batch = args.batch or 2, 2
+        args.steps, args.warmup_steps = min(args.steps, 2), min(args.warmup_steps, 1)
+        args.out_dim, args.out_dim_c = min(args.out_dim, 256), min(args.out_dim_c, 256)
+        args.shape, args.precisions = ("vit_tiny", 16, 64), ["fp32"]  # 2N = 32 tokens >= K_start 12
+    else:
+        args.batch, args.sync_batch = args.batch or 128, 8  # syncs do not depend on the batch
+        args.shape, args.precisions = ("vit_small", 16, 224), ["bf16", "fp16"]
+    os.makedirs(args.out, exist_ok=True)
+    return args
+
+
+def write_part(args, name, res):
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+
+
+def first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+BENCH_ROOT = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def where(filename, lineno):
+    """A short name of the source line: the repository's file, or the path below site-packages."""
+    path = os.path.abspath(filename)
+    if path.startswith(BENCH_ROOT):
+        path = os.path.relpath(path, BENCH_ROOT)
+    elif "site-packages" + os.sep in path:
+        path = path.split("site-packages" + os.sep, 1)[1]
+    return f"{path}:{lineno}"
+
+
+def gpu_step_bench(args, precision, batch):
+    """A StepBench (models, loss, AdamW, scaler, synthetic views) at the check's shape, and its views and positions
+    in pinned host memory, to be copied in every step as train.main copies its batches."""
+    bench = StepBench(*args.shape, argparse.Namespace(**{**vars(args), "precision": precision, "batch": batch}))
+    views, positions = bench.views.cpu(), bench.positions.cpu()
+    if args.device.type == "cuda":
+        views, positions = views.pin_memory(), positions.pin_memory()
+    return bench, views, positions
+
+
+def full_step(bench, alpha, views, positions):
+    """One training step as train.main runs it: the batch to the device, train.train_step, then backward,
+    AdamW and the teacher EMA (train.optimizer_step). -> the loss (a device tensor: no host sync)."""
+    bench.args.alpha = alpha
+    views = views.to(bench.device, non_blocking=True)
+    positions = positions.to(bench.device, non_blocking=True)
+    loss, _ = train.train_step(bench.student, bench.teacher, bench.loss_fn, views, positions, bench.epoch,
+                               bench.args, bench.generator, bench.autocast)
+    train.optimizer_step(bench.student, bench.teacher, bench.optimizer, bench.scaler, loss, bench.epoch,
+                         bench.args.momentum_teacher, bench.args)
+    return loss.detach()
+
+
+def cluster_call(args, batch):
+    """clustering.cluster on random tokens at the check's shape (B x heads problems), train.py's settings."""
+    a = train.get_args_parser().parse_args([])
+    tokens, positions, cls = cluster_inputs(batch, *args.shape, args.device, args.seed)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+
+    def call():
+        return clustering.cluster(tokens, positions, cls, k_start=args.k_start, k_max=args.k_max,
+                                  lambda_pos=a.lambda_pos, sinkhorn_lambda=a.sinkhorn_lambda,
+                                  sinkhorn_iterations=a.sinkhorn_iterations, marginal_temp=a.marginal_temp,
+                                  uniform_marginals=a.uniform_marginals, generator=generator)
+    return call
+
+
+def sync_check(fn, device):
+    """Runs fn (already warmed up) under torch.cuda.set_sync_debug_mode('error'), then under 'warn' to list every
+    synchronising line; on the CPU runs it once, unchecked."""
+    if device.type != "cuda":
+        fn()
+        return {"status": NO_CUDA + " (ran once on the CPU, unchecked)"}
+    res = {}
+    sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        res["status"] = "ok: no host sync"
+    except RuntimeError as e:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)]
+        res["status"] = f"sync: {first_line(e)}"
+        res["raised_at"] = [where(f.filename, f.lineno) for f in frames[-4:]]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sync(device)
+    res["sync_sites"] = [where(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message).lower()]
+    return res
+
+
+def gpu_syncs(args):
+    """Part 2: one clusterer call and one full CrOC step (per precision) under the sync debug mode, after a
+    warm-up step; the logging reduction (is the loss finite?) runs outside, as in train.main."""
+    res = {"batch": args.sync_batch, "shape": label(*args.shape)}
+    call = cluster_call(args, args.sync_batch)
+    call()
+    res["clusterer"] = sync_check(call, args.device)
+    for precision in args.precisions:
+        try:
+            bench, views, positions = gpu_step_bench(args, precision, args.sync_batch)
+            for _ in range(2):  # warm-up: AdamW's state, the scaler's scale, cuBLAS handles
+                full_step(bench, 1.0, views, positions)
+            losses = []
+            check = sync_check(lambda: losses.append(full_step(bench, 1.0, views, positions)), args.device)
+            check["loss_finite"] = bool(torch.isfinite(torch.stack(losses)).all())  # the logging sync, outside
+            del bench
+        except Exception as e:  # an error other than a sync: reported, and the other precision still runs
+            check = {"status": f"failed: {first_line(e)}"}
+        res[f"step_{precision}"] = check
+    bad = [k for k, v in res.items() if isinstance(v, dict) and not v["status"].startswith(("ok", NO_CUDA))]
+    res["status"] = (NO_CUDA if args.dry else f"syncs or errors in: {', '.join(bad)}" if bad else "ok")
+    return res
+
+
+def train_run(bench, alpha, views, positions, args, deadline):
+    """--warmup_steps untimed steps (compilation happens there), then up to --steps timed ones (fewer when the
+    deadline comes): images/s, peak memory, and whether every loss was finite (checked once, at the end)."""
+    losses = []
+    start = time.perf_counter()
+    for _ in range(args.warmup_steps):
+        losses.append(full_step(bench, alpha, views, positions))
+    sync(args.device)
+    warmup_s = time.perf_counter() - start
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    start, steps = time.perf_counter(), 0
+    while steps < args.steps and (steps == 0 or time.perf_counter() < deadline):
+        losses.append(full_step(bench, alpha, views, positions))
+        steps += 1
+    sync(args.device)
+    seconds = time.perf_counter() - start
+    losses = torch.stack(losses).float().tolist()
+    return {"status": "ok", "warmup_s": warmup_s, "steps": steps, "ms_per_step": 1e3 * seconds / steps,
+            "images_per_s": steps * args.batch / seconds,
+            "peak_mem_mib": torch.cuda.max_memory_allocated(args.device) / 2 ** 20
+            if args.device.type == "cuda" else None,
+            "loss_finite": all(math.isfinite(x) for x in losses), "loss_first": losses[0], "loss_last": losses[-1]}
+
+
+def gpu_training(args):
+    """Part 3: DINO and CrOC trained on the same synthetic scenes, bf16 and fp16, eager then with compiled
+    backbones; the clusterer alone at the same batch gives its share of the CrOC step. Eager runs first: what
+    --budget_s leaves out is the compiled runs."""
+    deadline = time.perf_counter() + args.budget_s
+    res = {"shape": label(*args.shape), "batch": args.batch, "steps": args.steps, "warmup_steps": args.warmup_steps,
+           "k_start": args.k_start, "k_max": args.k_max, "out_dim": args.out_dim, "out_dim_c": args.out_dim_c,
+           "budget_s": args.budget_s, "runs": [], "ratios": [], "status": "incomplete"}
+    call = cluster_call(args, args.batch)
+    call()
+    times = time_interleaved({"cluster": call}, 1 if args.dry else 10, 0 if args.dry else 2, args.device, "cluster")
+    res["clusterer_ms"] = median_ms(times["cluster"])
+    benches, slowest_ms = {}, 0.0
+    for compiled in (False, True):
+        for precision in args.precisions:
+            skip = (NO_CUDA if compiled and args.dry else "skipped: --compile false" if compiled and not args.compile
+                    else None)
+            need = 2 * (args.steps + args.warmup_steps) * slowest_ms / 1e3 + (90 if compiled else 0)
+            if skip is None and time.perf_counter() + need > deadline:
+                skip = f"skipped: --budget_s {args.budget_s:.0f} (needs ~{need:.0f} s more)"
+            runs = {}
+            for variant, alpha in (("DINO", 0.0), ("CrOC", 1.0)):
+                run = {"precision": precision, "compiled": compiled, "variant": variant}
+                if skip is None:
+                    try:
+                        if precision not in benches:
+                            benches[precision] = gpu_step_bench(args, precision, args.batch)
+                        bench, views, positions = benches[precision]
+                        bench.set_compiled(compiled)
+                        run.update(train_run(bench, alpha, views, positions, args, deadline))
+                        slowest_ms = max(slowest_ms, run["ms_per_step"])
+                    except Exception as e:  # an OOM or a compiler failure must not cost the other runs
+                        run["status"] = f"failed: {first_line(e)}"
+                        skip = f"skipped: the {variant} run failed"  # a compiler failure would only repeat
+                    finally:
+                        if precision in benches:
+                            benches[precision][0].set_compiled(False)
+                else:
+                    run["status"] = skip
+                res["runs"].append(run)
+                runs[variant] = run
+                write_part(args, "training", res)
+            if all(r["status"] == "ok" for r in runs.values()):
+                croc = runs["CrOC"]["ms_per_step"]
+                res["ratios"].append({"precision": precision, "compiled": compiled,
+                                      "croc_over_dino": croc / runs["DINO"]["ms_per_step"],
+                                      "clusterer_share_of_croc_step": res["clusterer_ms"] / croc})
+    ok = [r for r in res["runs"] if r["status"] == "ok"]
+    res["status"] = ("failed: no run finished" if not ok else "non-finite loss" if not all(
+        r["loss_finite"] for r in ok) else NO_CUDA + " (fp32 eager skeleton on the CPU)" if args.dry else "ok")
+    return res
+
+
+def gpu_ddp_rank(args):
+    """Part 4, one rank of `torchrun --nproc_per_node=2 bench.py --gpu ddp_rank`: train.main with both ranks on
+    the one GPU. nccl is train.py's own choice on a GPU (and may refuse two ranks on one device); gloo is set up
+    here before train.main, which keeps a process group it finds. Writes OUT/ddp_BACKEND/rankR.json."""
+    rank = int(os.environ.get("RANK", 0))
+    out = os.path.join(args.out, f"ddp_{args.backend}")
+    os.makedirs(out, exist_ok=True)
+    res = {"backend": args.backend, "rank": rank}
+    try:
+        os.environ["LOCAL_RANK"] = "0"  # train.init_distributed puts each rank on cuda:LOCAL_RANK
+        if args.backend == "gloo":
+            torch.cuda.set_device(0)
+            torch.distributed.init_process_group("gloo")
+        train.main(train.get_args_parser().parse_args(DDP_TRAIN_ARGS + ["--output_dir", os.path.join(out, "run")]))
+        res["status"] = "ok"
+        if rank == 0:
+            with open(os.path.join(out, "run", "log.txt")) as f:
+                res["log"] = json.loads(f.readlines()[-1])
+    except Exception as e:
+        res["status"] = f"failed: {first_line(e)}"
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f, indent=2)
+
+
+def gpu_ddp_dry(args):
+    """Part 4 without CUDA: the ranks' training flags must still parse (the CPU/gloo path has its own test)."""
+    if not args.dry:
+        raise ValueError("on a GPU, part 4 runs as torchrun --nproc_per_node=2 bench.py --gpu ddp_rank "
+                         "(gpu_check.sh)")
+    train.get_args_parser().parse_args(DDP_TRAIN_ARGS + ["--output_dir", "unused"])
+    return {"status": NO_CUDA + " (training flags parse)", "nccl": {"status": NO_CUDA}, "gloo": {"status": NO_CUDA}}
+
+
+def read_parts(args):
+    """The driver's record of each part it ran: {name: {rc, seconds, limit_s}}."""
+    parts = {}
+    path = os.path.join(args.out, "parts.tsv")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                name, rc, seconds, limit = line.split()
+                parts[name] = {"rc": int(rc), "seconds": int(seconds), "limit_s": int(limit)}
+    return parts
+
+
+def log_tail(args, name, lines=5):
+    path = os.path.join(args.out, f"{name}.log")
+    if not os.path.exists(path):
+        return []
+    with open(path, errors="replace") as f:
+        return [line.rstrip() for line in f.readlines()[-lines:]]
+
+
+def part_status(args, parts, name):
+    """Where a part left no JSON: why, from its exit code and log."""
+    p = parts.get(name)
+    if p is None:
+        return {"status": "not run"}
+    if p["rc"] in (124, 137):
+        return {"status": f"timeout after {p['limit_s']} s", "log_tail": log_tail(args, name)}
+    return {"status": f"failed (exit {p['rc']})", "log_tail": log_tail(args, name)}
+
+
+def read_part(args, parts, name):
+    path = os.path.join(args.out, f"{name}.json")
+    if not os.path.exists(path):
+        return part_status(args, parts, name)
+    with open(path) as f:
+        res = json.load(f)
+    if name in parts and parts[name]["rc"] != 0:  # killed or crashed after writing some of it
+        res["status"] = part_status(args, parts, name)["status"] + " (partial results)"
+    return res
+
+
+def gpu_summary(args):
+    """Merges the parts into OUT/gpu_check.json and a readable OUT/gpu_check.txt."""
+    parts = read_parts(args)
+    res = {"date": time.strftime("%Y-%m-%d %H:%M %Z"), "mode": "dry" if args.dry else "gpu",
+           "machine": machine_info(args.device), "parts": parts}
+    if args.device.type == "cuda":
+        nccl = torch.cuda.nccl.version()
+        res["machine"]["nccl"] = ".".join(map(str, nccl)) if isinstance(nccl, tuple) else str(nccl)
+        res["machine"]["gpu_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    tests = parts.get("tests")
+    summary_line = next((line for line in reversed(log_tail(args, "tests", 20)) if " in " in line),
+                        "") if tests else ""
+    res["tests"] = {"status": "not run" if tests is None else "ok" if tests["rc"] == 0 else
+                    part_status(args, parts, "tests")["status"], "pytest": summary_line}
+    res["syncs"] = read_part(args, parts, "syncs")
+    res["training"] = read_part(args, parts, "training")
+    if os.path.exists(os.path.join(args.out, "ddp.json")):
+        res["ddp"] = read_part(args, parts, "ddp")
+    else:
+        res["ddp"] = {}
+        for backend in ("nccl", "gloo"):
+            ranks = []
+            for r in (0, 1):
+                path = os.path.join(args.out, f"ddp_{backend}", f"rank{r}.json")
+                if os.path.exists(path):
+                    with open(path) as f:
+                        ranks.append(json.load(f))
+            if len(ranks) == 2 and all(r["status"] == "ok" for r in ranks):
+                res["ddp"][backend] = {"status": "ok", "log": ranks[0].get("log")}
+            elif ranks:
+                res["ddp"][backend] = {"status": next(r["status"] for r in ranks if r["status"] != "ok"),
+                                       "ranks": ranks}
+            else:
+                res["ddp"][backend] = part_status(args, parts, f"ddp_{backend}")
+        states = [v["status"] for v in res["ddp"].values()]
+        res["ddp"]["status"] = ("ok" if all(s == "ok" for s in states) else "ok on gloo only"
+                                if res["ddp"]["gloo"]["status"] == "ok" else "failed")
+    text = format_gpu_check(res)
+    res["summary"] = text
+    with open(os.path.join(args.out, "gpu_check.json"), "w") as f:
+        json.dump(res, f, indent=2, default=str)
+    with open(os.path.join(args.out, "gpu_check.txt"), "w") as f:
+        f.write(text + "\n")
+    print(text, flush=True)
+
+
+def format_gpu_check(res):
+    m, t = res["machine"], res["training"]
+    out = [f"GPU check, {res['date']}, {res['mode']} run: " + (f"{m['gpu']}, CUDA {m['cuda']}, nccl {m['nccl']}, "
+                                                              if "gpu" in m else "no GPU, ")
+           + f"torch {m['torch']}, {m['cpu']} ({m['cpu_count']} CPUs)", ""]
+    out.append(f"1. Tests that take a device (pytest -k on_device): {res['tests']['status']}; {res['tests']['pytest']}")
+    s = res["syncs"]
+    out.append(f"2. Host syncs under torch.cuda.set_sync_debug_mode('error'), batch {s.get('batch')}: {s['status']}")
+    for name, v in s.items():
+        if isinstance(v, dict) and "status" in v:
+            sites = ", ".join(sorted(set(v.get("sync_sites", []))))
+            out.append(f"   {name}: {v['status']}" + (f"; synchronising lines ('warn'): {sites}" if sites else ""))
+    out.append(f"3. Training {t.get('shape')}, batch {t.get('batch')} (two views each), {t.get('steps')} timed "
+               f"steps after {t.get('warmup_steps')} warm-up: {t['status']}")
+    if t.get("runs"):
+        rows = []
+        for r in t["runs"]:
+            mode = "compiled" if r["compiled"] else "eager"
+            if r["status"] == "ok":
+                mem = "-" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
+                rows.append([r["precision"], mode, r["variant"], r["steps"], f"{r['ms_per_step']:.1f}",
+                             f"{r['images_per_s']:.0f}", mem, r["loss_finite"],
+                             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}", f"{r['warmup_s']:.1f}", ""])
+            else:
+                rows.append([r["precision"], mode, r["variant"]] + ["-"] * 7 + [r["status"]])
+        out.append(table(["precision", "backbones", "variant", "steps", "ms/step", "images/s", "peak MiB",
+                          "loss finite", "loss first -> last", "warm-up s", "  note"], rows))
+        for r in t["ratios"]:
+            out.append(f"   {r['precision']} {'compiled' if r['compiled'] else 'eager'}: CrOC/DINO "
+                       f"{r['croc_over_dino']:.3f}; the clusterer alone ({t['clusterer_ms']:.1f} ms at B = "
+                       f"{t['batch']}) is {100 * r['clusterer_share_of_croc_step']:.1f}% of the CrOC step")
+        out.append(f"   {PAPER_TABLE_A2}")
+    d = res["ddp"]
+    out.append(f"4. Two ranks on one GPU (torchrun, train.py): {d.get('status')}")
+    for backend in ("nccl", "gloo"):
+        v = d.get(backend, {})
+        log = v.get("log") or {}
+        extra = (f"; loss {log['loss']:.3f}, teacher_sync_error {log['teacher_sync_error']}" if "loss" in log else "")
+        out.append(f"   {backend}: {v.get('status')}{extra}")
+    out.append("parts (exit code, seconds of the limit): " + ", ".join(
+        f"{k} {v['rc']} ({v['seconds']}/{v['limit_s']} s)" for k, v in res["parts"].items()))
+    return "\n".join(out)
+
+
+def gpu_check(args):
+    args = gpu_check_setup(args)
+    torch.manual_seed(args.seed)
+    for part in args.gpu:
+        if part == "ddp_rank":
+            gpu_ddp_rank(args)
+        elif part == "summary":
+            gpu_summary(args)
+        else:
+            try:
+                res = {"syncs": gpu_syncs, "training": gpu_training, "ddp": gpu_ddp_dry}[part](args)
+            except Exception as e:  # the summary reports it; the other parts still run
+                res = {"status": f"failed: {first_line(e)}", "traceback": traceback.format_exc()[-3000:]}
+            write_part(args, part, res)
+            print(f"{part}: {res['status']}", flush=True)
+
+
 def main(args):
     args = resolve_args(args)
     config = {k: str(v) if k == "device" else v for k, v in vars(args).items()}
@@ -765,4 +1183,5 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli = get_args_parser().parse_args()
+    gpu_check(cli) if cli.gpu else main(cli)

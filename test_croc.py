@@ -5,6 +5,7 @@
 from contextlib import nullcontext
 from pathlib import Path
 import argparse
+import copy
 import csv
 import inspect
 import json
@@ -2189,6 +2190,105 @@ def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp
     _, without = _vis_train(tmp_path / "plain")
     keys = ("loss", "loss_glob", "loss_dense", "mean_k", "kept_centroids")
     assert [{k: e[k] for k in keys} for e in with_pictures] == [{k: e[k] for k in keys} for e in without]
+
+
+# ==============================================================================================================
+# CUDA: the clusterer and the training step give the CPU's values on a GPU; gpu_check.sh (BENCHMARKS.md)
+# ==============================================================================================================
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no CUDA"))])
+def device(request):
+    """Every device this machine has: the tests below compare it with the CPU (gpu_check.sh runs them with
+    `-k on_device` on a GPU; on the CPU they compare the CPU with itself)."""
+    return torch.device(request.param)
+
+
+def test_cluster_on_device_equals_cluster_on_cpu(device):
+    """Same tokens and seeds: the same hard assignment, kept clusters and K, and costs within float tolerance."""
+    n_problems, k_start = 6, 6
+    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(4).repeat_interleave(6),
+                                          torch.arange(3).repeat_interleave(8), d=16)  # group 3: view 1 only
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randn(n_problems, 16, generator=gen)
+    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
+    on_cpu = cluster(tokens, positions, cls, k_start=k_start, k_max=5, seeds=seeds)
+    on_device = cluster(tokens.to(device), positions.to(device), cls.to(device), k_start=k_start, k_max=5,
+                        seeds=seeds.to(device))
+    assert on_device.assignment.device.type == device.type
+    assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
+    for name in ("assignment", "valid", "k", "steps"):
+        assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
+    torch.testing.assert_close(on_device.cost.cpu(), on_cpu.cost, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
+    """One full CrOC step (train_step, then backward, AdamW, teacher EMA) in fp32 from the same weights, views and
+    clusterer seeds: the same losses, kept centroids, gradients, centres and teacher, within float tolerance."""
+    original = clustering.cluster
+
+    def cluster_with_fixed_seeds(tokens, positions, cls=None, *, k_start, generator=None, **kw):
+        """The seeds drawn on the CPU: a CUDA generator draws other numbers than a CPU one."""
+        gen = torch.Generator().manual_seed(0)
+        seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in tokens])
+        return original(tokens, positions, cls, k_start=k_start, seeds=seeds.to(tokens.device), **kw)
+    monkeypatch.setattr(clustering, "cluster", cluster_with_fixed_seeds)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution in fp32
+    args = _args()
+    args.k_max = args.k_start
+    epoch = args.freeze_last_layer  # every layer learns
+    models = _models(args)
+    results = {}
+    for dev in (torch.device("cpu"), device):
+        student, teacher = (copy.deepcopy(m).to(dev) for m in models)
+        loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
+        optimizer = torch.optim.AdamW(train.param_groups(student), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        views, positions = _batch(B=3)
+        loss, stats = train.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
+                                       torch.Generator(device=dev), nullcontext())
+        train.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
+        results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
+                             [p.grad.cpu() for p in student.parameters() if p.grad is not None],
+                             [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])
+    (stats, grads, teacher, centres), (d_stats, d_grads, d_teacher, d_centres) = results["cpu"], results[device.type]
+    assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned: the masked path runs
+    assert d_stats.keys() == stats.keys()
+    for key in stats:
+        torch.testing.assert_close(d_stats[key], stats[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert len(d_grads) == len(grads) > 0
+    for a, b in zip(d_grads, grads):
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-7, ((a - b).norm(), b.norm())
+    for a, b in zip(d_centres + d_teacher, centres + teacher):  # the EMA moves the teacher by 0.004 of AdamW's step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_check_dry_run_writes_every_part_and_a_summary(tmp_path):
+    """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
+    skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
+    out = tmp_path / "gpu_check"
+    env = dict(os.environ, GPU_CHECK_DRY="1", PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run(["bash", "gpu_check.sh", str(out)], cwd=HERE, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
+    assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
+    assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
+    assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
+    assert {"clusterer", "step_fp32"} <= set(res["syncs"]) and res["syncs"]["status"] == "skipped: no CUDA"
+    assert res["syncs"]["step_fp32"]["loss_finite"]
+    runs = {(r["compiled"], r["variant"]): r for r in res["training"]["runs"]}
+    for variant in ("DINO", "CrOC"):
+        assert runs[False, variant]["status"] == "ok" and runs[False, variant]["loss_finite"]
+        assert runs[False, variant]["steps"] == 2 and runs[False, variant]["images_per_s"] > 0
+        assert runs[True, variant]["status"] == "skipped: no CUDA"
+    (ratio,) = res["training"]["ratios"]
+    assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
+    assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
+    text = (out / "gpu_check.txt").read_text()
+    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
+        assert heading in text, heading
+    assert text.strip() in proc.stdout
 
 
 # ==============================================================================================================
