@@ -838,7 +838,7 @@ def full_step(bench, alpha, views, positions):
 def cluster_call(args, batch):
     """clustering.cluster on random tokens at the check's shape (B x heads problems), train.py's settings."""
     a = train.get_args_parser().parse_args([])
-    tokens, positions, cls = cluster_inputs(batch, *args.shape, args.device, args.seed)
+    tokens, positions, cls, _ = cluster_inputs(batch, *args.shape, args.device, args.seed)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
 
     def call():
