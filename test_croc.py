@@ -31,6 +31,7 @@ import data
 import eval_davis as ed
 import eval_kmeans
 import eval_linear
+import metrics
 import model as M
 import bench
 import train
@@ -1294,28 +1295,28 @@ def hand_case():
 def test_confusion_matrix_counts_gt_by_pred_over_valid_pixels_only():
     pred, gt = hand_case()
     expected = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
-    m = eval_linear.confusion_matrix(pred, gt, 3)
+    m = metrics.confusion_matrix(pred, gt, 3)
     assert m.dtype == torch.int64 and torch.equal(m, expected)
     # any shape: a flat or a batched layout gives the same counts
-    assert torch.equal(eval_linear.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
-    assert torch.equal(eval_linear.confusion_matrix(pred[None], gt[None], 3), expected)
+    assert torch.equal(metrics.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
+    assert torch.equal(metrics.confusion_matrix(pred[None], gt[None], 3), expected)
 
 
 def test_confusion_matrix_rejects_out_of_range_labels_on_valid_pixels_only():
     pred, gt = hand_case()
     bad = pred.clone()
     bad[1, 1] = 7  # on the 255 pixel: allowed
-    assert torch.equal(eval_linear.confusion_matrix(bad, gt, 3), eval_linear.confusion_matrix(pred, gt, 3))
+    assert torch.equal(metrics.confusion_matrix(bad, gt, 3), metrics.confusion_matrix(pred, gt, 3))
     bad[0, 0] = 3  # on a valid pixel: an error
     with pytest.raises(ValueError, match="predictions"):
-        eval_linear.confusion_matrix(bad, gt, 3)
+        metrics.confusion_matrix(bad, gt, 3)
     with pytest.raises(ValueError, match="ground truth"):
-        eval_linear.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
+        metrics.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
 
 
 def test_miou_matches_hand_computed_ious():
     pred, gt = hand_case()
-    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 3))
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 3))
     # class 0: tp 1 / (row 2 + col 1 - 1); class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
     assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
     assert mean == pytest.approx(4 / 9)
@@ -1323,17 +1324,17 @@ def test_miou_matches_hand_computed_ious():
 
 def test_miou_counts_a_class_absent_from_gt_and_pred_as_zero():
     pred, gt = hand_case()
-    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 4))
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 4))
     assert iou[3] == 0 and not torch.isnan(iou).any()
     assert mean == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
 
 
 def test_miou_is_pooled_over_images_not_averaged_per_image():
     pred, gt = hand_case()
-    pooled = eval_linear.confusion_matrix(pred, gt, 3) + eval_linear.confusion_matrix(gt.clamp(max=2), gt, 3)
-    both = eval_linear.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
+    pooled = metrics.confusion_matrix(pred, gt, 3) + metrics.confusion_matrix(gt.clamp(max=2), gt, 3)
+    both = metrics.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
     assert torch.equal(pooled, both)
-    assert eval_linear.miou(both)[0] == pytest.approx(eval_linear.miou(pooled)[0])
+    assert metrics.miou(both)[0] == pytest.approx(metrics.miou(pooled)[0])
 
 
 def cluster_case():
@@ -1344,7 +1345,7 @@ def cluster_case():
 
 def test_hungarian_miou_matches_hand_computed_matching():
     pred, gt = cluster_case()
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
     # best one-to-one: cluster 2 -> class 0, cluster 0 -> class 1, cluster 1 -> class 2
     assert mapping.tolist() == [1, 2, 0]
     # relabelled prediction [0, 0, 2, 1, 1, 2, 2]: IoUs 2/3, 1, 2/3
@@ -1354,9 +1355,9 @@ def test_hungarian_miou_matches_hand_computed_matching():
 
 def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
     pred, gt = cluster_case()
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
     perm = torch.tensor([2, 0, 1])  # cluster k is renamed perm[k]
-    mean_p, iou_p, mapping_p = eval_kmeans.hungarian_miou(perm[pred], gt, 3)
+    mean_p, iou_p, mapping_p = metrics.hungarian_miou(perm[pred], gt, 3)
     assert mean_p == pytest.approx(mean) and torch.allclose(iou_p, iou)
     assert torch.equal(mapping_p[perm], mapping)
 
@@ -1364,12 +1365,12 @@ def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
 def test_hungarian_miou_merges_unmatched_clusters_into_class_0_when_k_exceeds_c():
     pred, gt = cluster_case()
     pred = torch.where(torch.arange(8) == 4, 3, pred)  # a 4th cluster takes one class-1 pixel
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=4)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3, num_clusters=4)
     assert mapping.tolist() == [1, 2, 0, 0]
     # class 0 gains a false positive: 2 / (3 + 3 - 2); class 1: 1 / 2; class 2: 2 / 3
     assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 2, 2 / 3], dtype=torch.float64))
     with pytest.raises(ValueError, match="K >= C"):
-        eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=2)
+        metrics.hungarian_miou(pred, gt, 3, num_clusters=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1383,7 +1384,7 @@ def test_train_transform_crops_and_flips_image_and_mask_together():
     img[:, 40:, 2] = 255
     mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
     mask[10] = 255
-    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
+    transform = data.TrainTransform(img_size=32, mask_size=32)
     for _ in range(10):
         x, m = transform(Image.fromarray(img), mask)
         assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
@@ -1396,7 +1397,7 @@ def test_train_transform_crops_and_flips_image_and_mask_together():
 def test_val_transform_resizes_image_and_mask_to_fixed_sizes_with_nearest_masks():
     img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
     mask = np.random.default_rng(0).choice(np.array([0, 3, 255], np.uint8), size=(30, 50))
-    x, m = eval_linear.ValTransform(64, 20)(img, mask)
+    x, m = data.ValTransform(64, 20)(img, mask)
     assert x.shape == (3, 64, 64) and m.shape == (20, 20)
     assert set(m.unique().tolist()) <= {0, 3, 255}
 
@@ -1432,7 +1433,7 @@ def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
     assert torch.equal(a, b)
     gt = torch.arange(3).repeat_interleave(200)
     counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
-    assert eval_kmeans.match_clusters(counts)[0] == pytest.approx(1.0)
+    assert metrics.match_clusters(counts)[0] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1484,7 +1485,7 @@ def test_eval_linear_runs_end_to_end_and_writes_results_and_config(synthetic_roo
     assert len(saved["per_class_iou"]) == num_classes
     assert saved["miou"] == pytest.approx(np.mean(list(saved["per_class_iou"].values())))
     assert saved["n_val_images"] == 4 and saved["n_train_images"] == 8 and saved["weights"] == "random_init"
-    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == 1e-3
+    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == [1e-3]
     assert len(open(tmp_path / "log.txt").readlines()) == 1
 
 
@@ -1761,7 +1762,7 @@ def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
                 ann[top:top + 14, left:left + 20] = k + 1
                 img[top:top + 14, left:left + 20] = (230, 40 + 150 * k, 60)
             Image.fromarray(img.astype(np.uint8)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
-            ed.write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", ann, palette)
+            data.save_palette_png(ann, root / "Annotations" / "480p" / name / f"{t:05d}.png", palette)
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
     return names
@@ -1783,10 +1784,10 @@ def test_script_writes_palette_pngs_at_original_size_and_both_csv_files(tmp_path
             assert img.mode == "P" and img.size == (96, 48)
     first = np.array(Image.open(out / names[1] / "00000.png"))
     assert (first == np.array(Image.open(tmp_path / "DAVIS" / "Annotations" / "480p" / names[1] / "00000.png"))).all()
-    with open(out / "global_results-val.csv") as fh:
+    with open(out / ed.SCORES_DIR / "global_results-val.csv") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ed.GLOBAL_COLUMNS and len(rows) == 2
-    with open(out / "per-sequence_results-val.csv") as fh:
+    with open(out / ed.SCORES_DIR / "per-sequence_results-val.csv") as fh:
         rows = list(csv.reader(fh))
     assert [r[0] for r in rows[1:]] == ["seq0_1", "seq1_1", "seq1_2"]
     assert 0.0 <= results["J&F-Mean"] <= 1.0 and (out / "config.json").is_file()
@@ -1817,7 +1818,7 @@ def break_count(root):
 
 def break_size(root):
     path = root / "Annotations/480p/seq1/00002.png"
-    ed.write_indexed_png(path, np.zeros((40, 96), dtype=np.uint8), data.VOC_PALETTE)
+    data.save_palette_png(np.zeros((40, 96), dtype=np.uint8), path, data.VOC_PALETTE)
     return path
 
 
