@@ -984,9 +984,9 @@ def rescale_size(width: int, height: int, scale=MMSEG_SCALE) -> tuple[int, int]:
     return int(width * factor + 0.5), int(height * factor + 0.5)
 
 
-def mmseg_test_resize(img: Image.Image) -> Image.Image:
+def mmseg_test_resize(img: Image.Image, scale=MMSEG_SCALE) -> Image.Image:
     """The test-time Resize of the ADE20K config: keep ratio, short side 512 unless the long side hits 2048."""
-    return img.resize(rescale_size(*img.size), Image.BILINEAR)
+    return img.resize(rescale_size(*img.size, scale=scale), Image.BILINEAR)
 
 
 def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1056,8 +1056,11 @@ class OriginalSizeTransform:
     """ADE20K test: the image resized as MMSegmentation's test Resize, the mask kept at its ORIGINAL size (the
     prediction is resized back to it before scoring)."""
 
+    def __init__(self, scale=MMSEG_SCALE):
+        self.scale = scale
+
     def __call__(self, img, mask):
-        return to_input(mmseg_test_resize(img)), torch.from_numpy(np.asarray(mask, dtype=np.uint8))
+        return to_input(mmseg_test_resize(img, self.scale)), torch.from_numpy(np.asarray(mask, dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------------

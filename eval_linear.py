@@ -106,6 +106,11 @@ def resolve_defaults(args):
     return args
 
 
+def mmseg_scale(args):
+    """MMSegmentation's (2048, 512) for a 512 crop: (4 x crop, crop) for other crop sizes."""
+    return 4 * args.crop_size, args.crop_size
+
+
 def run_name(n_blocks, lr):
     """'nb4_lr1e-3': a module name, so no '.' (1.5e-3 -> 'lr1p5e-3')."""
     return f"nb{n_blocks}_lr" + np.format_float_scientific(lr, trim="-", exp_digits=1).replace(".", "p")
@@ -233,7 +238,7 @@ def train_mmseg(backbone, heads, optimizer, train_set, args, device, rank, world
     learning rate decayed by the poly schedule of schedule_40k.py."""
     n_max, embed_dim = max(args.n_last_blocks), backbone.embed_dim
     torch.manual_seed(args.seed + rank)
-    data = Transformed(train_set, MMSegTrainTransform(args.crop_size))
+    data = Transformed(train_set, MMSegTrainTransform(args.crop_size, scale=mmseg_scale(args)))
     sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
     batches, epoch, it = metrics.loader(data, args, shuffle=True, sampler=sampler), 0, 0
     stats, start, log_every = new_stats(heads, device), time.time(), max(min(50, args.iters // 10), 1)
@@ -314,7 +319,7 @@ def predict(backbone, heads, img, mask_shape, args, embed_dim):
 
 
 def val_data(val_set, args, rank=0, world_size=1):
-    transform = OriginalSizeTransform() if args.protocol == "mmseg" else ValTransform(args.img_size)
+    transform = OriginalSizeTransform(mmseg_scale(args)) if args.protocol == "mmseg" else ValTransform(args.img_size)
     batch_size = 1 if args.protocol == "mmseg" else args.batch_size  # mmseg: every image has its own size
     return metrics.loader(Transformed(metrics.shard(val_set, rank, world_size), transform), args,
                           batch_size=batch_size)
