@@ -1,4 +1,4 @@
-"""DAVIS-2017 semi-supervised video object segmentation by label propagation (paper App. Table A1).
+"""DAVIS-2017 semi-supervised video object segmentation by label propagation (App. C, Table A1).
 
 The protocol is DINO's `eval_video_segmentation.py` (App. C: n_last_frames 7, size_mask_neighborhood 12, topk 5)
 and the metrics are those of the official `davis2017-evaluation` tool (`davis2017/metrics.py`, `utils.py`,
@@ -20,8 +20,8 @@ Differences from DINO's script (none changes the algorithm):
     fixed-point arithmetic and its JPEG decoder can differ from these by one grey level on a few pixels;
   * square frames: DINO's frame and mask rules disagree on them; one rule (the frame rule: landscape
     unless H > W) is used for both here. No DAVIS frame is square;
-  * 255 (void) in a first-frame annotation is mapped to background before one-hot encoding (DINO would give it a channel), and frame 0
-    is written as that cleaned ground truth;
+  * 255 (void) in a first-frame annotation is mapped to background before one-hot encoding (DINO would give it
+    a channel), and frame 0 is written as that cleaned ground truth;
   * the neighbourhood mask is built with tensor ops instead of Python loops (same mask);
   * the palette is the first annotation's own (any palette works: the evaluator reads indices).
 Kept from DINO on purpose: std (0.228, 0.224, 0.225) (0.228 is DINO's, inherited from UVC), tau = 0.1, the strict
@@ -251,7 +251,8 @@ def format_table(global_results, rows, set_name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DAVIS-2017 layout (davis2017/davis.py): JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png, ImageSets/2017/<set>.txt
+# DAVIS-2017 layout (davis2017/davis.py): JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png,
+# ImageSets/2017/<set>.txt
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -507,8 +508,8 @@ def get_args_parser():
     parser.add_argument("--set", default="val", type=str, help="ImageSets/2017/<set>.txt; the paper reports val")
     parser.add_argument("--seqs", nargs="+", default=None, help="only these sequences of the set")
     parser.add_argument("--output_dir", default=".", type=str,
-                        help="results folder: <seq>/<frame>.png and config.json (what the official evaluator's "
-                             "--results_path reads); our two CSV files go to its scores/ subfolder")
+                        help="results folder: <seq>/<frame>.png, config.json and results.json (the PNGs are what the "
+                             "official evaluator's --results_path reads); our two CSV files go to scores/ in it")
     parser.add_argument("--weights", default=None, type=str, help="checkpoint to evaluate (any supported format)")
     parser.add_argument("--checkpoint_key", default="teacher", type=str, help='key in the checkpoint ("teacher")')
     parser.add_argument("--random_init", action="store_true", help="evaluate a randomly initialised backbone")
@@ -554,6 +555,9 @@ def main(args):
 
     global_results, rows = evaluate_results(index, args.output_dir)
     write_results_csv(Path(args.output_dir) / SCORES_DIR, args.set, global_results, rows)
+    metrics.write_json(os.path.join(args.output_dir, "results.json"),  # not read by the official tool
+                       {**global_results, "set": args.set, "n_objects": len(rows), "weights": args.weights,
+                        "per_object": {name: {"J-Mean": j, "F-Mean": f} for name, j, f in rows}})
     print(format_table(global_results, rows, args.set))
     sys.stdout.flush()
     return global_results

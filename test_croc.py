@@ -1760,6 +1760,8 @@ def test_davis_results_folder_holds_no_csv_the_official_tool_would_echo(tmp_path
     assert sorted(p.name for p in (out / ed.SCORES_DIR).glob("*.csv")) == ["global_results-val.csv",
                                                                         "per-sequence_results-val.csv"]
     assert (out / "seq0" / "00003.png").is_file()
+    table = metrics.combined_table([str(out)]).splitlines()  # results.json: beside the PNGs, ignored by the tool
+    assert table[1].split()[:3] == ["out", "davis", "davis2017"]
 
 
 def _panoptic_fixture(root):
@@ -1826,7 +1828,7 @@ def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_
 # ==============================================================================================================
 # eval_davis.py
 # ==============================================================================================================
-# ---------------------------------------------------------------------------------------------- metrics (Sec. C.5)
+# --------------------------------------------------------------------------------------- metrics (davis2017-evaluation)
 
 def square(h, w, top, left, size):
     m = np.zeros((h, w), dtype=bool)
@@ -1966,7 +1968,7 @@ def test_global_results_average_over_objects_not_sequences(tmp_path):
     assert s.read_text().splitlines()[:2] == ["Sequence,J-Mean,F-Mean", "a_1,1.000,1.000"]
 
 
-# ------------------------------------------------------------------------------------------ propagation (Sec. C.4)
+# ------------------------------------------------------------------------ propagation (DINO eval_video_segmentation.py)
 
 def test_propagating_a_static_video_reproduces_the_first_frame():
     torch.manual_seed(0)
