@@ -131,9 +131,14 @@ def build_heads(args, embed_dim, num_classes, device):
     return heads.to(device)
 
 
+def n_blocks_of(name):
+    """n_b of a run name 'nb<n_b>_lr<lr>'."""
+    return int(name[2:].split("_")[0])
+
+
 def head_inputs(feats, name, embed_dim):
     """The slice of the (B, max n_b * D, h, w) features that head `name` reads: its last n_b blocks."""
-    return metrics.last_blocks(feats, int(name[2:].split("_")[0]), embed_dim)
+    return metrics.last_blocks(feats, n_blocks_of(name), embed_dim)
 
 
 def poly_lr(base_lr, it, total, power=POLY_POWER, min_ratio=POLY_MIN_RATIO):
@@ -290,7 +295,7 @@ def slide_logits(backbone, heads, image, crop, stride, embed_dim):
     windows = slide_windows(height, width, crop, stride)
     x = torch.stack([F.pad(image[:, y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1)))
                      for y1, y2, x1, x2 in windows])  # (n_windows, 3, crop, crop)
-    feats = dense_features(backbone, x, max(int(n[2:].split("_")[0]) for n in heads))
+    feats = dense_features(backbone, x, max(n_blocks_of(n) for n in heads))
     count = torch.zeros(1, height, width, device=image.device)
     for y1, y2, x1, x2 in windows:
         count[:, y1:y2, x1:x2] += 1
@@ -401,7 +406,7 @@ def main(args):
     runs = {}
     for name, confusion in confusions.items():
         miou_value, iou = metrics.miou(confusion)
-        runs[name] = {"miou": miou_value, "n_last_blocks": int(name[2:].split("_")[0]), "lr": lr_of[name],
+        runs[name] = {"miou": miou_value, "n_last_blocks": n_blocks_of(name), "lr": lr_of[name],
                       "per_class_iou": dict(zip(class_names, iou.tolist())), "confusion": confusion.tolist()}
     best = max(runs, key=lambda n: runs[n]["miou"])
     results = {

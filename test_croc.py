@@ -1661,6 +1661,28 @@ def test_multi_block_features_slice_one_pass_like_separate_calls():
         assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
 
 
+def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(synthetic_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
+           *COMMON, "--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+           "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
+    proc = _run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    single = run_linear(synthetic_root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
+    assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
+    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
+
+
+def test_evaluation_scripts_import_only_hubs():
+    import ast
+    scripts = {"eval_linear", "eval_kmeans", "eval_davis", "train", "visualize", "bench"}
+    for name in ("eval_linear", "eval_kmeans", "eval_davis", "metrics"):
+        tree = ast.parse(Path(HERE, f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & scripts, (name, imported & scripts)
+
+
 def test_many_to_one_matching_gives_each_cluster_its_most_precise_class():
     counts = torch.tensor([[5, 4, 0, 1], [0, 1, 3, 0], [0, 0, 1, 2]])  # (C=3, K=4)
     miou_value, iou, mapping = metrics.match_many_to_one(counts)
