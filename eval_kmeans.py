@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import metrics
 from data import Transformed, ValTransform, build_segmentation_dataset
-from metrics import count_pairs, hungarian_miou, match_clusters, match_many_to_one  # noqa: F401 (re-exported)
+from metrics import count_pairs, match_clusters, match_many_to_one
 from model import backbone_from_args, dense_features
 
 STD_EPS = 1e-5  # Leopart PredsmIoUKmeans: (x - mean) / (std + 1e-5)

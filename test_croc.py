@@ -1720,6 +1720,17 @@ def test_token_kmeans_and_over_clustering_recover_a_known_partition():
     assert hungarian == pytest.approx(1.0)   # here an unmatched cluster joins class 0 too (Leopart's rule)
 
 
+def test_kmeans_script_clusters_tokens_and_over_clusters_with_many_to_one_matching(synthetic_root, tmp_path):
+    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init", "--granularity", "tokens",
+                         "--num_clusters", "20", "--seeds", "0", "--n_pictures", "1")
+    assert results["matching"] == "many-to-one" and results["num_clusters"] == 20
+    seed = results["per_seed"][0]
+    assert len(seed["cluster_to_class"]) == 20 and len(set(seed["cluster_to_class"])) < 20  # many to one
+    assert results["n_pixels"] == 4 * 32 * 32  # token assignments upsampled to the 32x32 masks
+    assert sum(seed["cluster_sizes"]) == results["n_valid_pixels"]
+    assert results["feature_dim"] == 8 and (tmp_path / "predictions_nb2.png").is_file()
+
+
 def test_prediction_pictures_use_the_dataset_colours(tmp_path):
     image = np.full((6, 8, 3), 100, np.uint8)
     gt = np.zeros((6, 8), np.uint8)
