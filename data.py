@@ -972,8 +972,9 @@ class Transformed(Dataset):
 
 # MMSegmentation's ADE20K 512x512 pipeline (configs/_base_/datasets/ade20k.py): RandomResize to scale
 # (2048, 512) x ratio 0.5-2.0 keeping the aspect ratio, RandomCrop 512 with cat_max_ratio 0.75, flip 0.5,
-# PhotoMetricDistortion, padding to 512 (image 0 after normalisation, mask 255); test: Resize to (2048, 512)
-# keeping the ratio. The label map (reduce_zero_label: 0 -> 255, 1..150 -> 0..149) is ADE20K_LUT.
+# PhotoMetricDistortion, padding to 512 (mask 255; the image with 0 after normalisation, i.e. the mean colour,
+# where MMSegmentation's Pad fills raw pixels with 0: only pixels the loss ignores differ); test: Resize to
+# (2048, 512) keeping the ratio. The label map (reduce_zero_label: 0 -> 255, 1..150 -> 0..149) is ADE20K_LUT.
 MMSEG_SCALE = (2048, 512)
 
 

@@ -233,7 +233,8 @@ def add_backbone_args(parser):
     parser.add_argument("--img_size", default=448, type=int,
                         help="Images are resized to img_size x img_size (default: 448, App. C and Leopart).")
     parser.add_argument("--batch_size", default=32, type=int,
-                        help="Images per batch and per process (default: 32; App. C gives 16 for ADE20K only).")
+                        help="Images per batch and per process (default: 32; eval_linear --protocol mmseg: 16, "
+                             "App. C's ADE20K batch; the paper gives no other batch size).")
     parser.add_argument("--num_workers", default=4, type=int, help="Data loading workers per process.")
     parser.add_argument("--seed", default=0, type=int,
                         help="Seed of the --random_init backbone; eval_linear: also of the head init, shuffling "
