@@ -7,7 +7,9 @@ Sections
   4. Pretraining image folders
   5. Synthetic scenes and videos (the embedded default data and the data of every test)
   6. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
-  7. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (eval_protocols.md A.1)
+  7. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
+  8. Evaluation transforms: the 448x448 protocol of App. C and MMSegmentation's ADE20K 512x512 pipeline
+  9. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
 
 Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1) x [i, i+1), so its centre is
 (j + 0.5, i + 0.5). A patch's position is the mean of its pixels' positions.
@@ -24,9 +26,11 @@ import torch
 from einops import rearrange
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
-from torchvision import transforms
+from torchvision import transforms, tv_tensors
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -42,7 +46,7 @@ VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor"]
 
-# eval_protocols.md A.1: class index = rank of the super-category in the alphabetically sorted list.
+# Leopart's coco_data_module.py: class index = rank of the super-category in the alphabetically sorted list.
 # COCO-Things: panoptic category ids (isthing == 1) -> 12 super-categories; 0 and every stuff id -> 255.
 COCO_THINGS_IDS = {
     "accessory": [27, 28, 31, 32, 33],
@@ -602,10 +606,12 @@ class SyntheticVideos:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def save_palette_png(labels: np.ndarray, path) -> None:
-    """np.uint8 (H, W) indices -> palette ('P') PNG with the VOC colour map."""
+def save_palette_png(labels: np.ndarray, path, palette=None) -> None:
+    """np.uint8 (H, W) indices -> palette ('P') PNG, with the VOC colour map unless another palette is given
+    (DAVIS results keep the first annotation's own palette; any palette works, evaluators read the indices)."""
+    labels = np.asarray(labels)
     im = Image.frombytes("P", labels.shape[::-1], np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
-    im.putpalette(VOC_PALETTE)
+    im.putpalette(VOC_PALETTE if palette is None else palette)
     im.save(path)
 
 
@@ -651,7 +657,7 @@ def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Segmentation datasets (eval_protocols.md A.1)
+# 7. Segmentation datasets (layouts of Leopart's loaders and of the official releases)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -864,6 +870,305 @@ def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | N
     return SegmentationDataset(samples, 150, ADE20K_CLASSES, ADE20K_LUT, source=source, **kw)
 
 
+def raw_mask_values(dataset, max_files: int = 20) -> str:
+    """What the first masks of a dataset hold before the label map: a sentence for error messages."""
+    samples = getattr(dataset, "samples", [])[:max_files]
+    if not samples:
+        return "no mask file to inspect"
+    values = np.unique(np.concatenate([np.unique(read_mask(m)) for _, m in samples]))
+    shown = ", ".join(str(v) for v in values[:30]) + (", ..." if len(values) > 30 else "")
+    return f"raw mask values in the first {len(samples)} files (e.g. {samples[0][1]}): {shown}"
+
+
+def class_histogram(dataset, progress: bool = True) -> np.ndarray:
+    """(num_classes + 1,) int64 pixel counts of every class after the label map; the last entry counts 255."""
+    hist = np.zeros(dataset.num_classes + 1, dtype=np.int64)
+    for _, mask in tqdm(dataset.samples, desc="class histogram", disable=not progress, leave=False):
+        labels = dataset.lut[read_mask(mask)]
+        hist += np.bincount(np.minimum(labels, dataset.num_classes).ravel(), minlength=dataset.num_classes + 1)
+    return hist
+
+
+def dataset_report(dataset, expected_count: int | None = None) -> str:
+    """Image and mask counts (every pair exists and has matching sizes: checked when the dataset is built) and
+    the class histogram; a count other than the official one is flagged."""
+    hist = class_histogram(dataset)
+    total = max(int(hist.sum()), 1)
+    lines = [f"{dataset.name}: {len(dataset)} images, {len(dataset)} masks, every mask the size of its image"]
+    if expected_count is not None and len(dataset) != expected_count:
+        lines.append(f"WARNING: the official split has {expected_count} images")
+    lines += [f"  {name:<24} {100 * n / total:6.2f}% of pixels" for name, n in zip(dataset.class_names, hist)]
+    lines.append(f"  {'ignore (255)':<24} {100 * hist[-1] / total:6.2f}% of pixels")
+    absent = [n for n, c in zip(dataset.class_names, hist) if c == 0]
+    if absent:
+        lines.append(f"WARNING: classes without any pixel: {', '.join(absent)}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Evaluation transforms
+# ----------------------------------------------------------------------------------------------------------------
+# Images are resized with bilinear, masks with nearest only (any other interpolation invents labels and lets 255
+# bleed into class ids).
+
+def to_input(img) -> torch.Tensor:
+    """PIL RGB or (H, W, 3) uint8 -> (3, H, W) float32 ImageNet-normalised."""
+    img = F2.to_dtype(F2.to_image(img), torch.float32, scale=True)
+    return F2.normalize(img, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
+
+
+def resize_mask(mask, size) -> torch.Tensor:
+    """(1, H, W) uint8 -> (h, w) uint8 by nearest; size is an int (square) or (h, w)."""
+    size = [size, size] if isinstance(size, int) else list(size)
+    return F2.resize(tv_tensors.Mask(mask), size, interpolation=v2.InterpolationMode.NEAREST,
+                     antialias=False).as_subclass(torch.Tensor)[0]
+
+
+class ValTransform:
+    """App. C val: image resized to img_size x img_size (aspect ratio not kept, as Leopart), mask nearest to
+    img_size and then nearest to mask_size (Leopart's two steps, e.g. 448 -> 100 for k-means)."""
+
+    def __init__(self, img_size=448, mask_size=None):
+        self.img_size, self.mask_size = img_size, mask_size or img_size
+
+    def __call__(self, img, mask):
+        img = F2.resize(img, [self.img_size, self.img_size], interpolation=v2.InterpolationMode.BILINEAR,
+                        antialias=True)
+        mask = resize_mask(torch.from_numpy(np.asarray(mask))[None], self.img_size)
+        if self.mask_size != self.img_size:
+            mask = resize_mask(mask[None], self.mask_size)
+        return to_input(img), mask
+
+
+class TrainTransform:
+    """Leopart's linear_finetune.py train transform: RandomResizedCrop(img_size, scale 0.8-1, ratio 3/4-4/3) +
+    horizontal flip with the same parameters for image (bilinear) and mask (nearest), then the mask
+    nearest-resized to mask_size."""
+
+    def __init__(self, img_size=448, mask_size=100):
+        self.joint = v2.Compose([
+            v2.RandomResizedCrop((img_size, img_size), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+        ])
+        self.mask_size = mask_size
+
+    def __call__(self, img, mask):
+        img, mask = self.joint(img, tv_tensors.Mask(torch.from_numpy(np.asarray(mask))[None]))
+        return to_input(img), resize_mask(mask, self.mask_size)
+
+
+class Transformed(Dataset):
+    """(PIL image, np.uint8 mask) dataset -> whatever the joint transform returns for each pair."""
+
+    def __init__(self, dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.transform(*self.dataset[i])
+
+
+# MMSegmentation's ADE20K 512x512 pipeline (configs/_base_/datasets/ade20k.py): RandomResize to scale
+# (2048, 512) x ratio 0.5-2.0 keeping the aspect ratio, RandomCrop 512 with cat_max_ratio 0.75, flip 0.5,
+# PhotoMetricDistortion, padding to 512 (mask 255; the image with 0 after normalisation, i.e. the mean colour,
+# where MMSegmentation's Pad fills raw pixels with 0: only pixels the loss ignores differ); test: Resize to
+# (2048, 512) keeping the ratio. The label map (reduce_zero_label: 0 -> 255, 1..150 -> 0..149) is ADE20K_LUT.
+MMSEG_SCALE = (2048, 512)
+
+
+def rescale_size(width: int, height: int, scale=MMSEG_SCALE) -> tuple[int, int]:
+    """(new_w, new_h) of mmcv's keep-ratio rescale: the largest size with long side <= max(scale) and short side
+    <= min(scale)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def mmseg_test_resize(img: Image.Image, scale=MMSEG_SCALE) -> Image.Image:
+    """The test-time Resize of the ADE20K config: keep ratio, short side 512 unless the long side hits 2048."""
+    return img.resize(rescale_size(*img.size, scale=scale), Image.BILINEAR)
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion on (H, W, 3) uint8, each step with probability 1/2: brightness
+    +-32, contrast x0.5-1.5 (before or after the HSV steps), saturation x0.5-1.5, hue +-18 of OpenCV's 180."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:
+        x = np.clip(x + rng.uniform(-32, 32), 0, 255)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    if contrast_first and contrast is not None:
+        x = np.clip(x * contrast, 0, 255)
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        hsv = np.asarray(Image.fromarray(x.round().astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if saturation is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+        if hue is not None:  # PIL's hue runs over 0..255 where OpenCV's runs over 0..180
+            hsv[..., 0] = (hsv[..., 0] + hue * 256 / 180) % 256
+        x = np.asarray(Image.fromarray(hsv.round().astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
+    if not contrast_first and contrast is not None:
+        x = np.clip(x * contrast, 0, 255)
+    return x.round().astype(np.uint8)
+
+
+def cat_max_ratio_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75,
+                       tries: int = 10) -> tuple[int, int]:
+    """(top, left) of MMSegmentation's RandomCrop: up to 10 random crops until no class (255 aside) covers more
+    than cat_max_ratio of it; the last try is kept otherwise."""
+    h, w = mask.shape
+    for _ in range(tries):
+        top, left = int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+        labels, counts = np.unique(mask[top:top + crop, left:left + crop], return_counts=True)
+        counts = counts[labels != IGNORE_INDEX]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
+class MMSegTrainTransform:
+    """The ADE20K 512x512 train pipeline of MMSegmentation (see MMSEG_SCALE) on a (PIL image, uint8 mask) pair
+    -> (image (3, crop, crop) normalised, mask (crop, crop) uint8). Randomness comes from torch's generator (so
+    DataLoader workers and --seed control it)."""
+
+    def __init__(self, crop_size=512, scale=MMSEG_SCALE, ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
+        self.crop, self.scale, self.ratio_range, self.cat_max_ratio = crop_size, scale, ratio_range, cat_max_ratio
+
+    def __call__(self, img, mask):
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        ratio = rng.uniform(*self.ratio_range)
+        size = rescale_size(*img.size, scale=(int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
+        img = np.asarray(img.resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(size, Image.NEAREST))
+        top, left = cat_max_ratio_crop(mask, self.crop, rng, self.cat_max_ratio)
+        img, mask = img[top:top + self.crop, left:left + self.crop], mask[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        img = photometric_distortion(np.ascontiguousarray(img), rng)
+        pad_h, pad_w = self.crop - img.shape[0], self.crop - img.shape[1]
+        x = torch.nn.functional.pad(to_input(img), (0, pad_w, 0, pad_h), value=0.0)
+        y = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        return x, torch.from_numpy(np.ascontiguousarray(y))
+
+
+class OriginalSizeTransform:
+    """ADE20K test: the image resized as MMSegmentation's test Resize, the mask kept at its ORIGINAL size (the
+    prediction is resized back to it before scoring)."""
+
+    def __init__(self, scale=MMSEG_SCALE):
+        self.scale = scale
+
+    def __call__(self, img, mask):
+        return to_input(mmseg_test_resize(img, self.scale)), torch.from_numpy(np.asarray(mask, dtype=np.uint8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Preparing the datasets (`python data.py prepare_coco ...`, `python data.py prepare_voc ...`)
+# ----------------------------------------------------------------------------------------------------------------
+
+OFFICIAL_COUNTS = {("coco", "train"): 118287, ("coco", "val"): 5000, ("pvoc", "trainaug"): 10582,
+                   ("pvoc", "val"): 1449}
+
+
+def panoptic_to_semantic(panoptic_rgb: np.ndarray, segments_info) -> np.ndarray:
+    """(H, W) uint8 category ids of one COCO panoptic PNG (panopticapi's panoptic2semantic_segmentation
+    conversion): segment id = R + 256 G + 256^2 B, each segment painted with its category_id, 0 = unlabeled."""
+    rgb = np.asarray(panoptic_rgb, dtype=np.uint32)
+    ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+    lut = {int(s["id"]): int(s["category_id"]) for s in segments_info}
+    if any(c > 255 for c in lut.values()):
+        raise ValueError("a panoptic category id does not fit a uint8 PNG")
+    seg_ids = np.fromiter(lut, dtype=np.uint32, count=len(lut))
+    out = np.zeros(ids.shape, dtype=np.uint8)
+    if len(seg_ids):
+        order = np.argsort(seg_ids)
+        pos = np.clip(np.searchsorted(seg_ids[order], ids), 0, len(seg_ids) - 1)
+        hit = seg_ids[order][pos] == ids
+        cats = np.fromiter(lut.values(), dtype=np.uint8, count=len(lut))[order]
+        out[hit] = cats[pos[hit]]
+    return out
+
+
+def prepare_coco(root, split: str, panoptic_json=None, panoptic_dir=None, stuff_pixelmaps=None,
+                 progress: bool = True) -> str:
+    """COCO-Things masks from the panoptic release (panoptic_<s>2017.json + its PNG folder) and COCO-Stuff masks
+    from the stuff pixel maps, written into root's layout (next to root/images/<s>2017 or root/<s>2017):
+    root/annotations/panoptic_annotations/semantic_segmentation_<s>2017 and
+    root/annotations/stuff_annotations/stuff_<s>2017_pixelmaps. Returns the report of every dataset written."""
+    root, reports = Path(root), []
+    if panoptic_json is not None:
+        with open(panoptic_json) as f:
+            meta = json.load(f)
+        sizes = {im["file_name"].rsplit(".", 1)[0]: (im["width"], im["height"]) for im in meta["images"]}
+        out = root / "annotations" / "panoptic_annotations" / f"semantic_segmentation_{split}2017"
+        out.mkdir(parents=True, exist_ok=True)
+        for ann in tqdm(meta["annotations"], desc="panoptic -> semantic", disable=not progress):
+            with Image.open(Path(panoptic_dir) / ann["file_name"]) as im:
+                semantic = panoptic_to_semantic(np.asarray(im.convert("RGB")), ann["segments_info"])
+            stem = ann["file_name"].rsplit(".", 1)[0]
+            if stem in sizes and semantic.shape[::-1] != tuple(sizes[stem]):
+                raise ValueError(f"{ann['file_name']}: {semantic.shape[::-1]} but {panoptic_json} says {sizes[stem]}")
+            Image.fromarray(semantic, "L").save(out / f"{stem}.png")
+        dataset = build_segmentation_dataset("coco_things", root, split, progress=progress)
+        if len(dataset) != len(meta["annotations"]):
+            raise ValueError(f"{len(meta['annotations'])} panoptic annotations but {len(dataset)} images of "
+                             f"{root} have a mask")
+        reports.append(dataset_report(dataset, OFFICIAL_COUNTS.get(("coco", split))))
+    if stuff_pixelmaps is not None:
+        out = root / "annotations" / "stuff_annotations" / f"stuff_{split}2017_pixelmaps"
+        out.mkdir(parents=True, exist_ok=True)
+        files = sorted(Path(stuff_pixelmaps).glob("*.png"))
+        if not files:
+            raise ValueError(f"no .png stuff pixel map in {stuff_pixelmaps}")
+        for f in tqdm(files, desc="stuff pixel maps", disable=not progress):
+            if f.resolve() != (out / f.name).resolve():
+                Image.fromarray(read_mask(f), "L").save(out / f.name)  # read_mask: rejects colour PNGs
+        dataset = build_segmentation_dataset("coco_stuff", root, split, progress=progress)
+        if len(dataset) != len(files):
+            raise ValueError(f"{len(files)} stuff pixel maps but {len(dataset)} images of {root} have a mask")
+        reports.append(dataset_report(dataset, OFFICIAL_COUNTS.get(("coco", split))))
+    if not reports:
+        raise ValueError("prepare_coco: give --panoptic_json with --panoptic_dir, and/or --stuff_pixelmaps")
+    return "\n".join(reports)
+
+
+def sbd_segmentation(mat_path) -> np.ndarray:
+    """(H, W) uint8 class ids of an SBD cls/<id>.mat (field GTcls.Segmentation; 0..20, no boundary label)."""
+    from scipy.io import loadmat  # only the VOC preparation needs scipy.io
+    gt = loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"]
+    return np.asarray(gt.Segmentation, dtype=np.uint8)
+
+
+def prepare_voc(voc_root, sbd_cls_dir, trainaug_list, progress: bool = True) -> str:
+    """PVOC12 trainaug: VOC2012/SegmentationClassAug/<id>.png for every id of trainaug.txt, from VOC's own
+    SegmentationClass PNG when the image has one (it carries the 255 boundaries) and otherwise from SBD's
+    cls/<id>.mat; the list is copied to ImageSets/Segmentation/trainaug.txt. Returns the report of both splits."""
+    folder, layout = _find_voc(voc_root)
+    ids = [line.strip() for line in Path(trainaug_list).read_text().splitlines() if line.strip()]
+    aug = folder / "SegmentationClassAug"
+    aug.mkdir(exist_ok=True)
+    for i in tqdm(ids, desc="trainaug masks", disable=not progress):
+        voc_png, mat = folder / "SegmentationClass" / f"{i}.png", Path(sbd_cls_dir) / f"{i}.mat"
+        if voc_png.is_file():
+            labels = read_mask(voc_png)
+        elif mat.is_file():
+            labels = sbd_segmentation(mat)
+        else:
+            raise ValueError(f"{i} (listed in {trainaug_list}): neither {voc_png} nor {mat} exists")
+        if labels[(labels > 20) & (labels != IGNORE_INDEX)].size:
+            raise ValueError(f"{i}: labels outside 0..20 and 255")
+        Image.fromarray(labels, "L").save(aug / f"{i}.png")
+    (folder / layout["sets"] / "trainaug.txt").write_text("\n".join(ids) + "\n")
+    reports = [dataset_report(build_segmentation_dataset("pvoc", folder, "trainaug", progress=progress),
+                              OFFICIAL_COUNTS[("pvoc", "trainaug")])]
+    if (folder / layout["sets"] / "val.txt").is_file():
+        reports.append(dataset_report(build_segmentation_dataset("pvoc", folder, "val", progress=progress),
+                                      OFFICIAL_COUNTS[("pvoc", "val")]))
+    return "\n".join(reports)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
@@ -882,12 +1187,28 @@ def get_args_parser():
     p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
                    help="height and width of the synthetic video frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    sub = p.add_subparsers(dest="command")
+    coco = sub.add_parser("prepare_coco", help="COCO-Things masks from the panoptic release and COCO-Stuff masks "
+                                               "from the stuff pixel maps, written into --root's layout and checked")
+    coco.add_argument("--root", required=True, help="COCO folder holding images/<split>2017 or <split>2017")
+    coco.add_argument("--split", default="val", choices=("train", "val"))
+    coco.add_argument("--panoptic_json", default=None, help="annotations/panoptic_<split>2017.json")
+    coco.add_argument("--panoptic_dir", default=None, help="the unzipped panoptic_<split>2017/ PNG folder")
+    coco.add_argument("--stuff_pixelmaps", default=None, help="the unzipped stuff_<split>2017_pixelmaps/ folder")
+    voc = sub.add_parser("prepare_voc", help="PVOC12 trainaug masks from SBD's .mat files + trainaug.txt, checked")
+    voc.add_argument("--voc_root", required=True, help="VOCdevkit/VOC2012 (or a folder above it)")
+    voc.add_argument("--sbd_cls", required=True, help="SBD's benchmark_RELEASE/dataset/cls folder of <id>.mat")
+    voc.add_argument("--trainaug_list", required=True, help="trainaug.txt: the 10,582 image ids, one a line")
     return p
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    if args.write_synthetic is None:
+    if args.command == "prepare_coco":
+        print(prepare_coco(args.root, args.split, args.panoptic_json, args.panoptic_dir, args.stuff_pixelmaps))
+    elif args.command == "prepare_voc":
+        print(prepare_voc(args.voc_root, args.sbd_cls, args.trainaug_list))
+    elif args.write_synthetic is None:
         get_args_parser().print_help()
     else:
         print(json.dumps(vars(args)))

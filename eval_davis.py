@@ -1,9 +1,13 @@
-"""DAVIS-2017 semi-supervised video object segmentation by label propagation (paper App. Table A1).
+"""DAVIS-2017 semi-supervised video object segmentation by label propagation (App. C, Table A1).
 
-The protocol is DINO's `eval_video_segmentation.py` (eval_protocols.md Sec. C.2-C.4, decisions in E.4) and the
-metrics are those of the official `davis2017-evaluation` tool (Sec. C.5), computed here and written in its CSV
-format, so a results folder can also be cross-checked with the official tool:
+The protocol is DINO's `eval_video_segmentation.py` (App. C: n_last_frames 7, size_mask_neighborhood 12, topk 5)
+and the metrics are those of the official `davis2017-evaluation` tool (`davis2017/metrics.py`, `utils.py`,
+`evaluation.py`), computed here. Our scores go to <output_dir>/scores/ in the official CSV format; the result
+folder itself holds only the PNGs (and config.json), so the official tool, which echoes any
+global_results-<set>.csv it finds in --results_path ("Using precomputed results...") instead of computing,
+really re-scores them:
     python evaluation_method.py --task semi-supervised --results_path <output_dir> --davis_path <DAVIS>
+Stale CSVs that an earlier run of the official tool left in <output_dir> are deleted at the start.
 
 Per video: every frame goes through the frozen ViT at short side 480 (long side floored to a multiple of 64); the
 first frame's labels are propagated frame by frame with a k-NN over the first frame and the last 7 frames
@@ -14,10 +18,10 @@ Differences from DINO's script (none changes the algorithm):
   * frames are decoded with Pillow and resized with torch's bilinear interpolation (align_corners=False, no
     antialias, rounded back to uint8), which is the same sampling as `cv2.resize`'s default INTER_LINEAR; cv2's
     fixed-point arithmetic and its JPEG decoder can differ from these by one grey level on a few pixels;
-  * square frames: DINO's frame and mask rules disagree on them (Sec. C.6); one rule (the frame rule: landscape
+  * square frames: DINO's frame and mask rules disagree on them; one rule (the frame rule: landscape
     unless H > W) is used for both here. No DAVIS frame is square;
-  * 255 (void) in a first-frame annotation is mapped to background before one-hot encoding (Sec. C.6), and frame 0
-    is written as that cleaned ground truth;
+  * 255 (void) in a first-frame annotation is mapped to background before one-hot encoding (DINO would give it
+    a channel), and frame 0 is written as that cleaned ground truth;
   * the neighbourhood mask is built with tensor ops instead of Python loops (same mask);
   * the palette is the first annotation's own (any palette works: the evaluator reads indices).
 Kept from DINO on purpose: std (0.228, 0.224, 0.225) (0.228 is DINO's, inherited from UVC), tau = 0.1, the strict
@@ -29,7 +33,6 @@ Usage (DAVIS-2017 val, ViT-S/16 teacher of a CrOC checkpoint):
 """
 import argparse
 import csv
-import json
 import math
 import os
 import sys
@@ -44,19 +47,21 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from data import VOC_PALETTE
+import metrics
+from data import VOC_PALETTE, read_mask, save_palette_png
 from model import backbone_from_args, dense_features
 
-# Sec. C.2: DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
+# DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
 DAVIS_MEAN = (0.485, 0.456, 0.406)
 DAVIS_STD = (0.228, 0.224, 0.225)
-TEMPERATURE = 0.1  # Sec. C.4: hard-coded in DINO's label_propagation
-LONG_SIDE_MULTIPLE = 64  # Sec. C.2: the long side is floored to a multiple of 64
+TEMPERATURE = 0.1  # hard-coded in DINO's label_propagation
+LONG_SIDE_MULTIPLE = 64  # DINO's read_frame: the long side is floored to a multiple of 64
+SCORES_DIR = "scores"  # our CSVs: beside the PNGs, never among them
 GLOBAL_COLUMNS = ["J&F-Mean", "J-Mean", "J-Recall", "J-Decay", "F-Mean", "F-Recall", "F-Decay"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Official metrics (davis2017-evaluation, Sec. C.5)
+# Official metrics (davis2017-evaluation `davis2017/metrics.py`, `utils.py`)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _as_frames(pred, gt):
@@ -128,7 +133,7 @@ def _dilate(boundary, structure):
 def _f_measure(pred, gt, structure):
     pred_b, gt_b = seg2bmap(pred), seg2bmap(gt)
     n_fg, n_gt = int(pred_b.sum()), int(gt_b.sum())
-    # Sec. C.5 empty-mask table: the counts are of boundary pixels, not of mask pixels.
+    # f_measure's empty-mask cases: the counts are of boundary pixels, not of mask pixels.
     if n_fg == 0 and n_gt > 0:
         precision, recall = 1.0, 0.0
     elif n_fg > 0 and n_gt == 0:
@@ -211,8 +216,16 @@ def _fmt(value):
     return "" if np.isnan(value) else "%.3f" % value
 
 
+def official_csvs(folder):
+    """The CSVs that evaluation_method.py would read back from a results folder instead of computing."""
+    folder = Path(folder)
+    return sorted([*folder.glob("global_results-*.csv"), *folder.glob("per-sequence_results-*.csv")])
+
+
 def write_results_csv(output_dir, set_name, global_results, rows):
-    """global_results-<set>.csv and per-sequence_results-<set>.csv, byte-for-byte in the official format."""
+    """global_results-<set>.csv and per-sequence_results-<set>.csv, byte-for-byte in the official format, in
+    output_dir (the script passes <results folder>/scores: never the folder the official tool scores)."""
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
     paths = (Path(output_dir) / f"global_results-{set_name}.csv",
              Path(output_dir) / f"per-sequence_results-{set_name}.csv")
     with open(paths[0], "w", newline="") as fh:
@@ -238,7 +251,8 @@ def format_table(global_results, rows, set_name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DAVIS-2017 layout (Sec. C.1): JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png, ImageSets/2017/<set>.txt
+# DAVIS-2017 layout (davis2017/davis.py): JPEGImages/480p/<seq>/*.jpg, Annotations/480p/<seq>/*.png,
+# ImageSets/2017/<set>.txt
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
@@ -255,15 +269,6 @@ def davis_root(data_path):
     if not (root / "ImageSets").is_dir() and (root / "DAVIS" / "ImageSets").is_dir():
         root = root / "DAVIS"
     return root
-
-
-def read_annotation(path):
-    """Label ids (H, W) uint8 of an indexed ('P') or greyscale ('L') PNG; anything else is not an id map."""
-    with Image.open(path) as img:
-        if img.mode not in ("P", "L"):
-            raise ValueError(f"{path}: annotation has mode {img.mode!r}; DAVIS annotations are indexed "
-                             f"(palette, mode 'P') PNGs whose pixel values are object ids")
-        return np.array(img)
 
 
 def load_davis_index(data_path, set_name="val", seqs=None):
@@ -315,9 +320,9 @@ def load_davis_index(data_path, set_name="val", seqs=None):
 
 
 def working_size(width, height, short_side=480):
-    """(th, tw) of Sec. C.2: short side = short_side, long side floored to a multiple of 64.
+    """(th, tw) of DINO's read_frame: short side = short_side, long side floored to a multiple of 64.
 
-    One rule for frames and masks (DINO's frame rule, so a square frame is treated as landscape, Sec. C.6).
+    One rule for frames and masks (DINO's frame rule, so a square frame is treated as landscape).
     """
     if height > width:
         tw, th = short_side, int((short_side * height / width) // LONG_SIDE_MULTIPLE * LONG_SIDE_MULTIPLE)
@@ -330,7 +335,7 @@ def working_size(width, height, short_side=480):
 
 
 def read_frame(path, size):
-    """(3, th, tw) normalised frame (Sec. C.2). Bilinear as cv2.resize: align_corners=False, no antialias,
+    """(3, th, tw) normalised frame (DINO's read_frame). Bilinear as cv2.resize: align_corners=False, no antialias,
     result rounded to uint8 like cv2 on a uint8 image."""
     with Image.open(path) as img:
         x = torch.from_numpy(np.array(img.convert("RGB"))).float()
@@ -345,7 +350,7 @@ def read_frame(path, size):
 
 
 def first_frame_labels(ann, size, patch_size):
-    """One-hot (C, h, w) at patch resolution from the ORIGINAL annotation (read_seg + to_one_hot, Sec. C.2).
+    """One-hot (C, h, w) at patch resolution from the ORIGINAL annotation (DINO's read_seg + to_one_hot).
 
     PIL NEAREST straight to the patch grid; C = max label of the downsampled mask + 1. 255 is background here.
     """
@@ -356,14 +361,8 @@ def first_frame_labels(ann, size, patch_size):
     return rearrange(F.one_hot(small, int(small.max()) + 1).float(), "h w c -> c h w")
 
 
-def write_indexed_png(path, labels, palette):
-    img = Image.fromarray(np.asarray(labels, dtype=np.uint8))  # 'L'; putpalette makes it 'P' (imwrite_indexed)
-    img.putpalette(palette)
-    img.save(path, format="PNG")
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Label propagation (Sec. C.4)
+# Label propagation (DINO's eval_video_segmentation.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 def neighbourhood_mask(h, w, radius, device=None):
@@ -422,7 +421,7 @@ def iter_propagate(feats, first_labels, n_last_frames=7, size_mask_neighborhood=
 
 
 def propagate(feats, first_labels, n_last_frames=7, size_mask_neighborhood=12, topk=5, temperature=TEMPERATURE):
-    """Label propagation of one video (Sec. C.4), without files.
+    """Label propagation of one video (DINO's eval_video_segmentation), without files.
 
     feats (T, D, h, w) per-frame features (any scale: they are L2-normalised here); first_labels (C, h, w)
     one-hot or soft labels of frame 0 at patch resolution. Returns soft labels (T, C, h, w), frame 0 = first_labels.
@@ -446,7 +445,7 @@ def norm_mask(mask):
 
 
 def labels_to_mask(soft, patch_size, size_wh):
-    """Soft labels (C, h, w) -> label map (H, W) uint8 at the original size (Sec. C.4 output steps 1-4)."""
+    """Soft labels (C, h, w) -> label map (H, W) uint8 at the original size (DINO's output steps)."""
     up = F.interpolate(soft[None], scale_factor=patch_size, mode="bilinear", align_corners=False,
                        recompute_scale_factor=False)[0]  # (C, th, tw)
     seg = torch.max(norm_mask(up), dim=0).indices.to(torch.uint8).cpu().numpy()
@@ -472,7 +471,7 @@ def segment_video(backbone, seq, args, device):
     with Image.open(seq.annotations[0]) as img:
         palette = img.getpalette() if img.mode == "P" else None
     palette = palette or VOC_PALETTE
-    first = read_annotation(seq.annotations[0])
+    first = read_mask(seq.annotations[0])
     first = np.where(first == 255, 0, first).astype(np.uint8)
     size = working_size(*seq.size, short_side=args.short_side)
     first_labels = first_frame_labels(first, size, args.patch_size)
@@ -481,21 +480,21 @@ def segment_video(backbone, seq, args, device):
     for t, (frame, labels) in enumerate(zip(seq.frames, tqdm(soft, total=len(seq.frames), desc=seq.name,
                                                                 leave=False))):
         seg = first if t == 0 else labels_to_mask(labels, args.patch_size, seq.size)
-        write_indexed_png(out_dir / f"{frame.stem}.png", seg, palette)
+        save_palette_png(seg, out_dir / f"{frame.stem}.png", palette)
 
 
 def evaluate_results(index, results_dir, bound_th=0.008):
     """Reads output PNGs as the official tool does and scores them. Returns (global dict, per-object rows)."""
     per_object = []
     for seq in tqdm(index, desc="J&F", leave=False):
-        gt = np.stack([read_annotation(p) for p in seq.annotations])
+        gt = np.stack([read_mask(p) for p in seq.annotations])
         gt[gt == 255] = 0
         res = []
         for ann in seq.annotations:
             path = Path(results_dir) / seq.name / ann.name
             if not path.is_file():
                 raise ValueError(f"{path}: result PNG missing")
-            res.append(read_annotation(path))
+            res.append(read_mask(path))
         j, f = evaluate_sequence(gt, np.stack(res), name=seq.name, bound_th=bound_th)
         per_object += [(f"{seq.name}_{k + 1}", j[k], f[k]) for k in range(len(j))]
     return summarize(per_object)
@@ -509,7 +508,8 @@ def get_args_parser():
     parser.add_argument("--set", default="val", type=str, help="ImageSets/2017/<set>.txt; the paper reports val")
     parser.add_argument("--seqs", nargs="+", default=None, help="only these sequences of the set")
     parser.add_argument("--output_dir", default=".", type=str,
-                        help="where <seq>/<frame>.png, the two CSV files and config.json are written")
+                        help="results folder: <seq>/<frame>.png, config.json and results.json (the PNGs are what the "
+                             "official evaluator's --results_path reads); our two CSV files go to scores/ in it")
     parser.add_argument("--weights", default=None, type=str, help="checkpoint to evaluate (any supported format)")
     parser.add_argument("--checkpoint_key", default="teacher", type=str, help='key in the checkpoint ("teacher")')
     parser.add_argument("--random_init", action="store_true", help="evaluate a randomly initialised backbone")
@@ -541,9 +541,11 @@ def main(args):
     index = load_davis_index(args.data_path, args.set, args.seqs)  # every input check before the model
 
     os.makedirs(args.output_dir, exist_ok=True)
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    with open(os.path.join(args.output_dir, "config.json"), "w") as fh:
-        json.dump(vars(args), fh, indent=2)
+    for stale in official_csvs(args.output_dir):  # the official tool would echo them instead of re-scoring
+        print(f"removing {stale}: a results CSV in the PNG folder stops evaluation_method.py from re-scoring")
+        stale.unlink()
+    metrics.print_config(args)
+    metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -552,7 +554,10 @@ def main(args):
         segment_video(backbone, seq, args, device)
 
     global_results, rows = evaluate_results(index, args.output_dir)
-    write_results_csv(args.output_dir, args.set, global_results, rows)
+    write_results_csv(Path(args.output_dir) / SCORES_DIR, args.set, global_results, rows)
+    metrics.write_json(os.path.join(args.output_dir, "results.json"),  # not read by the official tool
+                       {**global_results, "set": args.set, "n_objects": len(rows), "weights": args.weights,
+                        "per_object": {name: {"J-Mean": j, "F-Mean": f} for name, j, f in rows}})
     print(format_table(global_results, rows, args.set))
     sys.stdout.flush()
     return global_results

@@ -1,286 +1,193 @@
-"""Linear segmentation probe on frozen dense features (CrOC App. C "Transfer learning via linear segmentation").
+"""Linear segmentation probe on frozen dense features (App. C "Transfer learning via linear segmentation";
+Tables 1 and 2).
 
-Protocol: eval_protocols.md sections 0, A and E.2. A 1x1 convolution is trained with Adam on the concatenated
-last `--n_last_blocks` blocks of a frozen ViT, then mIoU is computed on the full val split, pooled over the
-dataset (A.5). Run as one process or with torchrun (one process per GPU):
+A 1x1 convolution is trained on the concatenated last n_b blocks of a frozen ViT; mIoU is pooled over the whole
+val split. Two protocols:
+
+* `--protocol croc` (default for pvoc, coco_things, coco_stuff; Table 1): App. C. Images resized to 448x448,
+  Adam at a constant 1e-3, 45 epochs on PVOC12 trainaug and 10 on the full COCO train2017; Leopart's
+  `linear_finetune.py` train transform (RandomResizedCrop 0.8-1 + flip, 100x100 training masks); scored at
+  448x448 as Leopart's `eval_linear.py`.
+* `--protocol mmseg` (default for ade20k; Table 2): App. C "we rely on MM-Segmentation and the 40k iterations
+  schedule. We set the batch size to 16, and we report for each method the best result after trying learning
+  rates in {1e-3, 8e-4, 3e-4, 1e-4, 8e-5}", in plain torch: MMSegmentation's ADE20K 512x512 pipeline
+  (`configs/_base_/datasets/ade20k.py`: random resize 0.5-2.0 of (2048, 512), 512 crop with cat_max_ratio 0.75,
+  flip, photometric distortion), the 40k poly schedule (`configs/_base_/schedules/schedule_40k.py`, power 0.9),
+  sliding inference (512 windows, stride 341) on the image resized to short side 512, logits resized back to
+  the original image and scored there. Departures (README): Adam as App. C's linear probe (the sweep's learning
+  rates are Adam's, not SGD's), the poly floor scaled to 1% of each learning rate, no weight decay.
+
+Every (n_b, lr) pair gets its own head; all heads see the same batches and the same features, so one feature
+pass serves the whole learning-rate sweep and every n_b. Each head's result is printed and written, then the
+best. Run as one process or with torchrun (one process per GPU):
 
     python eval_linear.py --dataset pvoc --data_path /data --weights croc.pth --output_dir out/lin_pvoc
-    torchrun --nproc_per_node 4 eval_linear.py --dataset coco_things --data_path /data --weights croc.pth ...
-
-This file also holds what eval_kmeans.py shares: the backbone/dataset arguments, the val transform, the feature
-loader and the metric (`confusion_matrix`, `miou`).
+    torchrun --nproc_per_node 4 eval_linear.py --dataset ade20k --data_path /data --weights croc.pth ...
 """
 import argparse
 import json
 import os
 import time
-from functools import partial
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torchvision import tv_tensors
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from data import build_segmentation_dataset
-from model import IMAGENET_MEAN, IMAGENET_STD, backbone_from_args, dense_features
-from train import init_distributed
+import metrics
+from data import (MMSegTrainTransform, OriginalSizeTransform, TrainTransform, Transformed, ValTransform,
+                  build_segmentation_dataset)
+from model import backbone_from_args, dense_features
 
-DATASETS = ("pvoc", "coco_things", "coco_stuff", "ade20k", "synthetic")
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
-DEFAULT_EPOCHS = {"pvoc": 45, "coco_things": 10, "coco_stuff": 10, "ade20k": 10, "synthetic": 5}
+DEFAULT_EPOCHS = {"pvoc": 45, "coco_things": 10, "coco_stuff": 10, "ade20k": 10, "synthetic": 5}  # App. C
+ADE20K_LRS = [1e-3, 8e-4, 3e-4, 1e-4, 8e-5]  # App. C: the learning rates tried on ADE20K, best one reported
+POLY_POWER, POLY_MIN_RATIO = 0.9, 0.01  # schedule_40k.py: power 0.9, eta_min 1e-4 for lr 1e-2 (here 1% of lr)
 
-
-# ----------------------------------------------------------------------------------------------------------------
-# Metric (A.5, A.6)
-
-def _count_pairs(pred, gt, n_gt, n_pred, ignore_index=255):
-    """(n_gt, n_pred) int64 counts M[g, p] over the pixels where gt != ignore_index. Any shapes, same numel.
-
-    A valid pixel whose gt is not in 0..n_gt-1 or whose pred is not in 0..n_pred-1 raises ValueError: silently
-    dropping or clipping it would change the metric without anyone noticing."""
-    pred, gt = torch.as_tensor(pred).reshape(-1), torch.as_tensor(gt).reshape(-1)
-    if pred.numel() != gt.numel():
-        raise ValueError(f"pred has {pred.numel()} pixels but gt has {gt.numel()}")
-    valid = gt != ignore_index
-    g, p = gt[valid].long(), pred[valid].long()
-    if g.numel() and (g.min() < 0 or g.max() >= n_gt):
-        raise ValueError(f"ground truth holds labels outside 0..{n_gt - 1} (and the ignore index {ignore_index})")
-    if p.numel() and (p.min() < 0 or p.max() >= n_pred):
-        raise ValueError(f"predictions hold labels outside 0..{n_pred - 1} on valid pixels")
-    counts = torch.bincount(g * n_pred + p, minlength=n_gt * n_pred)
-    return rearrange(counts, "(g p) -> g p", g=n_gt)
-
-
-def confusion_matrix(pred, gt, num_classes, ignore_index=255):
-    """(C, C) int64 M[g, p] = #pixels with ground truth g predicted as p, over pixels where gt != ignore_index.
-
-    pred and gt may have any (equal) number of elements. Labels outside 0..C-1 on a valid pixel raise ValueError
-    (in pred as well as in gt); pred is free on ignored pixels."""
-    return _count_pairs(pred, gt, num_classes, num_classes, ignore_index)
-
-
-def miou(confusion):
-    """(mean IoU, per-class IoU (C,) float64) from a dataset-pooled (C, C) confusion matrix M[g, p]   # A.5
-
-    IoU_c = M[c,c] / max(sum_p M[c,p] + sum_g M[g,c] - M[c,c], 1e-8); the mean is over all C classes, so a class
-    absent from both ground truth and prediction has IoU 0 and still counts (A.6)."""
-    confusion = confusion.double()
-    tp = confusion.diagonal()
-    union = confusion.sum(1) + confusion.sum(0) - tp
-    iou = tp / union.clamp(min=1e-8)
-    return iou.mean().item(), iou
-
-
-def format_iou_table(class_names, iou, miou_value):
-    width = max(len(n) for n in class_names) + 2
-    lines = [f"{'class':<{width}} IoU (%)"]
-    lines += [f"{name:<{width}} {100 * v:6.2f}" for name, v in zip(class_names, iou.tolist())]
-    lines.append(f"{'mean':<{width}} {100 * miou_value:6.2f}")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Transforms (A.2): images resized with bilinear, masks with nearest only (A.6: 255 must not bleed)
-
-def _to_input(img):
-    """PIL RGB -> (3, H, W) float32 ImageNet-normalised."""
-    img = TF.to_dtype(TF.to_image(img), torch.float32, scale=True)
-    return TF.normalize(img, IMAGENET_MEAN, IMAGENET_STD).as_subclass(torch.Tensor)
-
-
-def _resize_mask(mask, size):
-    """(1, H, W) uint8 -> (size, size) uint8, nearest."""
-    return TF.resize(tv_tensors.Mask(mask), [size, size], interpolation=v2.InterpolationMode.NEAREST,
-                     antialias=False).as_subclass(torch.Tensor)[0]
-
-
-class ValTransform:
-    """A.2 val: image resized to img_size x img_size (aspect ratio not kept), mask nearest to img_size and then
-    nearest to mask_size (the reference's two steps, e.g. 448 -> 100 for k-means)."""
-
-    def __init__(self, img_size=448, mask_size=None):
-        self.img_size, self.mask_size = img_size, mask_size or img_size
-
-    def __call__(self, img, mask):
-        img = TF.resize(img, [self.img_size, self.img_size], interpolation=v2.InterpolationMode.BILINEAR,
-                        antialias=True)
-        mask = _resize_mask(torch.from_numpy(np.asarray(mask))[None], self.img_size)
-        if self.mask_size != self.img_size:
-            mask = _resize_mask(mask[None], self.mask_size)
-        return _to_input(img), mask
-
-
-class TrainTransform:
-    """A.2 / E.2 train: RandomResizedCrop(img_size, scale 0.8-1, ratio 3/4-4/3) + horizontal flip with the same
-    parameters for image (bilinear) and mask (nearest), then the mask nearest-resized to mask_size."""
-
-    def __init__(self, img_size=448, mask_size=100):
-        self.joint = v2.Compose([
-            v2.RandomResizedCrop((img_size, img_size), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
-        ])
-        self.mask_size = mask_size
-
-    def __call__(self, img, mask):
-        img, mask = self.joint(img, tv_tensors.Mask(torch.from_numpy(np.asarray(mask))[None]))
-        return _to_input(img), _resize_mask(mask, self.mask_size)
-
-
-class Transformed(Dataset):
-    """(PIL image, np.uint8 mask) dataset -> (image (3, S, S) float, mask (m, m) uint8) through a joint transform."""
-
-    def __init__(self, dataset, transform):
-        self.dataset, self.transform = dataset, transform
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return self.transform(*self.dataset[i])
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments and backbone shared with eval_kmeans.py
-
-def add_backbone_args(parser):
-    """Arguments shared by eval_linear.py and eval_kmeans.py: dataset, backbone, feature extraction, output."""
-    parser.add_argument("--dataset", default="pvoc", choices=DATASETS,
-                        help="pvoc (21 classes incl. background), coco_things (12), coco_stuff (15), ade20k (150), "
-                             "synthetic (data.py's scenes: in memory without --data_path, else the folder that "
-                             "`python data.py --write-synthetic DIR` writes).")
-    parser.add_argument("--data_path", default=None, type=str,
-                        help="Dataset root (see data.py for the layouts). Optional only for --dataset synthetic.")
-    parser.add_argument("--val_split", default="val", type=str, help="Evaluation split (default: val).")
-    parser.add_argument("--weights", default=None, type=str,
-                        help="Checkpoint to evaluate: our training checkpoints, official CrOC/DINO checkpoints or a "
-                             "bare backbone state dict (anything model.load_pretrained reads).")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help="Which network of a training checkpoint to evaluate (default: teacher, as DINO/CrOC).")
-    parser.add_argument("--random_init", action="store_true",
-                        help="Evaluate a randomly initialised backbone instead of --weights (a lower bound).")
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"),
-                        help="Backbone architecture (default: vit_small, the ViT-S/16 of the CrOC tables).")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch size (default: 16).")
-    parser.add_argument("--n_last_blocks", default=4, type=int,
-                        help="Concatenate the patch tokens of the last n blocks, each through the final LayerNorm "
-                             "(CrOC App. C; n_b is not given in the paper: 4 is DINO's advice for ViT-S; spec E.1).")
-    parser.add_argument("--img_size", default=448, type=int,
-                        help="Images are resized to img_size x img_size (default: 448, CrOC and Leopart).")
-    parser.add_argument("--batch_size", default=32, type=int,
-                        help="Images per batch and per process (default: 32; the CrOC paper gives no value).")
-    parser.add_argument("--num_workers", default=4, type=int, help="Data loading workers per process.")
-    parser.add_argument("--seed", default=0, type=int,
-                        help="Seed of the --random_init backbone; eval_linear: also of the head init, shuffling "
-                             "and augmentation; eval_kmeans: also of the PCA's pixel subsample (k-means: --seeds).")
-    parser.add_argument("--output_dir", default=None, type=str,
-                        help="Where config.json and results.json are written (default: output/<script name>).")
-    parser.add_argument("--device", default=None, type=str,
-                        help="Device of a single-process run (default: cuda if available, else cpu); under "
-                             "torchrun every process uses its local GPU.")
-    return parser
-
-
-def check_feature_size(args):
-    if args.img_size % args.patch_size:
-        raise ValueError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
-
-
-def print_config(args):
-    print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())), flush=True)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-
-
-def loader(dataset, args, shuffle=False, sampler=None):
-    return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(), drop_last=False,
-                      persistent_workers=False)
-
-
-def shard(dataset, rank, world_size):
-    """Every world_size-th image starting at rank: disjoint shards that cover the split exactly once (unlike
-    DistributedSampler, which pads with repeated images and would count them twice in the pooled metric)."""
-    return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Linear probe (E.2)
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Linear segmentation probe on frozen dense features (CrOC App. C, spec E.2)",
-                                     add_help=False)
-    add_backbone_args(parser)
-    parser.set_defaults(output_dir="output/eval_linear")
+    parser = argparse.ArgumentParser("Linear segmentation probe on frozen dense features (App. C)", add_help=False)
+    metrics.add_backbone_args(parser)
+    parser.set_defaults(output_dir="output/eval_linear", batch_size=None)
+    parser.add_argument("--protocol", default=None, choices=("croc", "mmseg"),
+                        help="croc: App. C's 448x448 Adam probe (default except for ade20k); mmseg: App. C's ADE20K "
+                             "protocol, MMSegmentation's 512x512 40k-iteration pipeline in plain torch (default "
+                             "for ade20k).")
     parser.add_argument("--train_split", default=None, type=str,
                         help="Training split (default: trainaug for pvoc, as CrOC and Leopart; train otherwise: "
-                             "CrOC trains on the full COCO train2017, Leopart on a random 10%%).")
+                             "App. C trains on the full COCO train2017, Leopart on a random 10%%).")
     parser.add_argument("--epochs", default=None, type=int,
-                        help="Training epochs (default: 45 for pvoc and 10 for coco_things/coco_stuff, the CrOC "
-                             "paper; 10 for ade20k, not given in the paper; 5 for synthetic. Leopart: 25).")
-    parser.add_argument("--lr", default=1e-3, type=float,
-                        help="Adam learning rate, constant (default: 1e-3, CrOC paper; Leopart uses SGD 0.01 "
-                             "with momentum and a step schedule).")
+                        help="croc protocol: training epochs (default: 45 for pvoc and 10 for coco_things/"
+                             "coco_stuff, App. C; 5 for synthetic. Leopart: 25).")
+    parser.add_argument("--iters", default=40000, type=int,
+                        help="mmseg protocol: training iterations (default: 40000, App. C's 40k schedule).")
+    parser.add_argument("--lr", default=None, type=float, nargs="+",
+                        help="Adam learning rates, one head each, best reported (default: 1e-3 for croc, App. C; "
+                             "1e-3 8e-4 3e-4 1e-4 8e-5 for mmseg, App. C's ADE20K sweep). croc: constant; mmseg: "
+                             "poly decay (power 0.9) to 1%% of the rate.")
     parser.add_argument("--train_mask_size", default=100, type=int,
-                        help="Logits are upsampled and masks nearest-resized to this size for the training loss "
-                             "(default: 100, Leopart). The final mIoU is computed at --img_size (448, Leopart's "
-                             "eval script).")
+                        help="croc protocol: logits are upsampled and masks nearest-resized to this size for the "
+                             "training loss (default: 100, Leopart). The mIoU is computed at --img_size (448, "
+                             "Leopart's eval script).")
+    parser.add_argument("--crop_size", default=512, type=int,
+                        help="mmseg protocol: training crop and sliding window (default: 512, MMSegmentation's "
+                             "ADE20K 512x512 configs). Images are resized as there: long side <= 4 x crop, short "
+                             "side <= crop, times 0.5-2.0 for training.")
+    parser.add_argument("--slide_stride", default=341, type=int,
+                        help="mmseg protocol: stride of the sliding windows (default: 341, MMSegmentation's ViT "
+                             "ADE20K 512x512 configs).")
     parser.add_argument("--cache_train_features", action="store_true",
-                        help="Compute the train features once, without augmentation (resize only), and train "
-                             "the head on that cache: much faster, but not the protocol (default: off, a fresh "
-                             "RandomResizedCrop + flip every epoch as Leopart). The cache holds N x nD x h x w "
-                             "float16 values in CPU memory.")
+                        help="croc protocol: compute the train features once, without augmentation (resize only), "
+                             "and train the heads on that cache: much faster, but not the protocol (default: off, a "
+                             "fresh RandomResizedCrop + flip every epoch as Leopart). The cache holds N x n_b D x h "
+                             "x w float16 values in CPU memory (the largest n_b).")
     return parser
 
 
 def resolve_defaults(args):
-    if args.train_split is None:
-        args.train_split = DEFAULT_TRAIN_SPLIT.get(args.dataset, "train")
+    args.protocol = args.protocol or ("mmseg" if args.dataset == "ade20k" else "croc")
+    args.train_split = args.train_split or DEFAULT_TRAIN_SPLIT.get(args.dataset, "train")
     if args.epochs is None:
         args.epochs = DEFAULT_EPOCHS[args.dataset]
+    if args.lr is None:
+        args.lr = list(ADE20K_LRS) if args.protocol == "mmseg" else [1e-3]
+    if args.batch_size is None:
+        args.batch_size = 16 if args.protocol == "mmseg" else 32  # App. C: 16 on ADE20K; not given otherwise
+    if args.protocol == "mmseg":
+        if args.cache_train_features:
+            raise ValueError("--cache_train_features is for the croc protocol (the mmseg crops change every step)")
+        if args.crop_size % args.patch_size or args.slide_stride < 1:
+            raise ValueError(f"--crop_size {args.crop_size} must be a multiple of --patch_size {args.patch_size} "
+                             f"and --slide_stride >= 1")
     return args
 
 
-def train_one_epoch(features, head, batches, optimizer, args, device, epoch, main):
-    """One pass over (x, mask) batches, features(x) -> (B, nD, h, w); returns the epoch's mean pixel CE."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    n_pix = torch.zeros((), dtype=torch.int64, device=device)
-    for x, mask in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main, leave=False):
-        x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()  # mask (B, m, m)
-        feats = features(x)  # (B, nD, h, w)
-        # A.3: head(upsample(F)) == upsample(head(F)) because bilinear weights sum to 1; run the head at (h, w)
-        logits = F.interpolate(head(feats), size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        n_valid = (mask != 255).sum()
+def mmseg_scale(args):
+    """MMSegmentation's (2048, 512) for a 512 crop: (4 x crop, crop) for other crop sizes."""
+    return 4 * args.crop_size, args.crop_size
+
+
+def run_name(n_blocks, lr):
+    """'nb4_lr1e-3': a module name, so no '.' (1.5e-3 -> 'lr1p5e-3')."""
+    return f"nb{n_blocks}_lr" + np.format_float_scientific(lr, trim="-", exp_digits=1).replace(".", "p")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heads, schedule, training
+
+def build_heads(args, embed_dim, num_classes, device):
+    """{run name: 1x1 conv} for every (n_b, lr); each head is initialised from --seed alone, so a head trained
+    here equals the head of a run with only its own n_b and lr."""
+    heads = nn.ModuleDict()
+    for n in args.n_last_blocks:
+        for lr in args.lr:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                heads[run_name(n, lr)] = nn.Conv2d(n * embed_dim, num_classes, kernel_size=1)  # per-pixel linear
+    return heads.to(device)
+
+
+def n_blocks_of(name):
+    """n_b of a run name 'nb<n_b>_lr<lr>'."""
+    return int(name[2:].split("_")[0])
+
+
+def head_inputs(feats, name, embed_dim):
+    """The slice of the (B, max n_b * D, h, w) features that head `name` reads: its last n_b blocks."""
+    return metrics.last_blocks(feats, n_blocks_of(name), embed_dim)
+
+
+def poly_lr(base_lr, it, total, power=POLY_POWER, min_ratio=POLY_MIN_RATIO):
+    """MMSegmentation's PolyLR: (base - eta_min) (1 - it / total)^power + eta_min, with eta_min = min_ratio x base."""
+    eta_min = base_lr * min_ratio
+    return (base_lr - eta_min) * (1 - min(it, total) / total) ** power + eta_min
+
+
+def train_step(heads, feats, mask, optimizer, embed_dim, stats):
+    """One optimizer step of every head on the same (B, max n_b * D, h, w) features and (B, m, m) masks.
+
+    Each head's loss is backpropagated on its own (the features are frozen, so the heads share nothing): the
+    peak memory is one head's (B, C, m, m) logits, not all of them."""
+    optimizer.zero_grad(set_to_none=True)
+    n_valid = (mask != 255).sum()
+    for name, head in heads.items():
+        # head(upsample(F)) == upsample(head(F)) because bilinear weights sum to 1: the head runs at (h, w)
+        logits = F.interpolate(head(head_inputs(feats, name, embed_dim)), size=mask.shape[-2:], mode="bilinear",
+                               align_corners=False)
         # sum / max(n, 1): a batch that is all 255 gives loss 0 instead of the NaN of the default 'mean'
         loss_sum = F.cross_entropy(logits, mask, ignore_index=255, reduction="sum")
-        loss = loss_sum / n_valid.clamp(min=1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total += loss_sum.detach()
-        n_pix += n_valid
-    stats = torch.stack([total, n_pix.double()])
+        (loss_sum / n_valid.clamp(min=1)).backward()
+        stats[name] += loss_sum.detach().double()
+    optimizer.step()
+    stats["_valid"] += n_valid
+    stats["_total"] += mask.numel()
+
+
+def new_stats(heads, device):
+    return {name: torch.zeros((), dtype=torch.float64, device=device) for name in [*heads, "_valid", "_total"]}
+
+
+def reduce_stats(stats, train_set):
+    """Mean pixel CE per head over everything since the stats were made, all ranks together."""
+    names = list(stats)
+    values = torch.stack([stats[n].double() for n in names])
     if dist.is_initialized():
-        dist.all_reduce(stats)
-    return (stats[0] / stats[1].clamp(min=1)).item()
+        dist.all_reduce(values)
+    values = dict(zip(names, values.tolist()))
+    metrics.check_scored_pixels(values["_valid"], values["_total"], train_set, "training")
+    return {n: values[n] / max(values["_valid"], 1) for n in names if not n.startswith("_")}
 
 
 @torch.no_grad()
-def cache_features(backbone, data, args, device, main):
-    """One augmentation-free pass: (N, nD, h, w) float16 features and (N, m, m) uint8 masks on the CPU."""
+def cache_features(backbone, data, n_max, device, main):
+    """One augmentation-free pass: (N, n_max D, h, w) float16 features and (N, m, m) uint8 masks on the CPU."""
     feats, masks = [], []
     for img, mask in tqdm(data, desc="caching train features", disable=not main):
-        feats.append(dense_features(backbone, img.to(device), args.n_last_blocks).half().cpu())
+        feats.append(dense_features(backbone, img.to(device), n_max).half().cpu())
         masks.append(mask)
     return torch.cat(feats), torch.cat(masks)
 
@@ -301,78 +208,215 @@ class CachedBatches:
             yield self.feats[idx], self.masks[idx]
 
 
+def train_croc(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, log):
+    """App. C: --epochs passes over the train split at a constant learning rate."""
+    n_max, embed_dim = max(args.n_last_blocks), backbone.embed_dim
+    torch.manual_seed(args.seed + rank)  # different augmentations on every rank
+    if args.cache_train_features:
+        sampler = DistributedSampler(train_set, shuffle=False) if world_size > 1 else None  # equal step counts
+        plain = Transformed(train_set, ValTransform(args.img_size, args.train_mask_size))
+        feats, masks = cache_features(backbone, metrics.loader(plain, args, sampler=sampler), n_max, device, main)
+        batches = CachedBatches(feats, masks, args.batch_size, torch.Generator().manual_seed(args.seed + rank))
+        features = torch.Tensor.float
+    else:
+        data = Transformed(train_set, TrainTransform(args.img_size, args.train_mask_size))
+        sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
+        batches = metrics.loader(data, args, shuffle=True, sampler=sampler)
+        features = lambda x: dense_features(backbone, x, n_max)  # noqa: E731
+    start = time.time()
+    for epoch in range(args.epochs):
+        heads.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        stats = new_stats(heads, device)
+        for x, mask in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main, leave=False):
+            x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()  # mask (B, m, m)
+            train_step(heads, features(x), mask, optimizer, embed_dim, stats)
+        losses = reduce_stats(stats, train_set)
+        log({"epoch": epoch + 1, "train_loss": losses},
+            f"epoch {epoch + 1}/{args.epochs}  train loss " + "  ".join(f"{n} {v:.4f}" for n, v in losses.items())
+            + f"  ({time.time() - start:.0f} s)")
+
+
+def train_mmseg(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, log):
+    """App. C on ADE20K: --iters steps of batch --batch_size (per process) on MMSegmentation's 512 crops, every
+    learning rate decayed by the poly schedule of schedule_40k.py."""
+    n_max, embed_dim = max(args.n_last_blocks), backbone.embed_dim
+    torch.manual_seed(args.seed + rank)
+    data = Transformed(train_set, MMSegTrainTransform(args.crop_size, scale=mmseg_scale(args)))
+    sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
+    batches, epoch, it = metrics.loader(data, args, shuffle=True, sampler=sampler), 0, 0
+    stats, start, log_every = new_stats(heads, device), time.time(), max(min(50, args.iters // 10), 1)
+    heads.train()
+    progress = tqdm(total=args.iters, desc="iterations", disable=not main)
+    while it < args.iters:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        for x, mask in batches:
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(group["initial_lr"], it, args.iters)
+            x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()
+            train_step(heads, dense_features(backbone, x, n_max), mask, optimizer, embed_dim, stats)
+            it += 1
+            progress.update(1)
+            if it % log_every == 0 or it == args.iters:
+                losses = reduce_stats(stats, train_set)
+                stats = new_stats(heads, device)
+                log({"iter": it, "train_loss": losses}, f"iter {it}/{args.iters}  train loss " + "  ".join(
+                    f"{n} {v:.4f}" for n, v in losses.items()) + f"  ({time.time() - start:.0f} s)")
+            if it == args.iters:
+                break
+        epoch += 1
+    progress.close()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prediction and scoring
+
+def slide_windows(height, width, crop, stride):
+    """(y1, y2, x1, x2) windows of MMSegmentation's slide inference: a grid of stride `stride`, the last row and
+    column moved back inside the image; windows are smaller than crop only where the image is."""
+    rows = max(height - crop + stride - 1, 0) // stride + 1
+    cols = max(width - crop + stride - 1, 0) // stride + 1
+    windows = []
+    for r in range(rows):
+        for c in range(cols):
+            y2, x2 = min(r * stride + crop, height), min(c * stride + crop, width)
+            windows.append((max(y2 - crop, 0), y2, max(x2 - crop, 0), x2))
+    return windows
+
+
 @torch.no_grad()
-def evaluate(backbone, head, data, num_classes, args, device, main):
-    """Pooled (C, C) confusion matrix over the whole split at the val mask resolution (A.4 final eval, A.5)."""
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
-    for img, mask in tqdm(data, desc="evaluating", disable=not main):
+def slide_logits(backbone, heads, image, crop, stride, embed_dim):
+    """{run: (C, H, W) logits} of one (3, H, W) image: every window padded to crop x crop (0, the normalised
+    mean), all windows in one forward, each head's logits upsampled to the window and averaged where windows
+    overlap."""
+    _, height, width = image.shape
+    windows = slide_windows(height, width, crop, stride)
+    x = torch.stack([F.pad(image[:, y1:y2, x1:x2], (0, crop - (x2 - x1), 0, crop - (y2 - y1)))
+                     for y1, y2, x1, x2 in windows])  # (n_windows, 3, crop, crop)
+    feats = dense_features(backbone, x, max(n_blocks_of(n) for n in heads))
+    count = torch.zeros(1, height, width, device=image.device)
+    for y1, y2, x1, x2 in windows:
+        count[:, y1:y2, x1:x2] += 1
+    out = {}
+    for name, head in heads.items():
+        logits = F.interpolate(head(head_inputs(feats, name, embed_dim)), size=(crop, crop), mode="bilinear",
+                               align_corners=False)
+        total = torch.zeros(logits.shape[1], height, width, device=image.device)
+        for w, (y1, y2, x1, x2) in enumerate(windows):
+            total[:, y1:y2, x1:x2] += logits[w, :, :y2 - y1, :x2 - x1]
+        out[name] = total / count
+    return out
+
+
+@torch.no_grad()
+def predict(backbone, heads, img, mask_shape, args, embed_dim):
+    """{run: (B, H, W) predicted classes} at the mask's size. croc: (B, 3, S, S) at S x S; mmseg: one resized
+    image whose logits are resized to the ORIGINAL mask size before the argmax."""
+    if args.protocol == "mmseg":
+        logits = slide_logits(backbone, heads, img[0], args.crop_size, args.slide_stride, embed_dim)
+        return {name: F.interpolate(lg[None], size=mask_shape, mode="bilinear", align_corners=False).argmax(1)
+                for name, lg in logits.items()}
+    feats = dense_features(backbone, img, max(args.n_last_blocks))
+    return {name: F.interpolate(head(head_inputs(feats, name, embed_dim)), size=mask_shape, mode="bilinear",
+                                align_corners=False).argmax(1) for name, head in heads.items()}
+
+
+def val_data(val_set, args, rank=0, world_size=1):
+    transform = OriginalSizeTransform(mmseg_scale(args)) if args.protocol == "mmseg" else ValTransform(args.img_size)
+    batch_size = 1 if args.protocol == "mmseg" else args.batch_size  # mmseg: every image has its own size
+    return metrics.loader(Transformed(metrics.shard(val_set, rank, world_size), transform), args,
+                          batch_size=batch_size)
+
+
+@torch.no_grad()
+def evaluate(backbone, heads, val_set, args, device, rank, world_size, main):
+    """{run: pooled (C, C) confusion matrix} over the whole split (Leopart's PredsmIoU), and the number of mask
+    pixels seen (scored + ignored), all ranks together."""
+    num_classes, embed_dim = val_set.num_classes, backbone.embed_dim
+    confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) for name in heads}
+    n_total = torch.zeros((), dtype=torch.int64, device=device)
+    for img, mask in tqdm(val_data(val_set, args, rank, world_size), desc="evaluating", disable=not main):
         img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        logits = head(dense_features(backbone, img, args.n_last_blocks))  # (B, C, h, w)
-        logits = F.interpolate(logits, size=mask.shape[-2:], mode="bilinear", align_corners=False)
-        confusion += confusion_matrix(logits.argmax(1), mask, num_classes)
+        for name, pred in predict(backbone, heads, img, mask.shape[-2:], args, embed_dim).items():
+            confusion[name] += metrics.confusion_matrix(pred, mask, num_classes)
+        n_total += mask.numel()
     if dist.is_initialized():
-        dist.all_reduce(confusion)
-    return confusion.cpu()
+        for c in [*confusion.values(), n_total]:
+            dist.all_reduce(c)
+    return {name: c.cpu() for name, c in confusion.items()}, int(n_total)
+
+
+@torch.no_grad()
+def draw_pictures(backbone, heads, name, val_set, args, device, path):
+    """predictions.png: image / ground truth / prediction of run `name` for the first --n_pictures val images."""
+    rows = []
+    for img, mask in val_data(val_set, args):
+        img, mask = img.to(device), mask.to(device)
+        pred = predict(backbone, {name: heads[name]}, img, mask.shape[-2:], args, backbone.embed_dim)[name]
+        rows += [(metrics.denormalize(i), m.cpu().numpy(), p.cpu().numpy()) for i, m, p in zip(img, mask, pred)]
+        if len(rows) >= args.n_pictures:
+            break
+    return metrics.save_prediction_pictures(path, rows[:args.n_pictures])
 
 
 def main(args):
-    rank, world_size, _, device = init_distributed()
+    rank, world_size, _, device = metrics.init_distributed()
     main_process = rank == 0
     if args.device is not None and world_size == 1:
         device = torch.device(args.device)
     resolve_defaults(args)
-    check_feature_size(args)
+    metrics.check_feature_size(args)
     if main_process:
-        print_config(args)
+        metrics.print_config(args)
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "config.json"), vars(args))
+        metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
 
     # datasets first: a bad layout fails before any model work
     train_set = build_segmentation_dataset(args.dataset, args.data_path, args.train_split)
     val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split)
     num_classes, class_names = val_set.num_classes, list(val_set.class_names)
 
-    torch.manual_seed(args.seed)  # same on every rank: identical random-init backbones and heads
+    torch.manual_seed(args.seed)  # same on every rank: identical random-init backbones
     backbone = backbone_from_args(args).to(device)
-    n_dim = args.n_last_blocks * backbone.embed_dim
-    head = nn.Conv2d(n_dim, num_classes, kernel_size=1).to(device)  # A.3: per-pixel linear layer with bias
+    heads = build_heads(args, backbone.embed_dim, num_classes, device)
+    lr_of = {run_name(n, lr): lr for n in args.n_last_blocks for lr in args.lr}
+    optimizer = torch.optim.Adam([{"params": h.parameters(), "lr": lr_of[n], "initial_lr": lr_of[n]}
+                                  for n, h in heads.items()])  # App. C: Adam; one group per head
     if world_size > 1:
-        head = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = torch.optim.Adam(head.parameters(), lr=args.lr)  # E.2: Adam, constant lr
-    torch.manual_seed(args.seed + rank)  # different augmentations on every rank
-
-    if args.cache_train_features:
-        sampler = DistributedSampler(train_set, shuffle=False) if world_size > 1 else None  # equal step counts
-        plain = Transformed(train_set, ValTransform(args.img_size, args.train_mask_size))
-        feats, masks = cache_features(backbone, loader(plain, args, sampler=sampler), args, device, main_process)
-        batches = CachedBatches(feats, masks, args.batch_size, torch.Generator().manual_seed(args.seed + rank))
-        features = torch.Tensor.float
+        train_heads = nn.ModuleDict({n: DistributedDataParallel(h, device_ids=[device.index] if device.type ==
+                                                                 "cuda" else None) for n, h in heads.items()})
     else:
-        data = Transformed(train_set, TrainTransform(args.img_size, args.train_mask_size))
-        sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
-        batches = loader(data, args, shuffle=True, sampler=sampler)
-        features = partial(dense_features, backbone, n_last_blocks=args.n_last_blocks)
+        train_heads = heads
 
-    start = time.time()
-    for epoch in range(args.epochs):
-        head.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        loss = train_one_epoch(features, head, batches, optimizer, args, device, epoch, main_process)
+    def log(record, line):
         if main_process:
-            print(f"epoch {epoch + 1}/{args.epochs}  train loss {loss:.4f}  ({time.time() - start:.0f} s)", flush=True)
+            print(line, flush=True)
             with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, "train_loss": loss}) + "\n")
+                f.write(json.dumps(record) + "\n")
 
-    head = head.module if world_size > 1 else head
-    head.eval()
-    val_data = Transformed(shard(val_set, rank, world_size), ValTransform(args.img_size))
-    confusion = evaluate(backbone, head, loader(val_data, args), num_classes, args, device, main_process)
-    miou_value, iou = miou(confusion)
+    train = train_mmseg if args.protocol == "mmseg" else train_croc
+    train(backbone, train_heads, optimizer, train_set, args, device, rank, world_size, main_process, log)
 
+    heads.eval()
+    confusions, n_total = evaluate(backbone, heads, val_set, args, device, rank, world_size, main_process)
+    first = next(iter(confusions.values()))
+    metrics.check_scored_pixels(int(first.sum()), n_total, val_set, "evaluation")
+    runs = {}
+    for name, confusion in confusions.items():
+        miou_value, iou = metrics.miou(confusion)
+        runs[name] = {"miou": miou_value, "n_last_blocks": n_blocks_of(name), "lr": lr_of[name],
+                      "per_class_iou": dict(zip(class_names, iou.tolist())), "confusion": confusion.tolist()}
+    best = max(runs, key=lambda n: runs[n]["miou"])
     results = {
-        "miou": miou_value,
-        "per_class_iou": dict(zip(class_names, iou.tolist())),
+        "miou": runs[best]["miou"],
+        "per_class_iou": runs[best]["per_class_iou"],
+        "confusion": runs[best]["confusion"],  # rows: ground truth, columns: prediction, order of class_names
+        "class_names": class_names,
+        "best_run": best,
+        "runs": runs,
+        "protocol": args.protocol,
         "dataset": args.dataset,
         "val_split": args.val_split,
         "train_split": args.train_split,
@@ -383,16 +427,27 @@ def main(args):
         "n_last_blocks": args.n_last_blocks,
         "n_train_images": len(train_set),
         "n_val_images": len(val_set),
-        "n_valid_pixels": int(confusion.sum()),
-        "eval_size": args.img_size,
-        "epochs": args.epochs,
+        "n_valid_pixels": int(first.sum()),
+        "n_ignored_pixels": n_total - int(first.sum()),
+        "eval_size": "original" if args.protocol == "mmseg" else args.img_size,
+        "epochs": args.epochs if args.protocol == "croc" else None,
+        "iters": args.iters if args.protocol == "mmseg" else None,
     }
     if main_process:
-        print(format_iou_table(class_names, iou, miou_value))
-        print(f"linear probe mIoU on {args.dataset} {args.val_split} ({len(val_set)} images): "
-              f"{100 * miou_value:.2f}")
-        write_json(os.path.join(args.output_dir, "results.json"), results)
-        torch.save(head.state_dict(), os.path.join(args.output_dir, "linear_head.pth"))
+        print(metrics.format_iou_table(class_names, torch.tensor(list(runs[best]["per_class_iou"].values())),
+                                       runs[best]["miou"]))
+        for name, run in runs.items():
+            print(f"linear probe mIoU on {args.dataset} {args.val_split} ({len(val_set)} images), {name}: "
+                  f"{100 * run['miou']:.2f}")
+        for n in args.n_last_blocks:
+            best_n = max((r for r in runs if runs[r]["n_last_blocks"] == n), key=lambda r: runs[r]["miou"])
+            print(f"best for n_b={n}: {best_n} {100 * runs[best_n]['miou']:.2f}")
+        print(f"best: {best} {100 * runs[best]['miou']:.2f}")
+        metrics.write_json(os.path.join(args.output_dir, "results.json"), results)
+        torch.save({n: h.state_dict() for n, h in heads.items()}, os.path.join(args.output_dir, "linear_heads.pth"))
+        if args.n_pictures > 0:
+            draw_pictures(backbone, heads, best, val_set, args, device,
+                          os.path.join(args.output_dir, "predictions.png"))
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

@@ -41,7 +41,7 @@ print("| ViT-Ti/8 | linear mIoU | k-means mIoU (5 seeds) | J&F | J | F |\n|---|-
 for run in ("random", "dino", "croc"):
     lin = json.load(open(f"{out}/{run}/linear/results.json"))["miou"]
     km = json.load(open(f"{out}/{run}/kmeans/results.json"))
-    davis = next(csv.DictReader(open(f"{out}/{run}/davis/global_results-val.csv")))
+    davis = next(csv.DictReader(open(f"{out}/{run}/davis/scores/global_results-val.csv")))
     print(f"| {run} | {100 * lin:.2f} | {100 * km['miou_mean']:.2f} +- {100 * km['miou_std']:.2f} | "
           f"{float(davis['J&F-Mean']):.3f} | {float(davis['J-Mean']):.3f} | {float(davis['F-Mean']):.3f} |")
 PYEOF

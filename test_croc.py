@@ -32,6 +32,7 @@ import data
 import eval_davis as ed
 import eval_kmeans
 import eval_linear
+import metrics
 import model as M
 import bench
 import train
@@ -1433,28 +1434,28 @@ def hand_case():
 def test_confusion_matrix_counts_gt_by_pred_over_valid_pixels_only():
     pred, gt = hand_case()
     expected = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
-    m = eval_linear.confusion_matrix(pred, gt, 3)
+    m = metrics.confusion_matrix(pred, gt, 3)
     assert m.dtype == torch.int64 and torch.equal(m, expected)
     # any shape: a flat or a batched layout gives the same counts
-    assert torch.equal(eval_linear.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
-    assert torch.equal(eval_linear.confusion_matrix(pred[None], gt[None], 3), expected)
+    assert torch.equal(metrics.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
+    assert torch.equal(metrics.confusion_matrix(pred[None], gt[None], 3), expected)
 
 
 def test_confusion_matrix_rejects_out_of_range_labels_on_valid_pixels_only():
     pred, gt = hand_case()
     bad = pred.clone()
     bad[1, 1] = 7  # on the 255 pixel: allowed
-    assert torch.equal(eval_linear.confusion_matrix(bad, gt, 3), eval_linear.confusion_matrix(pred, gt, 3))
+    assert torch.equal(metrics.confusion_matrix(bad, gt, 3), metrics.confusion_matrix(pred, gt, 3))
     bad[0, 0] = 3  # on a valid pixel: an error
     with pytest.raises(ValueError, match="predictions"):
-        eval_linear.confusion_matrix(bad, gt, 3)
+        metrics.confusion_matrix(bad, gt, 3)
     with pytest.raises(ValueError, match="ground truth"):
-        eval_linear.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
+        metrics.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
 
 
 def test_miou_matches_hand_computed_ious():
     pred, gt = hand_case()
-    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 3))
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 3))
     # class 0: tp 1 / (row 2 + col 1 - 1); class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
     assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
     assert mean == pytest.approx(4 / 9)
@@ -1462,17 +1463,17 @@ def test_miou_matches_hand_computed_ious():
 
 def test_miou_counts_a_class_absent_from_gt_and_pred_as_zero():
     pred, gt = hand_case()
-    mean, iou = eval_linear.miou(eval_linear.confusion_matrix(pred, gt, 4))
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 4))
     assert iou[3] == 0 and not torch.isnan(iou).any()
     assert mean == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
 
 
 def test_miou_is_pooled_over_images_not_averaged_per_image():
     pred, gt = hand_case()
-    pooled = eval_linear.confusion_matrix(pred, gt, 3) + eval_linear.confusion_matrix(gt.clamp(max=2), gt, 3)
-    both = eval_linear.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
+    pooled = metrics.confusion_matrix(pred, gt, 3) + metrics.confusion_matrix(gt.clamp(max=2), gt, 3)
+    both = metrics.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
     assert torch.equal(pooled, both)
-    assert eval_linear.miou(both)[0] == pytest.approx(eval_linear.miou(pooled)[0])
+    assert metrics.miou(both)[0] == pytest.approx(metrics.miou(pooled)[0])
 
 
 def cluster_case():
@@ -1483,7 +1484,7 @@ def cluster_case():
 
 def test_hungarian_miou_matches_hand_computed_matching():
     pred, gt = cluster_case()
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
     # best one-to-one: cluster 2 -> class 0, cluster 0 -> class 1, cluster 1 -> class 2
     assert mapping.tolist() == [1, 2, 0]
     # relabelled prediction [0, 0, 2, 1, 1, 2, 2]: IoUs 2/3, 1, 2/3
@@ -1493,9 +1494,9 @@ def test_hungarian_miou_matches_hand_computed_matching():
 
 def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
     pred, gt = cluster_case()
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
     perm = torch.tensor([2, 0, 1])  # cluster k is renamed perm[k]
-    mean_p, iou_p, mapping_p = eval_kmeans.hungarian_miou(perm[pred], gt, 3)
+    mean_p, iou_p, mapping_p = metrics.hungarian_miou(perm[pred], gt, 3)
     assert mean_p == pytest.approx(mean) and torch.allclose(iou_p, iou)
     assert torch.equal(mapping_p[perm], mapping)
 
@@ -1503,12 +1504,12 @@ def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
 def test_hungarian_miou_merges_unmatched_clusters_into_class_0_when_k_exceeds_c():
     pred, gt = cluster_case()
     pred = torch.where(torch.arange(8) == 4, 3, pred)  # a 4th cluster takes one class-1 pixel
-    mean, iou, mapping = eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=4)
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3, num_clusters=4)
     assert mapping.tolist() == [1, 2, 0, 0]
     # class 0 gains a false positive: 2 / (3 + 3 - 2); class 1: 1 / 2; class 2: 2 / 3
     assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 2, 2 / 3], dtype=torch.float64))
     with pytest.raises(ValueError, match="K >= C"):
-        eval_kmeans.hungarian_miou(pred, gt, 3, num_clusters=2)
+        metrics.hungarian_miou(pred, gt, 3, num_clusters=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1522,7 +1523,7 @@ def test_train_transform_crops_and_flips_image_and_mask_together():
     img[:, 40:, 2] = 255
     mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
     mask[10] = 255
-    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
+    transform = data.TrainTransform(img_size=32, mask_size=32)
     for _ in range(10):
         x, m = transform(Image.fromarray(img), mask)
         assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
@@ -1535,7 +1536,7 @@ def test_train_transform_crops_and_flips_image_and_mask_together():
 def test_val_transform_resizes_image_and_mask_to_fixed_sizes_with_nearest_masks():
     img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
     mask = np.random.default_rng(0).choice(np.array([0, 3, 255], np.uint8), size=(30, 50))
-    x, m = eval_linear.ValTransform(64, 20)(img, mask)
+    x, m = data.ValTransform(64, 20)(img, mask)
     assert x.shape == (3, 64, 64) and m.shape == (20, 20)
     assert set(m.unique().tolist()) <= {0, 3, 255}
 
@@ -1571,7 +1572,7 @@ def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
     assert torch.equal(a, b)
     gt = torch.arange(3).repeat_interleave(200)
     counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
-    assert eval_kmeans.match_clusters(counts)[0] == pytest.approx(1.0)
+    assert metrics.match_clusters(counts)[0] == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1623,7 +1624,7 @@ def test_eval_linear_runs_end_to_end_and_writes_results_and_config(synthetic_roo
     assert len(saved["per_class_iou"]) == num_classes
     assert saved["miou"] == pytest.approx(np.mean(list(saved["per_class_iou"].values())))
     assert saved["n_val_images"] == 4 and saved["n_train_images"] == 8 and saved["weights"] == "random_init"
-    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == 1e-3
+    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == [1e-3]
     assert len(open(tmp_path / "log.txt").readlines()) == 1
 
 
@@ -1661,11 +1662,345 @@ def test_scripts_require_exactly_one_of_weights_and_random_init():
         M.backbone_from_args(args)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# ADE20K as App. C ran it (MMSegmentation's 512x512 40k pipeline), several n_b, pictures, tables, reliability
+
+
+def test_poly_lr_follows_mmsegs_40k_schedule_down_to_one_percent_of_the_rate():
+    lr = [eval_linear.poly_lr(1e-3, it, 40000) for it in (0, 20000, 40000)]
+    assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-5)
+    assert lr[1] == pytest.approx((1e-3 - 1e-5) * 0.5 ** 0.9 + 1e-5)
+    steps = [eval_linear.poly_lr(8e-5, it, 100) for it in range(101)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing for every rate of the sweep
+
+
+def test_rescale_size_keeps_the_ratio_inside_2048_by_512():
+    assert data.rescale_size(683, 512) == (683, 512)
+    assert data.rescale_size(300, 200) == (768, 512)     # short side up to 512
+    assert data.rescale_size(3000, 500) == (2048, 341)   # long side capped at 2048
+    assert data.rescale_size(400, 800, scale=(1024, 256)) == (256, 512)  # ratio 0.5 of the config's scale
+
+
+def test_mmseg_train_transform_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
+    torch.manual_seed(0)
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :30, 0] = 255  # left red = class 1, right blue = class 2
+    img[:, 30:, 2] = 255
+    mask = np.where(np.arange(60)[None, :] < 30, 1, 2).repeat(40, 0).astype(np.uint8)
+    transform = data.MMSegTrainTransform(crop_size=48, scale=(64, 16), ratio_range=(0.5, 2.0))
+    padded = 0
+    for _ in range(10):
+        x, m = transform(Image.fromarray(img), mask)
+        assert x.shape == (3, 48, 48) and m.shape == (48, 48) and m.dtype == torch.uint8
+        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest only
+        padded += int((m == 255).any())
+        assert (x[:, m == 255] == 0).all()  # padding: 0 in normalised space, ignore in the mask
+        rgb = x * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+        # the photometric distortion can shift hues, but the red/blue halves stay apart and on their labels
+        red, blue = rgb[0] - rgb[2], rgb[2] - rgb[0]
+        assert (red[m == 1] > blue[m == 1]).float().mean() > 0.9 or (m == 1).sum() == 0
+    assert padded > 0  # the 0.5 ratio gives images smaller than the crop
+
+
+def test_cat_max_ratio_crop_prefers_crops_no_class_dominates():
+    mask = np.zeros((10, 100), np.uint8)
+    mask[:, 90:] = 1  # class 0 dominates every crop except those reaching the right end
+    rng = np.random.default_rng(0)
+    tops_lefts = [data.cat_max_ratio_crop(mask, 10, rng, cat_max_ratio=0.75, tries=1000) for _ in range(20)]
+    for top, left in tops_lefts:
+        _, counts = np.unique(mask[top:top + 10, left:left + 10], return_counts=True)
+        assert len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+
+def test_slide_windows_cover_the_image_on_mmsegs_grid():
+    windows = eval_linear.slide_windows(512, 683, 512, 341)
+    assert windows == [(0, 512, 0, 512), (0, 512, 171, 683)]
+    windows = eval_linear.slide_windows(900, 520, 512, 341)
+    assert [w[:2] for w in windows] == [(0, 512), (0, 512), (341, 853), (341, 853), (388, 900), (388, 900)]
+    cover = np.zeros((900, 520), int)
+    for y1, y2, x1, x2 in windows:
+        assert y2 - y1 == 512 and x2 - x1 == 512
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() >= 1
+    assert eval_linear.slide_windows(300, 200, 512, 341) == [(0, 300, 0, 200)]  # smaller than the crop
+
+
+def test_slide_logits_average_overlapping_windows_at_the_image_size():
+    backbone = build_vit("vit_tiny", 16).eval()
+    head = torch.nn.Conv2d(192, 3, 1)
+    torch.nn.init.zeros_(head.weight)
+    head.bias.data = torch.tensor([1.0, -2.0, 0.5])
+    logits = eval_linear.slide_logits(backbone, {"nb1_lr1e-3": head}, torch.randn(3, 50, 70), 32, 16, 192)
+    out = logits["nb1_lr1e-3"]
+    assert out.shape == (3, 50, 70)
+    assert torch.allclose(out, head.bias.view(3, 1, 1).expand(3, 50, 70))  # the mean of equal windows
+
+
+def _ade_fixture(root, sizes=((56, 40), (34, 50))):
+    base = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for sub in ("training", "validation"):
+        for i, (w, h) in enumerate(sizes):
+            name = f"ADE_{sub}_{i:08d}"
+            _write_image(base / "images" / sub / f"{name}.jpg", (w, h), color=(40 * i, 90, 160))
+            _write_mask(base / "annotations" / sub / f"{name}.png", rng.integers(0, 4, (h, w)), palette=False)
+    return base
+
+
+def test_ade20k_protocol_sweeps_every_lr_from_one_pass_and_scores_at_the_original_size(tmp_path):
+    _ade_fixture(tmp_path)
+    args = eval_linear.get_args_parser().parse_args(
+        ["--dataset", "ade20k", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init",
+         "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--iters", "3",
+         "--crop_size", "32", "--slide_stride", "16", "--lr", "1e-3", "1e-4", "--n_pictures", "2",
+         "--output_dir", str(tmp_path / "out")])
+    results = eval_linear.main(args)
+    assert args.protocol == "mmseg" and results["protocol"] == "mmseg" and results["eval_size"] == "original"
+    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4"}
+    assert results["best_run"] == max(results["runs"], key=lambda r: results["runs"][r]["miou"])
+    # scored at the original size: every pixel of both original masks, labels 1..3 scored, 0 ignored
+    masks = [np.array(Image.open(p)) for p in sorted((tmp_path / "ADEChallengeData2016/annotations/validation")
+                                                      .glob("*.png"))]
+    assert results["n_valid_pixels"] == sum(int((m > 0).sum()) for m in masks)
+    assert results["n_valid_pixels"] + results["n_ignored_pixels"] == 56 * 40 + 34 * 50
+    for run in results["runs"].values():
+        assert int(np.sum(run["confusion"])) == results["n_valid_pixels"] and len(run["confusion"]) == 150
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
+    assert log[-1]["iter"] == 3 and set(log[-1]["train_loss"]) == set(results["runs"])
+    picture = Image.open(tmp_path / "out" / "predictions.png")
+    assert picture.size == (3 * 56, 40 + 50)  # image | gt | prediction per row, at each original size
+
+
+def test_several_n_last_blocks_in_one_linear_run_equal_separate_runs(synthetic_root, tmp_path):
+    both = run_linear(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
+                      "--n_pictures", "0")
+    for n in (1, 2):
+        alone = run_linear(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
+                           "--n_pictures", "0")
+        assert both["runs"][f"nb{n}_lr1e-3"]["confusion"] == alone["runs"][f"nb{n}_lr1e-3"]["confusion"]
+        assert both["runs"][f"nb{n}_lr1e-3"]["miou"] == pytest.approx(alone["miou"], abs=1e-12)
+
+
+def test_several_n_last_blocks_in_one_kmeans_run_equal_separate_runs(synthetic_root, tmp_path):
+    both = run_kmeans(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
+                      "--seeds", "0")
+    assert set(both["runs"]) == {"nb1", "nb2"}
+    for n in (1, 2):
+        alone = run_kmeans(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
+                           "--seeds", "0")
+        assert both["runs"][f"nb{n}"]["per_seed"][0]["confusion"] == alone["per_seed"][0]["confusion"]
+        assert (tmp_path / "both" / f"predictions_nb{n}.png").is_file()
+
+
+def test_multi_block_features_slice_one_pass_like_separate_calls():
+    backbone = build_vit("vit_tiny", 16).eval()
+    x = torch.randn(2, 3, 32, 48)
+    feats = metrics.multi_block_features(backbone, x, [1, 3])
+    for n in (1, 3):
+        assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
+
+
+def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(synthetic_root, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
+           *COMMON, "--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+           "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
+    proc = _run(cmd, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    single = run_linear(synthetic_root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
+    assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
+    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
+
+
+def test_evaluation_scripts_import_only_hubs():
+    import ast
+    scripts = {"eval_linear", "eval_kmeans", "eval_davis", "train", "visualize", "bench"}
+    for name in ("eval_linear", "eval_kmeans", "eval_davis", "metrics"):
+        tree = ast.parse(Path(HERE, f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        assert not imported & scripts, (name, imported & scripts)
+
+
+def test_many_to_one_matching_gives_each_cluster_its_most_precise_class():
+    counts = torch.tensor([[5, 4, 0, 1], [0, 1, 3, 0], [0, 0, 1, 2]])  # (C=3, K=4)
+    miou_value, iou, mapping = metrics.match_many_to_one(counts)
+    assert mapping.tolist() == [0, 0, 1, 2]  # cluster 3: precision 2/3 for class 2 beats 1/3 for class 0
+    # relabelled: class 0 gets clusters 0, 1 (tp 9, fp 1), class 1 cluster 2 (tp 3, fp 1), class 2 cluster 3
+    expected = torch.tensor([9 / (10 + 10 - 9), 3 / (4 + 4 - 3), 2 / (3 + 3 - 2)], dtype=torch.float64)
+    assert torch.allclose(iou, expected) and miou_value == pytest.approx(expected.mean().item())
+
+
+def test_token_kmeans_and_over_clustering_recover_a_known_partition():
+    # 4 images of 4x4 tokens: class 0 (two sub-blobs, top rows / middle rows) and class 1 (bottom row)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1]).repeat_interleave(4).reshape(4, 4)  # token rows 0-2 class 0, row 3 class 1
+    part = torch.tensor([0, 0, 1, 2]).repeat_interleave(4).reshape(4, 4)    # sub-blob of each token
+    centres = torch.tensor([[0.0, 0, 0], [0, 6, 0], [9, 0, 9]])
+    tokens = torch.stack([(centres[part] + 0.1 * torch.randn(4, 4, 3, generator=gen)).permute(2, 0, 1)
+                          for _ in range(4)])  # (N, D, h, w)
+    size = 8
+    masks = F.interpolate(labels[None, None].float().expand(4, 1, 4, 4), size=(size, size), mode="nearest")
+    gt = masks.long().reshape(-1)
+    args = argparse.Namespace(mask_size=size, batch_size=2, granularity="tokens", fit_samples=1000, kmeans_iters=50)
+    z = eval_kmeans.project(tokens.half(), torch.zeros(3), torch.ones(3), None, args, "cpu", main=False)
+    assert z.shape == (4 * 16, 3)  # one point per token, not per pixel
+    results = {}
+    for k in (2, 3):
+        centroids = eval_kmeans.fit_kmeans(z, k, 0, args)
+        pred = eval_kmeans.upsample_assignments(eval_kmeans.assign(z, centroids, "cpu"), 4, 4, size)
+        counts = metrics.count_pairs(pred, gt, 2, k)
+        results[k] = eval_kmeans.match(counts)[0]
+        if k == 3:
+            hungarian = metrics.match_clusters(counts)[0]
+    # K = C = 2: the two far blobs (class 0's sub-blobs are 6 apart, class 1 is ~13 away) split as the classes
+    assert results[2] == pytest.approx(1.0)
+    assert results[3] == pytest.approx(1.0)  # over-clustering: both sub-blobs of class 0 map to class 0
+    assert hungarian == pytest.approx(1.0)   # here an unmatched cluster joins class 0 too (Leopart's rule)
+
+
+def test_kmeans_script_clusters_tokens_and_over_clusters_with_many_to_one_matching(synthetic_root, tmp_path):
+    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init", "--granularity", "tokens",
+                         "--num_clusters", "20", "--seeds", "0", "--n_pictures", "1")
+    assert results["matching"] == "many-to-one" and results["num_clusters"] == 20
+    seed = results["per_seed"][0]
+    assert len(seed["cluster_to_class"]) == 20 and len(set(seed["cluster_to_class"])) < 20  # many to one
+    assert results["n_pixels"] == 4 * 32 * 32  # token assignments upsampled to the 32x32 masks
+    assert sum(seed["cluster_sizes"]) == results["n_valid_pixels"]
+    assert results["feature_dim"] == 8 and (tmp_path / "predictions_nb2.png").is_file()
+
+
+def test_prediction_pictures_use_the_dataset_colours(tmp_path):
+    image = np.full((6, 8, 3), 100, np.uint8)
+    gt = np.zeros((6, 8), np.uint8)
+    gt[:, 4:] = 15
+    pred = np.full((6, 8), 15, np.uint8)
+    pred[0, 0] = 255
+    path = metrics.save_prediction_pictures(tmp_path / "p.png", [(image, gt, pred), (image, pred, gt)])
+    pic = np.array(Image.open(path))
+    assert pic.shape == (12, 24, 3)
+    colours = data.voc_colormap()
+    assert (pic[:6, :8] == 100).all()
+    assert (pic[:6, 8:16] == colours[gt]).all() and (pic[:6, 16:] == colours[pred]).all()
+    assert tuple(pic[0, 16]) == tuple(colours[255]) and tuple(pic[0, 12]) == (192, 128, 128)  # VOC person
+
+
+def test_results_json_names_classes_holds_the_confusion_and_runs_combine_in_one_table(synthetic_root, tmp_path):
+    run_linear(synthetic_root, str(tmp_path / "lin"), "--random_init", "--n_pictures", "2")
+    run_kmeans(synthetic_root, str(tmp_path / "km"), "--random_init", "--seeds", "0", "--n_pictures", "1")
+    saved = json.load(open(tmp_path / "lin" / "results.json"))
+    names = data.build_segmentation_dataset("synthetic", synthetic_root, "val").class_names
+    assert saved["class_names"] == names and list(saved["per_class_iou"]) == names
+    confusion = torch.tensor(saved["confusion"])
+    assert confusion.shape == (len(names), len(names)) and int(confusion.sum()) == saved["n_valid_pixels"]
+    assert metrics.miou(confusion)[0] == pytest.approx(saved["miou"])
+    assert Image.open(tmp_path / "lin" / "predictions.png").size == (3 * 64, 2 * 64)
+    assert Image.open(tmp_path / "km" / "predictions_nb2.png").size == (3 * 32, 32)
+    table = metrics.combined_table([str(tmp_path / "lin"), str(tmp_path / "km" / "results.json")])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[1].split()[:4] == ["lin", "linear", "synthetic", "nb2_lr1e-3"]
+    assert f"{100 * saved['miou']:.2f}" in lines[1] and lines[2].split()[:4] == ["km", "kmeans", "synthetic", "nb2"]
+
+
+def test_no_scorable_pixel_fails_naming_the_dataset_and_what_was_found(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base, aug=False)
+    for mask in (base / "SegmentationClass").glob("*.png"):
+        _write_mask(mask, np.full((10, 20), 50), palette=False)  # 50: outside VOC's 0..20 -> ignore
+    args = eval_kmeans.get_args_parser().parse_args(
+        ["--dataset", "pvoc", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init", "--img_size",
+         "32", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--mask_size", "8", "--pca", "0",
+         "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"pvoc/val: no pixel to score.*0\.\.20.*raw mask values.*: 50"):
+        eval_kmeans.main(args)
+    val = data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    with pytest.warns(UserWarning, match=r"pvoc/val: 95.0% of the 100 mask pixels"):
+        metrics.check_scored_pixels(5, 100, val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.check_scored_pixels(50, 100, val)  # half ignored (e.g. COCO-Things' stuff): no warning
+
+
+def test_davis_results_folder_holds_no_csv_the_official_tool_would_echo(tmp_path):
+    write_tiny_davis(tmp_path / "DAVIS", n_seqs=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "global_results-val.csv").write_text("stale\n")  # as left by an earlier official run
+    (out / "per-sequence_results-val.csv").write_text("stale\n")
+    ed.main(run_args(tmp_path, out))
+    assert ed.official_csvs(out) == [] and not list(out.glob("*.csv"))
+    assert sorted(p.name for p in (out / ed.SCORES_DIR).glob("*.csv")) == ["global_results-val.csv",
+                                                                        "per-sequence_results-val.csv"]
+    assert (out / "seq0" / "00003.png").is_file()
+    table = metrics.combined_table([str(out)]).splitlines()  # results.json: beside the PNGs, ignored by the tool
+    assert table[1].split()[:3] == ["out", "davis", "davis2017"]
+
+
+def _panoptic_fixture(root):
+    """Two COCO val images with a panoptic PNG + JSON (segment ids in RGB) and a stuff pixel map each."""
+    rng = np.random.default_rng(0)
+    annotations, images = [], []
+    (root / "panoptic_val2017").mkdir(parents=True)
+    (root / "stuff_val2017_pixelmaps").mkdir()
+    for i, (w, h) in enumerate([(6, 4), (5, 3)]):
+        name = f"{i + 1:012d}"
+        _write_image(root / "coco/images/val2017" / f"{name}.jpg", (w, h))
+        seg_ids = np.array([0, 300, 70000 + i, 2])[rng.integers(0, 4, (h, w))]  # 0: unlabeled
+        rgb = np.stack([seg_ids % 256, seg_ids // 256 % 256, seg_ids // 65536], -1).astype(np.uint8)
+        Image.fromarray(rgb).save(root / "panoptic_val2017" / f"{name}.png")
+        annotations.append({"file_name": f"{name}.png", "image_id": i + 1, "segments_info": [
+            {"id": 300, "category_id": 1}, {"id": 70000 + i, "category_id": 18}, {"id": 2, "category_id": 184}]})
+        images.append({"id": i + 1, "file_name": f"{name}.jpg", "width": w, "height": h})
+        _write_mask(root / "stuff_val2017_pixelmaps" / f"{name}.png",
+                    np.array([0, 96, 157, 183])[rng.integers(0, 4, (h, w))], palette=False)
+    (root / "panoptic_val2017.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    return annotations
+
+
+def test_prepare_coco_converts_panoptic_png_and_json_and_stuff_maps_and_checks_them(tmp_path):
+    _panoptic_fixture(tmp_path)
+    report = data.prepare_coco(tmp_path, "val", tmp_path / "panoptic_val2017.json", tmp_path / "panoptic_val2017",
+                               tmp_path / "stuff_val2017_pixelmaps", progress=False)
+    things = data.build_segmentation_dataset("coco_things", tmp_path, "val")
+    stuff = data.build_segmentation_dataset("coco_stuff", tmp_path, "val")
+    assert len(things) == len(stuff) == 2
+    rgb = np.array(Image.open(tmp_path / "panoptic_val2017" / "000000000002.png")).astype(np.int64)
+    seg_ids = rgb[..., 0] + 256 * rgb[..., 1] + 65536 * rgb[..., 2]
+    expected = np.select([seg_ids == 300, seg_ids == 70001, seg_ids == 2], [9, 1, 255], 255)  # person, animal
+    assert (things[1][1] == expected).all()
+    raw = np.array(Image.open(tmp_path / "stuff_val2017_pixelmaps" / "000000000002.png"))
+    assert (stuff[1][1] == np.select([raw == 96, raw == 157], [0, 8], 255)).all()  # building, sky
+    assert "coco_things/val: 2 images, 2 masks" in report and "official split has 5000 images" in report
+    assert "person" in report and "ignore (255)" in report
+
+
+def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_path):
+    from scipy.io import savemat
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base, aug=False)  # t1, t2 (train) and v1 (val), VOC masks = 15 (person)
+    _write_image(base / "JPEGImages" / "s1.jpg", (20, 10))
+    sbd = tmp_path / "benchmark_RELEASE/dataset/cls"
+    sbd.mkdir(parents=True)
+    labels = np.zeros((10, 20), np.uint8)
+    labels[2:6, 3:9] = 12  # dog
+    savemat(sbd / "s1.mat", {"GTcls": {"Segmentation": labels, "Boundaries": np.zeros(1), "CategoriesPresent": 12}})
+    (tmp_path / "trainaug.txt").write_text("t1\ns1\n")
+    out = subprocess.run([sys.executable, "data.py", "prepare_voc", "--voc_root", str(tmp_path / "VOCdevkit"),
+                          "--sbd_cls", str(sbd), "--trainaug_list", str(tmp_path / "trainaug.txt")],
+                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert out.returncode == 0, out.stderr
+    trainaug = data.build_segmentation_dataset("pvoc", tmp_path, "trainaug")
+    assert [Path(m).name for _, m in trainaug.samples] == ["t1.png", "s1.png"]
+    assert (trainaug[0][1] == 15).all() and (trainaug[1][1] == labels).all()  # VOC's own PNG first, else SBD
+    assert "pvoc/trainaug: 2 images, 2 masks" in out.stdout and "official split has 10582" in out.stdout
+    assert "pvoc/val: 1 images" in out.stdout
+
+
 
 # ==============================================================================================================
 # eval_davis.py
 # ==============================================================================================================
-# ---------------------------------------------------------------------------------------------- metrics (Sec. C.5)
+# --------------------------------------------------------------------------------------- metrics (davis2017-evaluation)
 
 def square(h, w, top, left, size):
     m = np.zeros((h, w), dtype=bool)
@@ -1805,7 +2140,7 @@ def test_global_results_average_over_objects_not_sequences(tmp_path):
     assert s.read_text().splitlines()[:2] == ["Sequence,J-Mean,F-Mean", "a_1,1.000,1.000"]
 
 
-# ------------------------------------------------------------------------------------------ propagation (Sec. C.4)
+# ------------------------------------------------------------------------ propagation (DINO eval_video_segmentation.py)
 
 def test_propagating_a_static_video_reproduces_the_first_frame():
     torch.manual_seed(0)
@@ -1900,7 +2235,7 @@ def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
                 ann[top:top + 14, left:left + 20] = k + 1
                 img[top:top + 14, left:left + 20] = (230, 40 + 150 * k, 60)
             Image.fromarray(img.astype(np.uint8)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
-            ed.write_indexed_png(root / "Annotations" / "480p" / name / f"{t:05d}.png", ann, palette)
+            data.save_palette_png(ann, root / "Annotations" / "480p" / name / f"{t:05d}.png", palette)
     (root / "ImageSets" / "2017").mkdir(parents=True)
     (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
     return names
@@ -1922,10 +2257,10 @@ def test_script_writes_palette_pngs_at_original_size_and_both_csv_files(tmp_path
             assert img.mode == "P" and img.size == (96, 48)
     first = np.array(Image.open(out / names[1] / "00000.png"))
     assert (first == np.array(Image.open(tmp_path / "DAVIS" / "Annotations" / "480p" / names[1] / "00000.png"))).all()
-    with open(out / "global_results-val.csv") as fh:
+    with open(out / ed.SCORES_DIR / "global_results-val.csv") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ed.GLOBAL_COLUMNS and len(rows) == 2
-    with open(out / "per-sequence_results-val.csv") as fh:
+    with open(out / ed.SCORES_DIR / "per-sequence_results-val.csv") as fh:
         rows = list(csv.reader(fh))
     assert [r[0] for r in rows[1:]] == ["seq0_1", "seq1_1", "seq1_2"]
     assert 0.0 <= results["J&F-Mean"] <= 1.0 and (out / "config.json").is_file()
@@ -1956,7 +2291,7 @@ def break_count(root):
 
 def break_size(root):
     path = root / "Annotations/480p/seq1/00002.png"
-    ed.write_indexed_png(path, np.zeros((40, 96), dtype=np.uint8), data.VOC_PALETTE)
+    data.save_palette_png(np.zeros((40, 96), dtype=np.uint8), path, data.VOC_PALETTE)
     return path
 
 
