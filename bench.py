@@ -266,7 +266,7 @@ class StepBench:
         with torch.no_grad(), self.autocast:
             x = rearrange(self.views, "b v c h w -> (v b) c h w")  # as train.train_step
             tf = self.teacher.backbone.forward_features(x, which=self.args.which_features)
-            _, valid, _ = train.teacher_assignments(tf.tokens, self.positions, self.args, self.generator)
+            _, valid, _ = clustering.cluster_views(tf.tokens, self.positions, self.args, self.generator)
         return valid.sum(1).float().mean().item()
 
     def step(self, alpha):
@@ -570,7 +570,7 @@ def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=1
 # The clusterer alone
 # --------------------------------------------------------------------------------------------------------------
 def cluster_inputs(batch, arch, patch, img, device, seed):
-    """Random teacher tokens at a backbone's shapes, laid out as train.teacher_assignments passes them:
+    """Random teacher tokens at a backbone's shapes, laid out as clustering.cluster_views passes them:
     P = batch x heads problems of 2N joint tokens of the head dimension, each view's CLS, pixel positions; and
     the final tokens (2B, 1 + N, D), CLS first, that the centroids pool."""
     backbone = build_vit(arch, patch)  # only for its shapes
@@ -737,7 +737,7 @@ def format_results(res):
         rows.append(["whole step", f"{dino:.1f}", f"{croc:.1f}", f"{croc - dino:+.1f}"])
         out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", "CrOC ms",
                           "CrOC - DINO"], rows))
-    out.append("teacher forward: backbone and image head; clustering: train.teacher_assignments; "
+    out.append("teacher forward: backbone and image head; clustering: clustering.cluster_views; "
                "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
                "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: gradient "
                "clipping and the optimizer step; teacher EMA: the momentum update.")

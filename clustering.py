@@ -29,7 +29,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import Tensor
 
 
@@ -352,3 +352,33 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
         steps = torch.stack(steps, dim=1) if return_steps else joint.new_empty(n_problems, 0, n, dtype=torch.long)
     return ClusterResult(plan=plan.to(tokens.dtype), assignment=assignment.to(tokens.dtype), valid=valid,
                          k=best.k, cost=torch.stack(costs, dim=1), steps=steps)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Join and split around `cluster` (Sec. 3.1, 3.3.3): what training and the pictures call
+# --------------------------------------------------------------------------------------------------------------
+CLUSTER_SETTINGS = ("k_start", "k_max", "lambda_pos", "sinkhorn_lambda", "sinkhorn_iterations", "marginal_temp",
+                    "uniform_marginals")
+
+
+@torch.no_grad()
+def cluster_views(tokens: Tensor, positions: Tensor, settings, generator: Optional[torch.Generator] = None,
+                  return_steps: bool = False):
+    """Join the two views' tokens, cluster every (image, head) problem in one call, split the result view-wise.
+
+    tokens (2B, H, 1 + N, d): the teacher's last-block q/k/v (Eq. 21), view 1's B images then view 2's, CLS at
+    index 0; positions (B, 2, N, 2): patch positions in the original image (Sec. 3.3.2); settings: any object
+    with the attributes CLUSTER_SETTINGS (train.py's args, a checkpoint's args). Returns Q* split view-wise
+    (2, B, N, H * K) with the heads' clusters side by side (Sec. 3.3.3), the kept-centroid mask (B, H * K)
+    (Eq. 16), and the ClusterResult (every merge step's labels with return_steps, for the pictures).
+    """
+    heads = tokens.shape[1]
+    tokens = tokens.float()  # clustering in fp32 whatever the autocast: exp(-lambda * cost) needs the range
+    joint = rearrange(tokens[:, :, 1:], "(v b) h n d -> (b h) (v n) d", v=2)  # join: Z_cat per problem (P, 2N, d)
+    cls = rearrange(tokens[:, :, 0], "(v b) h d -> (b h) v d", v=2)  # each view's CLS, for r and c (P, 2, d)
+    pos = repeat(positions.float(), "b v n c -> (b h) (v n) c", h=heads)  # E_cat (P, 2N, 2)
+    res = cluster(joint, pos, cls, generator=generator, return_steps=return_steps,
+                  **{name: getattr(settings, name) for name in CLUSTER_SETTINGS})  # locate (Sec. 3.3)
+    plan = rearrange(res.plan, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)  # split: Q*_1, Q*_2
+    valid = rearrange(res.valid, "(b h) k -> b (h k)", h=heads)
+    return plan, valid, res

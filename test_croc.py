@@ -1184,7 +1184,7 @@ def test_teacher_and_student_centroids_pool_with_the_same_plan():
     assert student_plan is teacher_plan
     x = rearrange(views, "b v c h w -> (v b) c h w")
     torch.testing.assert_close(seen["patches"][0], teacher.backbone.forward_features(x).patch)
-    plan, _, _ = train.teacher_assignments(teacher.backbone.forward_features(x, which=args.which_features).tokens,
+    plan, _, _ = clustering.cluster_views(teacher.backbone.forward_features(x, which=args.which_features).tokens,
                                            positions, args, torch.Generator().manual_seed(0))
     torch.testing.assert_close(teacher_plan, plan)
     assert ((plan > 0) & (plan < 0.99)).any()  # soft, not the hard M
@@ -2479,6 +2479,15 @@ def test_curves_draw_a_real_training_log_and_name_a_broken_line(checkpoint, tmp_
     broken.write_text(open(log).read() + "{not json\n")
     with pytest.raises(ValueError, match="line 3"):
         visualize.read_log(str(broken))
+
+
+def test_visualize_defaults_without_a_checkpoint_are_the_training_defaults():
+    """visualize.py does not import train.py: its fallbacks (the paper's views, clustering.cluster's defaults) must
+    stay equal to train.py's."""
+    parser = train.get_args_parser()
+    for name in visualize.FROM_TRAINING:
+        want = parser.get_default(name)
+        assert visualize.default_setting(name) == (tuple(want) if isinstance(want, list) else want), name
 
 
 def test_crop_box_recovers_the_crop_and_the_flip_from_patch_positions():

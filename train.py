@@ -237,29 +237,6 @@ def world_size():
 # --------------------------------------------------------------------------------------------------------------
 # The CrOC step (Fig. 2): join -> locate -> split
 # --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def teacher_assignments(tokens, positions, args, generator, return_steps=False):
-    """Cluster the teacher's last-block tokens of both views, every (image, head) problem in one call.
-
-    tokens: (2B, H, 1+N, d) view 1 then view 2, CLS at index 0 (Eq. 21); positions: (B, 2, N, 2) patch
-    positions in the original image (Sec. 3.3.2). Returns Q* split view-wise (2, B, N, H*K), the heads' clusters
-    side by side (Sec. 3.3.3), the kept-centroid mask (B, H*K) (Eq. 16), and the ClusterResult (with every merge
-    step's assignment when return_steps, for visualize.py).
-    """
-    H = tokens.shape[1]
-    tokens = tokens.float()  # clustering in fp32 whatever the autocast: exp(-lambda * cost) needs the range
-    joint = rearrange(tokens[:, :, 1:], "(v b) h n d -> (b h) (v n) d", v=2)  # join: Z_cat per problem (P, 2N, d)
-    cls = rearrange(tokens[:, :, 0], "(v b) h d -> (b h) v d", v=2)  # each view's CLS, for r and c (P, 2, d)
-    pos = repeat(positions.float(), "b v n c -> (b h) (v n) c", h=H)  # E_cat (P, 2N, 2)
-    res = clustering.cluster(joint, pos, cls, k_start=args.k_start, k_max=args.k_max, lambda_pos=args.lambda_pos,
-                             sinkhorn_lambda=args.sinkhorn_lambda, sinkhorn_iterations=args.sinkhorn_iterations,
-                             marginal_temp=args.marginal_temp, uniform_marginals=args.uniform_marginals,
-                             generator=generator, return_steps=return_steps)  # locate (Sec. 3.3)
-    plan = rearrange(res.plan, "(b h) (v n) k -> v b n (h k)", h=H, v=2)  # split: Q*_1, Q*_2
-    valid = rearrange(res.valid, "(b h) k -> b (h k)", h=H)
-    return plan, valid, res
-
-
 def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
     """One CrOC step up to the loss (Fig. 2). views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> loss, stats.
 
@@ -276,7 +253,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
             plan = valid = res = t_cen = None
             if args.alpha > 0:
                 with record_function("clustering"):
-                    plan, valid, res = teacher_assignments(tf.tokens, positions, args, generator)
+                    plan, valid, res = clustering.cluster_views(tf.tokens, positions, args, generator)
                 with record_function("teacher centroid head"):
                     t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True)  # Eq. 2-3
         with record_function("student forward"):

@@ -5,9 +5,9 @@ sequence from K_start down to 2 with its transport costs, and the CLS attention.
     python visualize.py --weights out/checkpoint.pth --image photo.jpg --output clusters.png
 
 Model, view and clustering settings default to those stored in the checkpoint (train.py writes its args there),
-then to train.py's defaults; a flag given on the command line wins. The views are drawn with TwoViews' geometry
-and photometry, as in training (Fig. A1 shows augmented views too), and the clustering is train.py's
-`teacher_assignments`, so the picture shows exactly what the dense loss sees. The same inputs and --seed give
+then to the paper's (`default_setting`: clustering.cluster's own defaults for the clustering); a flag given on the
+command line wins. The views are drawn with TwoViews' geometry and photometry, as in training (Fig. A1 shows
+augmented views too), and the clustering is training's `clustering.cluster_views`, so the picture shows exactly what the dense loss sees. The same inputs and --seed give
 the same PNG, byte for byte. `train.py --visualize_every N` calls `render_clusters` on a fixed batch.
 
 Layout, one block per image:
@@ -19,6 +19,7 @@ selected K (smallest d_c, Sec. 3.3) is boxed in red, steps with K > k_max (never
 """
 import argparse
 import colorsys
+import inspect
 import json
 import math
 import os
@@ -29,8 +30,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from PIL import Image, ImageDraw, ImageFont
 
+import clustering
 import data
-import train
 from model import IMAGENET_MEAN, IMAGENET_STD, load_backbone, torch_load
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +91,7 @@ def compute(backbone, views, positions, args, seed=0):
     x = rearrange(views, "b v c s t -> (v b) c s t")  # view 1 then view 2, as in train_step
     f = backbone.forward_features(x, which=args.which_features)
     generator = torch.Generator(device=device).manual_seed(seed)
-    _, _, res = train.teacher_assignments(f.tokens, positions, args, generator, return_steps=True)
+    _, _, res = clustering.cluster_views(f.tokens, positions, args, generator, return_steps=True)
     H, (h, w) = f.tokens.shape[1], f.grid
     labels = rearrange(res.steps, "(b hd) s (v h w) -> b hd s v h w", b=B, v=2, h=h, w=w)
     attention = backbone.get_last_selfattention(x)[:, :, 0, 1:]  # (2B, heads, N): row 0 = the CLS token's
@@ -314,9 +315,18 @@ def fixed_batch(dataset, n=4, seed=0):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
-FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "k_start", "k_max", "lambda_pos",
-                 "sinkhorn_lambda", "sinkhorn_iterations", "marginal_temp", "uniform_marginals",
-                 "global_crops_scale", "synthetic_size")  # None on the command line: checkpoint, then train.py
+FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "global_crops_scale",
+                 "synthetic_size") + clustering.CLUSTER_SETTINGS  # None on the command line: checkpoint, then below
+# Without a checkpoint: the paper's model and views (train.py's defaults; a test keeps the two equal), and
+# clustering.cluster's own defaults for the clustering.
+VIEW_DEFAULTS = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "which_features": "v",
+                 "global_crops_scale": (0.25, 1.0), "synthetic_size": 128}
+
+
+def default_setting(name):
+    if name in VIEW_DEFAULTS:
+        return VIEW_DEFAULTS[name]
+    return inspect.signature(clustering.cluster).parameters[name].default
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -454,16 +464,15 @@ def get_args_parser():
 
 
 def resolve_args(args):
-    """Fill every FROM_TRAINING flag left at None: the checkpoint's training args, else train.py's defaults."""
+    """Fill every FROM_TRAINING flag left at None: the checkpoint's training args, else `default_setting`."""
     stored = {}
     if args.weights:
         ckpt = torch_load(args.weights)
         stored = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
         stored = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
-    defaults = train.get_args_parser()
     for name in FROM_TRAINING:
         if getattr(args, name) is None:
-            setattr(args, name, stored.get(name, defaults.get_default(name)))
+            setattr(args, name, stored.get(name, default_setting(name)))
     if args.k_max is None:
         args.k_max = args.k_start
     args.global_crops_scale = tuple(args.global_crops_scale)
