@@ -1383,8 +1383,8 @@ def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_proce
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "train.py"]
     out = tmp_path / "run"
-    cmd = torchrun + STEP_TINY + ["--synthetic_images", "16", "--num_workers", "1", "--epochs", "1000",
-                                  "--output_dir", str(out)]
+    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
+                                  "--output_dir", str(out)]  # epochs of 2 steps
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
     proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
