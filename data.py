@@ -229,8 +229,8 @@ class TwoViews:
     __call__(img: PIL RGB) -> (views (2, 3, S, S) normalised float32, positions (2, N, 2) float32), N = (S / p)^2.
     Geometry: RandomResizedCrop(S, scale, ratio 3/4-4/3, bicubic) + horizontal flip p 0.5, tracked analytically
     (`patch_positions`). Photometry: colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2; view 1 blur p 1.0;
-    view 2 blur p 0.1 and solarisation p 0.2; ImageNet normalisation. Randomness: torch's global RNG, which the
-    DataLoader seeds per worker.
+    view 2 blur p 0.1 and solarisation p 0.2; ImageNet normalisation. Randomness: torch's global RNG, which
+    train.py seeds per sample (SeededSamples).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
@@ -281,14 +281,20 @@ class TwoViews:
 
 
 def list_images(root) -> list[str]:
-    """Every image file under root, recursively, sorted; hidden files and folders skipped. ValueError if none."""
+    """Every image file under root, recursively, sorted; hidden files and folders skipped; symlinks followed, each
+    real folder read once. ValueError if none."""
     root = os.fspath(root)
     if not os.path.exists(root):
         raise ValueError(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
         raise ValueError(f"image folder {root!r} is not a directory")
-    files = []
+    files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)  # a symlinked folder is followed once: a loop (`ln -s . loop`) or a second link to a
+        if (st.st_dev, st.st_ino) in seen:  # folder already read adds nothing and is not descended into
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         files += [os.path.join(dirpath, f) for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
@@ -331,6 +337,47 @@ class PretrainImages(Dataset):
             out = img if self.transform is None else self.transform(img)
             return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
         raise RuntimeError(f"no readable image in {self.roots}")
+
+
+class SeededSamples(Dataset):
+    """dataset[index] for the key (epoch, index), with torch's global RNG seeded from (seed, epoch, index) for the
+    call and restored after it. A sample's augmentation then depends on nothing else: not on the worker that loads
+    it, nor on how many samples that worker drew before. This is what lets a run resumed mid-epoch draw the same
+    views as an uninterrupted one, with any --num_workers."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = np.random.SeedSequence([self.seed % 2 ** 64, epoch, index]).generate_state(2, np.uint32)
+        with torch.random.fork_rng(devices=[]):  # CPU RNG only: the transforms never touch a device
+            torch.manual_seed(int(sample_seed[0]) << 32 | int(sample_seed[1]))
+            return self.dataset[index]
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler's order (a permutation drawn from seed + epoch, split across ranks) yielding
+    (epoch, index) keys for SeededSamples, and able to start an epoch after its first `skip` samples: a resumed
+    run continues at the next batch of the same order without loading the batches it has already seen."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        order = list(super().__iter__())  # this rank's share of the epoch's permutation
+        return iter([(self.epoch, i) for i in order[self.skip:]])
+
+    def __len__(self):
+        return self.num_samples - self.skip
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the CLS output, the patch tokens after the final norm, and the last block's per-
 import argparse
 import math
 import os
+import pickle
 from typing import NamedTuple, Optional
 
 import torch
@@ -300,15 +301,36 @@ def _print(*args):
 
 
 def torch_load(path):
-    """torch.load with weights_only=True, allowing only the one class official checkpoints need (their args)."""
+    """torch.load with weights_only=True, allowing only the one class official checkpoints need (their args).
+
+    A failure says what went wrong: a missing, empty, truncated or foreign file, or a pickle that asks to run code,
+    which weights_only refuses (only then is the pickle untrusted)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise RuntimeError(f"checkpoint {path} is empty (0 bytes): its write was interrupted, or it is not a checkpoint")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    # torch.save writes a zip archive; its legacy format (and torch < 1.6) is a pickle, protocol byte 0x80 first
+    if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
+        raise RuntimeError(f"{path} is not a PyTorch checkpoint: neither a zip archive nor a pickle "
+                           f"(it starts with {magic!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # the reason is the paragraph naming the refused global
+            reason = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+            raise RuntimeError(f"refused to load checkpoint {path} with weights_only=True: its pickle asks for "
+                               f"something other than tensors and plain containers, and untrusted pickles are not "
+                               f"executed. {reason}") from e
+        raise RuntimeError(f"checkpoint {path} is a corrupt pickle: {e}") from e
+    except (RuntimeError, EOFError) as e:
+        what = "truncated or corrupt" if "zip archive" in str(e) or isinstance(e, EOFError) else "unreadable"
+        raise RuntimeError(f"checkpoint {path} ({os.path.getsize(path)} bytes) is {what}: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     except Exception as e:
-        raise RuntimeError(f"could not load checkpoint {path} with weights_only=True "
-                           f"(untrusted pickles are not executed): {e}") from e
+        raise RuntimeError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
 
 
 def _is_state_dict(obj):

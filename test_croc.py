@@ -1416,6 +1416,272 @@ def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
     assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
 
 
+# --------------------------------------------------------------------------------------------------------------
+# stops, resumes and bad input as a cluster user meets them
+# --------------------------------------------------------------------------------------------------------------
+# 3 steps of 4 images per epoch at 32 px: a whole in-process run takes a few seconds
+STEP_TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--out_dim_c", "64",
+             "--k_start", "4", "--batch_size_per_gpu", "4", "--synthetic_images", "12", "--synthetic_size", "32",
+             "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
+             "--lr", "1e-3"]
+
+
+def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
+    """train.main in this process. sigterm_at=k: SIGTERM to this process at the k-th stop check (one per step,
+    plus one after each epoch but the last), as a scheduler would send it."""
+    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(out)] + list(extra))
+    handlers = {sig: signal.getsignal(sig) for sig in train.StopFlag.SIGNALS}
+    if sigterm_at is not None:
+        checks, should_stop = [0], train.StopFlag.should_stop
+
+        def signalled(self):
+            checks[0] += 1
+            if checks[0] == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return should_stop(self)
+        monkeypatch.setattr(train.StopFlag, "should_stop", signalled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if sigterm_at is not None:
+            monkeypatch.setattr(train.StopFlag, "should_stop", should_stop)
+
+
+def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run_without_reloading_seen_batches(
+        tmp_path, monkeypatch, capsys):
+    loads, getitem = [0], data.SyntheticPretrain.__getitem__
+
+    def counted(self, index):
+        loads[0] += 1
+        return getitem(self, index)
+    monkeypatch.setattr(data.SyntheticPretrain, "__getitem__", counted)
+    _train_here(tmp_path / "whole", ["--epochs", "2"])
+    whole_loads, loads[0] = loads[0], 0
+    # stop after step 2 of epoch 0, then after step 1 of epoch 1 (check 3 = step 3, 4 = epoch end, 5 = step 1)
+    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=2, monkeypatch=monkeypatch)
+    assert "saved" in capsys.readouterr().out
+    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 2
+    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=3, monkeypatch=monkeypatch)
+    assert "at epoch 0, step 2 of 3" in capsys.readouterr().out
+    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 1
+    _train_here(tmp_path / "cut", ["--epochs", "2"])
+    assert loads[0] == whole_loads == 2 * 12  # the skipped batches were never loaded
+    a, b = (M.torch_load(str(tmp_path / run / "checkpoint.pth")) for run in ("whole", "cut"))
+    for key in ("student", "teacher", "loss"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)  # fp32, bit for bit
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    la, lb = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [e["epoch"] for e in lb] == [0, 1]
+    for ea, eb in zip(la, lb):
+        assert ea["lr"] == eb["lr"] and ea["momentum"] == eb["momentum"]
+        assert ea["loss"] == pytest.approx(eb["loss"], rel=1e-6)  # the epoch's mean over both parts
+
+
+def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone():
+    samples = data.SeededSamples(data.SyntheticPretrain(4, 32, 0, data.TwoViews(32, 8)), seed=3)
+    state = torch.get_rng_state()
+    v1, p1, _ = samples[(1, 2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    samples[(1, 3)]
+    v2, p2, _ = samples[(1, 2)]
+    assert torch.equal(v1, v2) and torch.equal(p1, p2)
+    assert not torch.equal(v1, samples[(2, 2)][0])  # another epoch, other views
+
+
+def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
+    sampler = data.EpochSampler(range(20), num_replicas=2, rank=1, seed=0)
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    sampler.set_epoch(3, skip=4)
+    assert list(sampler) == whole[4:] and len(sampler) == len(whole) - 4
+    assert {e for e, _ in whole} == {3}
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
+# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
+@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(tmp_path, sig, nproc):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "train.py"]
+    out = tmp_path / "run"
+    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
+                                  "--output_dir", str(out)]  # epochs of 2 steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
+    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    text = b""
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.time() + 180
+        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
+            text += proc.stdout.read() or b""
+        os.killpg(proc.pid, getattr(signal, sig))
+        os.set_blocking(proc.stdout.fileno(), True)
+        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "signal received: saved" in text, text[-4000:]
+    assert "killed by signal" not in text and "FloatingPointError" not in text
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
+        time.sleep(0.5)
+    assert _processes_mentioning(str(out)) == []
+
+
+def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    for path in (root / "0.png", root / "a" / "1.png", root / "a" / "b" / "2.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    os.symlink(".", root / "loop")  # one loop: the old walk read every image 41 times
+    os.symlink("../..", root / "a" / "b" / "up")  # a second loop: the old walk never ended
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "3.png")
+    os.symlink(outside, root / "linked")  # a linked folder elsewhere is still read
+
+    def hung(signum, frame):
+        raise TimeoutError("list_images walked a symlink loop for 20 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        files = data.list_images(root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(os.path.basename(f) for f in files) == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_others(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_here(out, ["--epochs", "1"])
+    config = (out / "config.json").read_bytes()
+    with pytest.raises(ValueError) as e:
+        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "false", "--arch", "vit_small"])
+    assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer True -> False",
+                                           "--arch vit_tiny -> vit_small"))
+    assert "--epochs" not in str(e.value)
+    assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
+    capsys.readouterr()
+    _train_here(out, ["--epochs", "2", "--lr", "2e-3", "--batch_size_per_gpu", "3", "--num_workers", "1"])
+    err = capsys.readouterr().err
+    assert "--lr 0.001 -> 0.002" in err and "--batch_size_per_gpu 4 -> 3" in err and "--epochs 1 -> 2" in err
+    assert "num_workers" not in err  # how the data is loaded does not change the run
+    assert [e["epoch"] for e in _log(out)] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["lr"] == 2e-3
+
+
+def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_numbered_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_here(out, ["--epochs", "2", "--saveckp_freq", "2"])
+    lines = (out / "log.txt").read_text().splitlines()
+    # a kill mid-write leaves temporary files; one between the checkpoint and the rest loses these two
+    (out / "checkpoint.pth.tmp4242").write_bytes(b"\0" * 1000)
+    (out / "checkpoint0002.pth.tmp4243").write_bytes(b"\0" * 1000)
+    (out / "checkpoint0002.pth").unlink()
+    (out / "log.txt").write_text(lines[0] + "\n" + lines[1][:20])  # epoch 1's line torn mid-write
+    capsys.readouterr()
+    _train_here(out, ["--epochs", "3", "--saveckp_freq", "2"])
+    assert "restored the line of epoch 1" in capsys.readouterr().out
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert M.torch_load(str(out / "checkpoint0002.pth"))["epoch"] == 2
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[:2] == lines and [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
+    (["--lambda_pos", "-1"], "--lambda_pos -1.0"), (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10"),
+    (["--k_start", "1"], "--k_start 1"), (["--dist_timeout", "0"], "--dist_timeout 0.0"),
+    (["--global_crops_scale", "0.8", "0.4"], "--global_crops_scale")])
+def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, flags, named):
+    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)
+    with pytest.raises(ValueError, match=named):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
+    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out")
+    assert r.returncode == 2 and "--epochs 0" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_when_refusing_one(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pth")
+    whole = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
+    for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
+                       ("evil", "untrusted pickles are not executed")]:
+        with pytest.raises(RuntimeError, match=what) as e:
+            M.torch_load(str(tmp_path / f"{name}.pth"))
+        assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
+    assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_with_c10d_rendezvous_train_resume_and_keep_teachers_identical(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def two_nodes(epochs):  # the README's multi-machine command, both "machines" on this one
+        port = _free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", f"croc{port}", "train.py"] + STEP_TINY + ["--epochs", str(epochs), "--output_dir", str(out)],
+            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+        try:
+            texts = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
+        return "".join(texts)
+
+    two_nodes(2)
+    assert "resumed from" in two_nodes(3)
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
+    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2
+
+
 
 # ==============================================================================================================
 # eval_linear.py and eval_kmeans.py

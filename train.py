@@ -34,8 +34,12 @@ from model import CrOCHead, CrOCModel, build_vit, torch_load, view_centroids
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python train.py` is one process)
 # --------------------------------------------------------------------------------------------------------------
-def init_distributed():
-    """-> (rank, world_size, local_rank, device). gloo on CPU, nccl on GPU."""
+def init_distributed(timeout_minutes=10.0):
+    """-> (rank, world_size, local_rank, device). gloo on CPU, nccl on GPU.
+
+    timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
+    down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
+    collective waits this long for it."""
     if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
         return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
@@ -45,7 +49,8 @@ def init_distributed():
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, local, device
 
 
@@ -146,11 +151,76 @@ def get_args_parser():
     g.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpoint{epoch:04}.pth every N epochs.")
     g.add_argument("--seed", default=0, type=int, help="Seed; each rank uses seed + rank.")
     g.add_argument("--log_freq", default=10, type=int, help="Steps between progress updates (and host syncs).")
+    g.add_argument("--dist_timeout", default=10.0, type=float,
+                   help="Minutes a collective waits for the other ranks before the run fails. A rank that dies is "
+                        "noticed at once; a frozen one (stopped, deadlocked, a hung file system) only after this. "
+                        "Raise it if rank 0's epoch-end work (checkpoint on a slow disk, --visualize_every) can "
+                        "take longer.")
     g.add_argument("--visualize_every", default=0, type=int,
                    help="Every N epochs (and before the first), draw the teacher's clusters and CLS attention on a "
                         "fixed batch of 4 images to output_dir/clusters_epoch{epochs done:04}.png (visualize.py); "
                         "0 disables. Costs one teacher pass; training is unchanged.")
     return p
+
+
+def check_args(args):
+    """ValueError naming the flag for a value that would fail later, deep in the run, or silently do nothing."""
+    def need(ok, flag, why):
+        if not ok:
+            raise ValueError(f"--{flag} {getattr(args, flag)}: {why}")
+    need(args.epochs >= 1, "epochs", "must be at least 1 (to train a finished run longer, re-run it with a larger "
+                                     "--epochs)")
+    need(0 <= args.warmup_epochs <= args.epochs, "warmup_epochs",
+         f"must lie in [0, --epochs {args.epochs}]; more would stop the lr before it reaches its peak --lr")
+    need(args.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs", "must be >= 0")
+    need(args.freeze_last_layer >= 0, "freeze_last_layer", "must be >= 0")
+    need(args.batch_size_per_gpu >= 1, "batch_size_per_gpu", "must be at least 1")
+    for flag in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "alpha", "lambda_pos",
+                 "drop_path_rate"):
+        need(getattr(args, flag) >= 0, flag, "must be >= 0")
+    for flag in ("teacher_temp", "warmup_teacher_temp", "student_temp", "sinkhorn_lambda", "marginal_temp",
+                 "dist_timeout"):
+        need(getattr(args, flag) > 0, flag, "must be > 0")
+    for flag in ("momentum_teacher", "center_momentum"):
+        need(0 <= getattr(args, flag) <= 1, flag, "must lie in [0, 1]")
+    tokens = 2 * (args.img_size // max(args.patch_size, 1)) ** 2  # the joint tokens of both views
+    need(2 <= args.k_start <= tokens, "k_start", f"must lie in [2, {tokens}] (the joint tokens of both views)")
+    need(args.k_max is None or 2 <= args.k_max <= args.k_start, "k_max", f"must lie in [2, --k_start {args.k_start}]")
+    need(args.sinkhorn_iterations >= 1, "sinkhorn_iterations", "must be at least 1")
+    need(args.patch_size >= 1 and args.img_size % args.patch_size == 0, "img_size",
+         f"must be a multiple of --patch_size {args.patch_size}")
+    lo, hi = args.global_crops_scale
+    need(0 < lo <= hi <= 1, "global_crops_scale", "needs 0 < min <= max <= 1")
+    need(args.num_workers >= 0, "num_workers", "must be >= 0")
+    need(args.log_freq >= 1, "log_freq", "must be at least 1")
+    need(args.saveckp_freq >= 0, "saveckp_freq", "must be >= 0 (0: keep no numbered checkpoints)")
+    need(args.visualize_every >= 0, "visualize_every", "must be >= 0")
+    need(args.data_path or args.synthetic_images >= 1, "synthetic_images", "must be at least 1")
+
+
+# Resuming with other flags. These fix the shapes of the saved weights or the optimizer's parameter groups: the
+# checkpoint cannot be loaded under other values.
+STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "norm_last_layer")
+# These steer where and how the run goes, not what it learns: changed without a word.
+RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout")
+
+
+def resume_changes(saved, args):
+    """Compare the flags of a checkpoint with this run's. ValueError naming every flag that would break the saved
+    state (old -> new); else the list of other changed flags as 'flag old -> new' strings, for warnings. A flag
+    one of the two runs does not know (another version of this file) is not compared."""
+    changed = [(k, saved[k], v) for k, v in sorted(vars(args).items())
+               if k in saved and k not in RUN_FLAGS and _as_saved(v) != _as_saved(saved[k])]
+    refused = [f"--{k} {old} -> {new}" for k, old, new in changed if k in STATE_FLAGS]
+    if refused:
+        raise ValueError("cannot resume: " + "; ".join(refused) + ". These flags fix the shapes of the saved "
+                         "weights or the optimizer's parameter groups. Use the checkpoint's values, or a new "
+                         "--output_dir for a new run.")
+    return [f"--{k} {old} -> {new}" for k, old, new in changed]
+
+
+def _as_saved(v):
+    return list(v) if isinstance(v, tuple) else v  # a checkpoint stores tuples as lists
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -325,20 +395,82 @@ def teacher_sync_error(teacher):
     return (hi - lo).max().item()
 
 
+def fsync_dir(path):
+    """Make a rename in folder path durable (POSIX: the folder entry is flushed separately from the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file in the same folder, flush it to the disk, rename it over path, flush the folder.
+    A kill at any point leaves the old file or the new one, never half of one; only the temporary file can
+    remain, and the next start removes it (remove_temporary_files)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
+    with open(tmp, "wb") as f:
+        if isinstance(obj, bytes):
+            f.write(obj)
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def remove_temporary_files(output_dir):
+    """Delete what save_atomic leaves behind when killed mid-write (checkpoint.pth.tmp<pid>, possibly GBs)."""
+    for name in os.listdir(output_dir):
+        if any(name.startswith(f"{base}.tmp") for base in ("checkpoint.pth", "log.txt", "config.json")) or (
+                name.startswith("checkpoint") and ".pth.tmp" in name):
+            os.remove(os.path.join(output_dir, name))
+
+
+def append_line(path, line):
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def repair_log(path, records, start_epoch):
+    """Make log.txt hold one line per finished epoch: the lines it has for epochs before start_epoch, plus those of
+    the checkpoint's records that it lacks (a kill between the checkpoint and the log line), without duplicates;
+    a line torn by a kill mid-write and lines of epochs that will run again are dropped."""
+    kept, torn = {}, False
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    torn = True
+                    continue
+                if record.get("epoch", start_epoch) < start_epoch:
+                    kept.setdefault(record["epoch"], line.rstrip("\n"))
+                else:
+                    torn = True
+    missing = {r["epoch"]: json.dumps(r) for r in records if r["epoch"] < start_epoch and r["epoch"] not in kept}
+    if missing or torn:
+        lines = [line for _, line in sorted({**kept, **missing}.items())]
+        save_atomic("".join(line + "\n" for line in lines).encode(), path)
+    return sorted(missing)
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT; ranks agree on it through a CPU (gloo) all-reduce, which never waits on the GPU."""
+    """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
+    flag: the step in progress finishes, and the loop saves and exits once all ranks have agreed on the flag
+    through a CPU (gloo) all-reduce, which never waits on the GPU. Repeated signals change nothing (a scheduler
+    may signal a process directly and through torchrun): SIGKILL stops without saving."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, group=None):
         self.requested = False
-        self.group = dist.new_group(backend="gloo") if dist.is_initialized() else None
-        self.previous = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+        self.group = group
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -355,6 +487,29 @@ class StopFlag:
         return flag.item() > 0  # a CPU tensor: no device synchronisation
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers share the process group of their rank, so a scheduler's or torchrun's signal (os.killpg)
+    reaches them too, and a worker killed by it fails the step. They ignore it: the main process decides when to
+    stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog)."""
+    for sig in StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def rng_state(generator):
+    """This rank's random streams (drop path, the clustering's seeds) for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(generator.device)
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], generator.device)
+
+
 def build_dataset(args):
     transform = data.TwoViews(args.img_size, args.patch_size, tuple(args.global_crops_scale))
     if args.data_path:
@@ -363,7 +518,8 @@ def build_dataset(args):
 
 
 def main(args):
-    rank, world, local_rank, device = init_distributed()
+    check_args(args)  # before any work: a bad flag costs no process group, no dataset scan
+    rank, world, local_rank, device = init_distributed(args.dist_timeout)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.k_max is None:
         args.k_max = args.k_start
@@ -371,16 +527,25 @@ def main(args):
         args.precision = "fp32"  # autocast on CPU would be bf16 and slow; the paper's fp16 is a GPU setting
     os.makedirs(args.output_dir, exist_ok=True)
     if is_main_process():
+        remove_temporary_files(args.output_dir)
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    ckpt = torch_load(ckpt_path) if os.path.isfile(ckpt_path) else None
+    changes = resume_changes(ckpt.get("args", {}), args) if ckpt is not None else []  # refused: config.json intact
+    if is_main_process():
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(vars(args), f, indent=2)
+        for change in changes:
+            print(f"warning: resuming {ckpt_path} with {change}", file=sys.stderr)
+        save_atomic(json.dumps(vars(args), indent=2).encode(), os.path.join(args.output_dir, "config.json"))
 
     dataset = build_dataset(args)  # a bad --data_path fails here, before any model work
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, persistent_workers=args.num_workers > 0)
+    # the epoch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index): a run
+    # resumed mid-epoch skips the batches it has seen, unloaded, and draws the same views as an uninterrupted run
+    sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(data.SeededSamples(dataset, args.seed), sampler=sampler,
+                                         batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                         generator=torch.Generator().manual_seed(args.seed))  # global RNG untouched
     if len(loader) == 0:
         raise ValueError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
                          f"{args.batch_size_per_gpu} on {world} process(es)")
@@ -412,24 +577,56 @@ def main(args):
     wd_sched = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
     mom_sched = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
 
-    start_epoch = 0
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    if os.path.isfile(ckpt_path):
-        ckpt = torch_load(ckpt_path)
+    # where an epoch's order is fixed: a checkpoint taken mid-epoch continues only under the same order
+    order = {"images": len(dataset), "world_size": world, "batch_size_per_gpu": args.batch_size_per_gpu,
+             "seed": args.seed}
+    start_epoch, start_step, partial, history, ckpt_rng = 0, 0, None, [], None
+    if ckpt is not None:
         student.load_state_dict(ckpt["student"])
         teacher.load_state_dict(ckpt["teacher"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (--precision changed: warned)
+            scaler.load_state_dict(ckpt["scaler"])
         loss_fn.load_state_dict(ckpt["loss"])
-        start_epoch = ckpt["epoch"]
+        start_epoch, history, ckpt_rng = ckpt["epoch"], ckpt.get("log", []), ckpt.get("rng")
+        partial = ckpt.get("partial_epoch")
+        if partial is not None and partial["order"] != order:
+            if is_main_process():
+                print(f"warning: {ckpt_path} stopped at step {partial['steps']} of epoch {start_epoch} under "
+                      f"{partial['order']}, now {order}: that epoch order cannot continue, the epoch restarts "
+                      f"from its first batch", file=sys.stderr)
+            partial = None
+        start_step = partial["steps"] if partial is not None else 0
         if is_main_process():
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}")
+            print(f"resumed from {ckpt_path} at epoch {start_epoch}"
+                  + (f", step {start_step} of {iters}" if start_step else ""))
+            # writes the last start may have been killed between (checkpoint, checkpointNNNN.pth, log line)
+            for epoch in repair_log(os.path.join(args.output_dir, "log.txt"), history, start_epoch):
+                print(f"log.txt: restored the line of epoch {epoch} from {ckpt_path}")
+            kept = os.path.join(args.output_dir, f"checkpoint{start_epoch:04}.pth")
+            if (not start_step and start_epoch and args.saveckp_freq and start_epoch % args.saveckp_freq == 0
+                    and not os.path.exists(kept)):
+                with open(ckpt_path, "rb") as f:
+                    save_atomic(f.read(), kept)
+                print(f"restored {kept} from {ckpt_path}")
+    del ckpt
+    cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.dist_timeout)) \
+        if dist.is_initialized() else None  # stop flag and random states: CPU collectives, no device sync
 
-    def checkpoint(epoch):
+    def checkpoint(epoch, partial_epoch=None):
+        """On every rank (the random states are gathered); rank 0 writes. partial_epoch: the steps done in epoch
+        and the epoch's sums so far, for a stop mid-epoch; None when epoch is the next one to start."""
+        rng = [rng_state(generator)]
+        if cpu_group is not None:
+            rng = [None] * world
+            dist.all_gather_object(rng, rng_state(generator), group=cpu_group)
         if is_main_process():
-            save_atomic({"student": student.state_dict(), "teacher": teacher.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                         "loss": loss_fn.state_dict(), "epoch": epoch, "args": vars(args)}, ckpt_path)
+            state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                     "loss": loss_fn.state_dict(), "epoch": epoch, "args": vars(args), "rng": rng, "log": history,
+                     "partial_epoch": partial_epoch}
+            save_atomic(state, ckpt_path)
+            return state
 
     if args.visualize_every > 0 and is_main_process():
         import visualize  # here, not at the top: visualize imports train
@@ -439,20 +636,39 @@ def main(args):
             path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
             visualize.render_clusters(teacher.backbone, vis_views, vis_positions, args, path, vis_originals,
                                       seed=args.seed, title=f"epoch {epochs_done}")
-        if start_epoch == 0:
+        if start_epoch == 0 and not start_step:
             draw_clusters(0)
 
-    stop = StopFlag()
+    stop = StopFlag(cpu_group)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed * 1000 + rank)
+    if ckpt_rng is not None and len(ckpt_rng) == world:
+        set_rng_state(ckpt_rng[rank], generator)  # drop path and clustering seeds continue where they were
+    elif ckpt_rng is not None and is_main_process():
+        print(f"warning: {ckpt_path} was written by {len(ckpt_rng)} process(es), this run has {world}: the random "
+              f"streams start afresh", file=sys.stderr)
+
+    def check_finite(it):
+        if bool(all_reduce(nonfinite.float()) > 0):
+            raise FloatingPointError(
+                f"non-finite loss at epoch {epoch}, step {it}: stopping; {ckpt_path} holds the last good "
+                "state. Try --precision bf16, a lower --lr, --clip_grad 3.0 or a lower --teacher_temp.")
+
+    if start_epoch >= args.epochs and is_main_process():
+        print(f"{ckpt_path} has already trained {start_epoch} epochs of --epochs {args.epochs}: nothing to do")
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
+        first = start_step if epoch == start_epoch else 0  # steps of this epoch done before a resume
+        sampler.set_epoch(epoch, skip=first * args.batch_size_per_gpu)
         student.train()
-        sums, steps, t0 = {}, 0, time.time()
+        sums, steps, t0 = {}, first, time.time()
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         skipped = torch.zeros((), device=device)
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(), leave=False)
-        for it, (views, positions, n_skipped) in enumerate(bar):
+        if first:  # the epoch's sums so far, all ranks together: spread so that the epoch's mean comes out whole
+            sums = {k: torch.tensor(v / world, device=device) for k, v in partial["sums"].items()}
+            skipped += partial["skipped"] / world
+        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(), leave=False,
+                   total=iters, initial=first)
+        for it, (views, positions, n_skipped) in enumerate(bar, start=first):
             step = epoch * iters + it
             for i, group in enumerate(optimizer.param_groups):
                 group["lr"] = float(lr_sched[step])
@@ -469,36 +685,46 @@ def main(args):
                 sums[k] = sums.get(k, 0) + v
             steps += 1
             if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the only host syncs of the loop: logging
-                if bool(all_reduce(nonfinite.float()) > 0):
-                    raise FloatingPointError(
-                        f"non-finite loss at epoch {epoch}, step {it}: stopping; {ckpt_path} holds the last good "
-                        "state. Try --precision bf16, a lower --lr, --clip_grad 3.0 or a lower --teacher_temp.")
+                check_finite(it)
                 bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith("loss")})
-            if stop.should_stop():
-                checkpoint(epoch)  # the epoch restarts on resume, from the weights reached so far
-                stop.restore()
-                if is_main_process():
-                    print(f"signal received: saved {ckpt_path} at epoch {epoch}, step {it}; exiting")
-                if dist.is_initialized():
-                    dist.destroy_process_group()
-                return
+            # the stop flag is agreed on every step, so that all ranks leave after the same step: a CPU all-reduce
+            # of one number (gloo), which waits for the other ranks' CPUs, never for a device
+            if stop.should_stop() and it + 1 < iters:
+                check_finite(it)  # never save a non-finite state
+                names = list(sums)
+                totals = all_reduce(torch.stack([sums[k] for k in names] + [skipped.float()])).tolist()
+                checkpoint(epoch, {"steps": it + 1, "order": order, "sums": dict(zip(names, totals)),
+                                   "skipped": totals[-1]})
+                return finish(stop, f"saved {ckpt_path} at epoch {epoch}, step {it + 1} of {iters}")
         elapsed = time.time() - t0
         means = torch.stack([v / steps for v in sums.values()])
         means = (all_reduce(means) / world).tolist()
         log = {"epoch": epoch, **dict(zip(sums.keys(), means)), "lr": float(lr_sched[step]),
                "wd": float(wd_sched[step]), "momentum": float(mom_sched[step]),
-               "images_per_s": steps * total_batch / elapsed, "skipped_files": int(all_reduce(skipped).item()),
-               "teacher_sync_error": teacher_sync_error(teacher)}
-        checkpoint(epoch + 1)
+               "images_per_s": (steps - first) * total_batch / elapsed,
+               "skipped_files": round(all_reduce(skipped).item()), "teacher_sync_error": teacher_sync_error(teacher)}
+        history.append(log)
+        # in this order, so that a kill between two writes loses nothing: the checkpoint holds the log records,
+        # and a resumed run restores checkpointNNNN.pth and the log lines it finds missing
+        state = checkpoint(epoch + 1)
         if is_main_process():
             if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(torch_load(ckpt_path), os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+                save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+            del state
             if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
                 draw_clusters(epoch + 1)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(log) + "\n")
+            append_line(os.path.join(args.output_dir, "log.txt"), json.dumps(log))
             print(json.dumps(log))
+        if epoch + 1 < args.epochs and stop.should_stop():
+            return finish(stop, f"saved {ckpt_path} at the end of epoch {epoch}")
+    finish(stop)
+
+
+def finish(stop, stopped=None):
+    """Restore the signal handlers and leave the process group; stopped: what a signal made us save."""
     stop.restore()
+    if stopped and is_main_process():
+        print(f"signal received: {stopped}; exiting. Re-run the same command to continue.")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -506,4 +732,9 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("CrOC pretraining", parents=[get_args_parser()])
-    main(parser.parse_args())
+    args = parser.parse_args()
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))  # usage, the flag, exit status 2
+    main(args)
