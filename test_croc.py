@@ -1582,8 +1582,8 @@ def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_oth
     _train_here(out, ["--epochs", "1"])
     config = (out / "config.json").read_bytes()
     with pytest.raises(ValueError) as e:
-        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "false", "--arch", "vit_small"])
-    assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer True -> False",
+        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
+    assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
                                            "--arch vit_tiny -> vit_small"))
     assert "--epochs" not in str(e.value)
     assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
