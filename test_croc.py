@@ -1364,11 +1364,18 @@ def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_pat
     assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
     vit = M.vit_tiny(16)
     assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    # the same command with more epochs resumes at epoch 2 and runs only the rest
-    r = _run(torchrun + TINY + ["--epochs", "3"], out)
+    # the same command with more epochs resumes at epoch 2 and runs only the rest; --eval_every runs rank 0's
+    # k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    r = _run(torchrun + TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
+                                "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
-    assert [e["epoch"] for e in _log(out)] == [0, 1, 2]
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
+    assert log[2]["teacher_sync_error"] == 0.0
+    assert (out / "eval" / "epoch0003" / "results.json").is_file()
+    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
 
 
 def test_plain_dino_baseline_trains_without_clustering(tmp_path):

@@ -12,7 +12,9 @@ import datetime
 import json
 import math
 import os
+import shlex
 import signal
+import subprocess
 import sys
 import time
 from contextlib import nullcontext
@@ -160,6 +162,19 @@ def get_args_parser():
                    help="Every N epochs (and before the first), draw the teacher's clusters and CLS attention on a "
                         "fixed batch of 4 images to output_dir/clusters_epoch{epochs done:04}.png (visualize.py); "
                         "0 disables. Costs one teacher pass; training is unchanged.")
+    g.add_argument("--eval_every", default=0, type=int,
+                   help="Every N epochs, a quick k-means mIoU of the teacher on a held-out segmentation set "
+                        "(eval_kmeans.py, run by rank 0 as its own process on the teacher's weights; the other ranks "
+                        "wait), logged as eval_kmeans_miou in log.txt; results in output_dir/eval/epochNNNN. "
+                        "0 disables. Leopart monitors its training the same way. Keep it quick: the ranks wait "
+                        "at most --dist_timeout minutes.")
+    g.add_argument("--eval_dataset", default="synthetic",
+                   help="Dataset of --eval_every, any eval_kmeans.py reads (default: the held-out synthetic val "
+                        "scenes, generated in memory).")
+    g.add_argument("--eval_data_path", default=None, help="Its root (eval_kmeans.py --data_path).")
+    g.add_argument("--eval_args", default="--img_size 96 --n_last_blocks 1 --seeds 0 --n_pictures 0",
+                   help="Further eval_kmeans.py flags of --eval_every (quick ones by default: 96 px, the last "
+                        "block, one k-means seed).")
     return p
 
 
@@ -194,6 +209,9 @@ def check_args(args):
     need(args.num_workers >= 0, "num_workers", "must be >= 0")
     need(args.log_freq >= 1, "log_freq", "must be at least 1")
     need(args.saveckp_freq >= 0, "saveckp_freq", "must be >= 0 (0: keep no numbered checkpoints)")
+    need(args.eval_every >= 0, "eval_every", "must be >= 0 (0: no evaluation during training)")
+    need(args.sinkhorn_lambda <= clustering.max_sinkhorn_lambda(torch.float32), "sinkhorn_lambda",
+         f"must be at most {clustering.max_sinkhorn_lambda(torch.float32):.1f}: exp(-lambda) underflows float32 beyond")
     need(args.visualize_every >= 0, "visualize_every", "must be >= 0")
     need(args.data_path or args.synthetic_images >= 1, "synthetic_images", "must be at least 1")
 
@@ -202,7 +220,8 @@ def check_args(args):
 # checkpoint cannot be loaded under other values.
 STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "norm_last_layer")
 # These steer where and how the run goes, not what it learns: changed without a word.
-RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout")
+RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout", "eval_every",
+             "eval_dataset", "eval_data_path", "eval_args")
 
 
 def resume_changes(saved, args):
@@ -703,6 +722,11 @@ def main(args):
                "wd": float(wd_sched[step]), "momentum": float(mom_sched[step]),
                "images_per_s": (steps - first) * total_batch / elapsed,
                "skipped_files": round(all_reduce(skipped).item()), "teacher_sync_error": teacher_sync_error(teacher)}
+        if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
+            if is_main_process():
+                log["eval_kmeans_miou"] = dense_eval(teacher, args, epoch + 1)
+            if dist.is_initialized():
+                dist.barrier(group=stop.group)  # the other ranks wait on the CPU group, not on a device
         history.append(log)
         # in this order, so that a kill between two writes loses nothing: the checkpoint holds the log records,
         # and a resumed run restores checkpointNNNN.pth and the log lines it finds missing
@@ -718,6 +742,30 @@ def main(args):
         if epoch + 1 < args.epochs and stop.should_stop():
             return finish(stop, f"saved {ckpt_path} at the end of epoch {epoch}")
     finish(stop)
+
+
+def dense_eval(teacher, args, epochs_done):
+    """Quick k-means mIoU (%) of the teacher's dense features on a held-out set: eval_kmeans.py run as its own
+    process (the evaluation's exact code and protocol, none of its state in training) on the teacher's weights."""
+    folder = os.path.join(args.output_dir, "eval", f"epoch{epochs_done:04}")
+    os.makedirs(folder, exist_ok=True)
+    weights = os.path.join(folder, "teacher.pth")
+    save_atomic({"teacher": teacher.state_dict()}, weights)
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_kmeans.py"),
+               "--weights", weights, "--checkpoint_key", "teacher", "--arch", args.arch,
+               "--patch_size", str(args.patch_size), "--dataset", args.eval_dataset, "--output_dir", folder,
+               "--num_workers", "0", "--device", str(next(teacher.parameters()).device)]
+    command += (["--data_path", args.eval_data_path] if args.eval_data_path else []) + shlex.split(args.eval_args)
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT")  # torchrun's variables: the evaluation is one process of its own
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    os.remove(weights)
+    if proc.returncode != 0:
+        raise RuntimeError(f"--eval_every: eval_kmeans.py failed (exit {proc.returncode}); the run's checkpoint "
+                           f"is intact. Its last output:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    with open(os.path.join(folder, "results.json")) as f:
+        return 100 * float(json.load(f)["miou_mean"])
 
 
 def finish(stop, stopped=None):
