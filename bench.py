@@ -8,8 +8,8 @@ numbers this printed.
 
 Machines are noisy, so every figure is a median of --repeats runs, and the CrOC and DINO steps are interleaved
 (DINO, CrOC, CrOC, DINO, ...) so that a load that comes and goes hits both: read the ratio, not the milliseconds.
-The step is train.train_step (teacher and student forward, clustering, heads, loss) followed by the lines of
-train.main that finish a step: backward, AdamW step, teacher EMA.
+The step is model.train_step (teacher and student forward, clustering, heads, loss) followed by
+model.optimizer_step (backward, AdamW step, teacher EMA), as train.py runs them.
 """
 import argparse
 import json
@@ -33,10 +33,10 @@ from tqdm import tqdm
 
 import clustering
 import data
-import train
-from model import CrOCHead, CrOCModel, build_vit, view_centroids
+from model import (CrOCLoss, bool_flag, build_student_teacher, build_vit, optimizer_step, param_groups,
+                   pretraining_defaults, train_step, view_centroids)
 
-# The parts train.train_step and train.optimizer_step label with torch.profiler.record_function, in step order.
+# The parts model.train_step and model.optimizer_step label with torch.profiler.record_function, in step order.
 STEP_PARTS = ("teacher forward", "clustering", "teacher centroid head", "student forward", "loss", "backward",
               "AdamW", "teacher EMA")
 PAPER_TABLE_A2 = "paper Table A2 (2 V100, batch 256): clustering 67 ms = 8% of an 841.5 ms step"
@@ -65,7 +65,7 @@ def get_args_parser():
     p.add_argument("--warmup", default=1, type=int, help="Untimed runs of each variant first.")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="Autocast on a GPU (the throughput rows ask for bf16). CPU always runs fp32, as train.py.")
-    p.add_argument("--compile", default=True, type=train.bool_flag,
+    p.add_argument("--compile", default=True, type=bool_flag,
                    help="GPU only: also time the step with torch.compile'd student and teacher backbones.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     p.add_argument("--threads", default=None, type=int,
@@ -77,7 +77,7 @@ def get_args_parser():
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     p.add_argument("--seed", default=0, type=int, help="Seed of the synthetic inputs, weights and clusterer draws.")
     g = p.add_argument_group("GPU check (gpu_check.sh runs these parts; see BENCHMARKS.md, 'GPU check')")
-    g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "ddp", "ddp_rank", "summary"],
+    g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "ddp", "summary"],
                    help="Run these parts of the GPU check instead of the benchmark, writing PART.json to --out.")
     g.add_argument("--out", default="gpu_check_out", help="Folder of the GPU check's JSON files and summary.")
     g.add_argument("--dry", action="store_true",
@@ -87,7 +87,6 @@ def get_args_parser():
                    help="Untimed steps first (torch.compile compiles during them).")
     g.add_argument("--budget_s", default=200, type=float,
                    help="Seconds the training part may take; runs that no longer fit are skipped, the last one cut.")
-    g.add_argument("--backend", default="nccl", choices=["nccl", "gloo"], help="ddp_rank: the process group.")
     return p
 
 
@@ -226,28 +225,22 @@ def count_syncs(fn, device):
 # The training step, CrOC (alpha 1) and DINO (alpha 0) on the same models
 # --------------------------------------------------------------------------------------------------------------
 class StepBench:
-    """Student, teacher, loss, optimizer and synthetic inputs for one backbone, built as train.main builds them.
+    """Student, teacher, loss, optimizer and synthetic inputs for one backbone, built as train.py builds them,
+    with the paper's settings (model.pretraining_defaults).
     One set of models serves both variants: DINO leaves the centroid last layer without a gradient, which AdamW
     skips, exactly as in a `--alpha 0` run."""
 
     def __init__(self, arch, patch, img, bench_args):
-        a = train.get_args_parser().parse_args([])
+        a = pretraining_defaults()
         a.arch, a.patch_size, a.img_size = arch, patch, img
         a.out_dim, a.out_dim_c, a.batch_size_per_gpu = bench_args.out_dim, bench_args.out_dim_c, bench_args.batch
         a.precision, a.k_start, a.k_max = bench_args.precision, bench_args.k_start, bench_args.k_max
         self.args, self.device = a, bench_args.device
         self.epoch = a.freeze_last_layer  # a step after the first epoch: every layer, the last ones too, learns
         torch.manual_seed(bench_args.seed)
-
-        def make(drop_path):
-            backbone = build_vit(arch, patch, drop_path_rate=drop_path)
-            return CrOCModel(backbone, CrOCHead(backbone.embed_dim, a.out_dim, a.out_dim_c,
-                                                norm_last_layer=a.norm_last_layer))
-        self.student, self.teacher = make(a.drop_path_rate).to(self.device), make(0.0).to(self.device)
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
-        self.loss_fn = train.CrOCLoss(a.out_dim, a.out_dim_c, a).to(self.device)
-        self.optimizer = torch.optim.AdamW(train.param_groups(self.student), lr=a.lr * a.batch_size_per_gpu / 256,
+        self.student, self.teacher = (m.to(self.device) for m in build_student_teacher(a))
+        self.loss_fn = CrOCLoss(a.out_dim, a.out_dim_c, a).to(self.device)
+        self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=a.lr * a.batch_size_per_gpu / 256,
                                            weight_decay=a.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and a.precision == "fp16")
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(a.precision)
@@ -264,17 +257,17 @@ class StepBench:
     def kept_slots(self):
         """Mean kept centroids (Eq. 16) per image and view, all heads, for these views and the initial teacher."""
         with torch.no_grad(), self.autocast:
-            x = rearrange(self.views, "b v c h w -> (v b) c h w")  # as train.train_step
+            x = rearrange(self.views, "b v c h w -> (v b) c h w")  # as model.train_step
             tf = self.teacher.backbone.forward_features(x, which=self.args.which_features)
             _, valid, _ = clustering.cluster_views(tf.tokens, self.positions, self.args, self.generator)
         return valid.sum(1).float().mean().item()
 
     def step(self, alpha):
-        """One full training step: train.train_step, then train.optimizer_step (backward, AdamW, EMA)."""
+        """One full training step: model.train_step, then model.optimizer_step (backward, AdamW, EMA)."""
         self.args.alpha = alpha
-        loss, _ = train.train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
-                                   self.args, self.generator, self.autocast)
-        train.optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
+        loss, _ = train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
+                             self.args, self.generator, self.autocast)
+        optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
                              self.args.momentum_teacher, self.args)  # EMA momentum at its initial value
 
     def set_compiled(self, compiled):
@@ -587,7 +580,7 @@ def cluster_inputs(batch, arch, patch, img, device, seed):
 def bench_clusterer(args, step_rows):
     """`clustering.cluster` alone, then with the view centroids pooled from the final tokens (the same output as
     the official `compute_teacher_centroids`), against the official clusterer on the same inputs, interleaved."""
-    a = train.get_args_parser().parse_args([])
+    a = pretraining_defaults()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     arch, patch, img = args.cluster_shape
     steps = {r["batch"]: r for r in step_rows if (r["arch"], r["patch"], r["img"]) == (arch, patch, img)}
@@ -765,13 +758,6 @@ def format_results(res):
 # them with the driver's exit codes into OUT/gpu_check.json and OUT/gpu_check.txt.
 # --------------------------------------------------------------------------------------------------------------
 NO_CUDA = "skipped: no CUDA"
-# two ranks, a few steps: the DDP code path on CUDA tensors, not a measurement
-DDP_TRAIN_ARGS = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "256",
-                  "--out_dim_c", "128", "--k_start", "6", "--batch_size_per_gpu", "8", "--synthetic_images", "32",
-                  "--synthetic_size", "64", "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "0",
-                  "--log_freq", "2", "--precision", "bf16"]
-
-
 def gpu_check_setup(args):
     """Device, shapes and step counts of the GPU check; a dry run (no CUDA, or --dry) gets tiny ones on the CPU."""
     args.dry = args.dry or not torch.cuda.is_available()
@@ -823,21 +809,21 @@ def gpu_step_bench(args, precision, batch):
 
 
 def full_step(bench, alpha, views, positions):
-    """One training step as train.main runs it: the batch to the device, train.train_step, then backward,
-    AdamW and the teacher EMA (train.optimizer_step). -> the loss (a device tensor: no host sync)."""
+    """One training step as train.main runs it: the batch to the device, model.train_step, then backward,
+    AdamW and the teacher EMA (model.optimizer_step). -> the loss (a device tensor: no host sync)."""
     bench.args.alpha = alpha
     views = views.to(bench.device, non_blocking=True)
     positions = positions.to(bench.device, non_blocking=True)
-    loss, _ = train.train_step(bench.student, bench.teacher, bench.loss_fn, views, positions, bench.epoch,
-                               bench.args, bench.generator, bench.autocast)
-    train.optimizer_step(bench.student, bench.teacher, bench.optimizer, bench.scaler, loss, bench.epoch,
+    loss, _ = train_step(bench.student, bench.teacher, bench.loss_fn, views, positions, bench.epoch,
+                         bench.args, bench.generator, bench.autocast)
+    optimizer_step(bench.student, bench.teacher, bench.optimizer, bench.scaler, loss, bench.epoch,
                          bench.args.momentum_teacher, bench.args)
     return loss.detach()
 
 
 def cluster_call(args, batch):
     """clustering.cluster on random tokens at the check's shape (B x heads problems), train.py's settings."""
-    a = train.get_args_parser().parse_args([])
+    a = pretraining_defaults()
     tokens, positions, cls, _ = cluster_inputs(batch, *args.shape, args.device, args.seed)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
 
@@ -982,37 +968,13 @@ def gpu_training(args):
     return res
 
 
-def gpu_ddp_rank(args):
-    """Part 4, one rank of `torchrun --nproc_per_node=2 bench.py --gpu ddp_rank`: train.main with both ranks on
-    the one GPU. nccl is train.py's own choice on a GPU (and may refuse two ranks on one device); gloo is set up
-    here before train.main, which keeps a process group it finds. Writes OUT/ddp_BACKEND/rankR.json."""
-    rank = int(os.environ.get("RANK", 0))
-    out = os.path.join(args.out, f"ddp_{args.backend}")
-    os.makedirs(out, exist_ok=True)
-    res = {"backend": args.backend, "rank": rank}
-    try:
-        os.environ["LOCAL_RANK"] = "0"  # train.init_distributed puts each rank on cuda:LOCAL_RANK
-        if args.backend == "gloo":
-            torch.cuda.set_device(0)
-            torch.distributed.init_process_group("gloo")
-        train.main(train.get_args_parser().parse_args(DDP_TRAIN_ARGS + ["--output_dir", os.path.join(out, "run")]))
-        res["status"] = "ok"
-        if rank == 0:
-            with open(os.path.join(out, "run", "log.txt")) as f:
-                res["log"] = json.loads(f.readlines()[-1])
-    except Exception as e:
-        res["status"] = f"failed: {first_line(e)}"
-    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f, indent=2)
-
-
 def gpu_ddp_dry(args):
-    """Part 4 without CUDA: the ranks' training flags must still parse (the CPU/gloo path has its own test)."""
+    """Part 4 without CUDA: skipped (gpu_check.sh runs it on a GPU as torchrun train.py; the CPU/gloo path of
+    train.py has tests of its own)."""
     if not args.dry:
-        raise ValueError("on a GPU, part 4 runs as torchrun --nproc_per_node=2 bench.py --gpu ddp_rank "
+        raise ValueError("on a GPU, part 4 runs as torchrun --nproc_per_node=2 train.py --dist_backend BACKEND "
                          "(gpu_check.sh)")
-    train.get_args_parser().parse_args(DDP_TRAIN_ARGS + ["--output_dir", "unused"])
-    return {"status": NO_CUDA + " (training flags parse)", "nccl": {"status": NO_CUDA}, "gloo": {"status": NO_CUDA}}
+    return {"status": NO_CUDA, "nccl": {"status": NO_CUDA}, "gloo": {"status": NO_CUDA}}
 
 
 def read_parts(args):
@@ -1076,20 +1038,13 @@ def gpu_summary(args):
         res["ddp"] = read_part(args, parts, "ddp")
     else:
         res["ddp"] = {}
-        for backend in ("nccl", "gloo"):
-            ranks = []
-            for r in (0, 1):
-                path = os.path.join(args.out, f"ddp_{backend}", f"rank{r}.json")
-                if os.path.exists(path):
-                    with open(path) as f:
-                        ranks.append(json.load(f))
-            if len(ranks) == 2 and all(r["status"] == "ok" for r in ranks):
-                res["ddp"][backend] = {"status": "ok", "log": ranks[0].get("log")}
-            elif ranks:
-                res["ddp"][backend] = {"status": next(r["status"] for r in ranks if r["status"] != "ok"),
-                                       "ranks": ranks}
+        for backend in ("nccl", "gloo"):  # torchrun train.py --dist_backend BACKEND --output_dir OUT/ddp_BACKEND
+            name, log = f"ddp_{backend}", os.path.join(args.out, f"ddp_{backend}", "log.txt")
+            if parts.get(name, {}).get("rc") == 0 and os.path.exists(log):
+                with open(log) as f:
+                    res["ddp"][backend] = {"status": "ok", "log": json.loads(f.readlines()[-1])}
             else:
-                res["ddp"][backend] = part_status(args, parts, f"ddp_{backend}")
+                res["ddp"][backend] = part_status(args, parts, name)
         states = [v["status"] for v in res["ddp"].values()]
         res["ddp"]["status"] = ("ok" if all(s == "ok" for s in states) else "ok on gloo only"
                                 if res["ddp"]["gloo"]["status"] == "ok" else "failed")
@@ -1150,9 +1105,7 @@ def gpu_check(args):
     args = gpu_check_setup(args)
     torch.manual_seed(args.seed)
     for part in args.gpu:
-        if part == "ddp_rank":
-            gpu_ddp_rank(args)
-        elif part == "summary":
+        if part == "summary":
             gpu_summary(args)
         else:
             try:

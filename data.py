@@ -380,6 +380,15 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return self.num_samples - self.skip
 
 
+def pretraining_dataset(args):
+    """The pretraining set of a run (train.py's flags, or a checkpoint's args): its --data_path folders, else the
+    built-in synthetic scenes, each image giving TwoViews."""
+    transform = TwoViews(args.img_size, args.patch_size, tuple(args.global_crops_scale))
+    if args.data_path:
+        return PretrainImages(args.data_path, transform)
+    return SyntheticPretrain(args.synthetic_images, args.synthetic_size, args.seed, transform)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Synthetic scenes and videos
 # ----------------------------------------------------------------------------------------------------------------

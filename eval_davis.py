@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import metrics
 from data import VOC_PALETTE, read_mask, save_palette_png
-from model import backbone_from_args, dense_features
+from model import add_backbone_args, backbone_from_args, dense_features
 
 # DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
 DAVIS_MEAN = (0.485, 0.456, 0.406)
@@ -510,11 +510,7 @@ def get_args_parser():
     parser.add_argument("--output_dir", default=".", type=str,
                         help="results folder: <seq>/<frame>.png, config.json and results.json (the PNGs are what the "
                              "official evaluator's --results_path reads); our two CSV files go to scores/ in it")
-    parser.add_argument("--weights", default=None, type=str, help="checkpoint to evaluate (any supported format)")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str, help='key in the checkpoint ("teacher")')
-    parser.add_argument("--random_init", action="store_true", help="evaluate a randomly initialised backbone")
-    parser.add_argument("--arch", default="vit_small", type=str, choices=["vit_tiny", "vit_small", "vit_base"])
-    parser.add_argument("--patch_size", default=16, type=int, help="patch size of the backbone")
+    add_backbone_args(parser)
     parser.add_argument("--n_last_blocks", default=1, type=int,
                         help="concatenate the last n blocks (each through the final norm); DINO's script uses 1")
     parser.add_argument("--n_last_frames", default=7, type=int,

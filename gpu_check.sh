@@ -5,7 +5,7 @@
 # 2. host syncs of one clusterer call and one full CrOC step, under torch.cuda.set_sync_debug_mode('error')
 # 3. training ViT-S/16 224 at batch 128 on the synthetic scenes, bf16 and fp16, eager and torch.compile'd:
 #    images/s, peak memory, finite losses, CrOC/DINO, the clusterer's share of the step
-# 4. two ranks on the one GPU (torchrun, train.py): nccl, then gloo
+# 4. two ranks on the one GPU (torchrun train.py --dist_backend nccl, then gloo)
 # Each part has its own time limit and the next runs whatever happened; OUT/gpu_check.json and
 # OUT/gpu_check.txt (the summary, also printed) are always written. Without CUDA (or with GPU_CHECK_DRY=1) it
 # is a dry run of the same parts on the CPU, in seconds, with the GPU-only parts marked "skipped: no CUDA".
@@ -38,10 +38,14 @@ if [ "${GPU_CHECK_DRY:-0}" != 1 ] && nvidia-smi -L > "$OUT/nvidia-smi.txt" 2>&1;
   want syncs && part syncs 50 "$PY" bench.py --gpu syncs --out "$OUT"
   want training && part training $((${TRAIN_BUDGET_S:-200} + 30)) "$PY" bench.py --gpu training --out "$OUT" \
        --steps "${STEPS:-100}" --warmup_steps "${WARMUP_STEPS:-10}" --budget_s "${TRAIN_BUDGET_S:-200}"
+  # two ranks, a few steps of train.py: the DDP code path on CUDA tensors, not a measurement
+  ddp_args=(--arch vit_tiny --patch_size 16 --img_size 64 --out_dim 256 --out_dim_c 128 --k_start 6
+            --batch_size_per_gpu 8 --synthetic_images 32 --synthetic_size 64 --num_workers 0 --epochs 1
+            --warmup_epochs 0 --log_freq 2 --precision bf16)
   for backend in nccl gloo; do  # both ranks on the one GPU; nccl may refuse that, gloo takes CUDA tensors
     want ddp && part "ddp_$backend" $([ $backend = nccl ] && echo 40 || echo 60) \
-         "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 bench.py --gpu ddp_rank \
-         --backend $backend --out "$OUT"
+         "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 train.py "${ddp_args[@]}" \
+         --dist_backend $backend --output_dir "$OUT/ddp_$backend"
   done
   "$PY" bench.py --gpu summary --out "$OUT"
 else

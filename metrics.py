@@ -26,6 +26,7 @@ from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, Subset
 
 from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, raw_mask_values
+import model
 from model import dense_features
 
 IGNORED_SHARE_WARNING = 0.9  # warn when more than this share of the scored pixels is "ignore"
@@ -215,16 +216,7 @@ def add_backbone_args(parser):
                         help="Dataset root (see data.py for the layouts and its prepare_* commands). Optional only "
                              "for --dataset synthetic.")
     parser.add_argument("--val_split", default="val", type=str, help="Evaluation split (default: val).")
-    parser.add_argument("--weights", default=None, type=str,
-                        help="Checkpoint to evaluate: our training checkpoints, official CrOC/DINO checkpoints or a "
-                             "bare backbone state dict (anything model.load_pretrained reads).")
-    parser.add_argument("--checkpoint_key", default="teacher", type=str,
-                        help="Which network of a training checkpoint to evaluate (default: teacher, as DINO/CrOC).")
-    parser.add_argument("--random_init", action="store_true",
-                        help="Evaluate a randomly initialised backbone instead of --weights (a lower bound).")
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"),
-                        help="Backbone architecture (default: vit_small, the ViT-S/16 of the CrOC tables).")
-    parser.add_argument("--patch_size", default=16, type=int, help="Patch size (default: 16).")
+    model.add_backbone_args(parser)
     parser.add_argument("--n_last_blocks", default=[4], type=int, nargs="+",
                         help="Concatenate the patch tokens of the last n_b blocks, each through the final LayerNorm "
                              "(App. C). The paper never gives n_b: 4 is DINO's advice for ViT-S linear probes, "

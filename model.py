@@ -11,10 +11,13 @@ import os
 import pickle
 from typing import NamedTuple, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.profiler import record_function
 
 import clustering
 
@@ -292,6 +295,194 @@ class CrOCModel(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The CrOC objective (Eq. 3-7) and one training step (Fig. 2); train.py runs it, bench.py times it
+# --------------------------------------------------------------------------------------------------------------
+def all_reduce(t):
+    """Sum over the ranks in place (DDP training); the tensor itself in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def teacher_distribution(logits, center, temp):
+    """P_t = softmax((logits - center) / temp) (Eq. 3, 5: DINO's centring and sharpening) and its entropy per row
+    (nats), for the collapse diagnostics."""
+    log_p = F.log_softmax((logits - center) / temp, dim=-1)
+    p = log_p.exp()
+    return p, -(p * log_p).sum(-1)
+
+
+def cross_view_entropy(student_logits, teacher_p, temp):
+    """H(P_t2, P_s1) + H(P_t1, P_s2) per row (Eq. 4, 6): each view's student against the other view's teacher.
+
+    student_logits and teacher_p are (2, ..., L), view 1 then view 2; teacher_p has no gradient.
+    """
+    log_q = F.log_softmax(student_logits / temp, dim=-1)  # log P_s
+    return -(teacher_p.flip(0) * log_q).sum(-1).sum(0)
+
+
+class CrOCLoss(nn.Module):
+    """L = alpha * L_dense + L_glob (Eq. 7), each a cross-view cross-entropy between a centred, sharpened teacher
+    and the student (Eq. 3-6), with one running centre per head (image and centroids)."""
+
+    def __init__(self, out_dim, out_dim_c, args):
+        super().__init__()
+        self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center_c", torch.zeros(1, out_dim_c))
+        warm = min(args.warmup_teacher_temp_epochs, args.epochs)
+        self.teacher_temps = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
+                                             np.full(args.epochs - warm, args.teacher_temp)])
+
+    def forward(self, s_img, t_img, s_cen, t_cen, valid, epoch):
+        """s_img, t_img: (2, B, L); s_cen, t_cen: (2, B, K, Lc) or None; valid: (B, K) bool (Eq. 16).
+
+        Returns (loss_glob, loss_dense). The dense loss averages over every kept centroid of the whole batch, all
+        ranks together: this rank's sum is divided by the global count and multiplied by the world size, so that
+        DDP's gradient average gives the exact global mean however many centroids each rank keeps. (Eq. 4 writes
+        1/K per image; the official code averages over the kept centroids of the batch, per rank.) An image
+        whose clusters were all pruned adds nothing; a batch with none anywhere gives 0, not NaN.
+        """
+        temp = self.teacher_temps[epoch]
+        t, t_entropy = teacher_distribution(t_img, self.center, temp)
+        loss_glob = 0.5 * cross_view_entropy(s_img, t, self.student_temp).mean()  # Eq. 6: both pairs
+        # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
+        # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
+        self.stats = {"teacher_entropy": t_entropy.mean().detach()}
+        loss_dense = s_img.new_zeros(())
+        batch_center = all_reduce(t_img.sum(dim=(0, 1)).unsqueeze(0))
+        n_img = t_img.shape[0] * t_img.shape[1] * world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center / n_img, alpha=1 - self.center_momentum)
+        if s_cen is None:
+            return loss_glob, loss_dense
+        w = valid.to(t_cen.dtype)  # (B, K); pruned and padded centroids weigh 0
+        count = all_reduce(w.sum())  # kept centroids on all ranks: sum and count, never a mean of means
+        tc, tc_entropy = teacher_distribution(t_cen, self.center_c, temp)
+        ce = cross_view_entropy(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
+        loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
+        ent_c = tc_entropy.mean(0)  # (B, K), averaged over the views
+        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
+        kept_sum = torch.einsum("bk,vbkl->l", w, t_cen)  # (Lc,) the kept centroids of both views
+        batch_center_c = all_reduce(kept_sum.unsqueeze(0))
+        new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
+            1 - self.center_momentum)
+        self.center_c.copy_(torch.where(count > 0, new_c, self.center_c))  # no kept centroid anywhere: keep it
+        return loss_glob, loss_dense
+
+
+def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
+    """One CrOC step up to the loss (Fig. 2). views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> loss, stats.
+
+    The parts are labelled with torch.profiler.record_function (free when no profiler runs; bench.py reads
+    them). The heads run on every centroid slot, pruned ones included, which weigh 0 in Eq. 4: the same loss as
+    on the kept ones alone, with no host sync to count them.
+    """
+    x = rearrange(views, "b v c h w -> (v b) c h w")  # both views in one pass: view 1 then view 2
+    with autocast:
+        with torch.no_grad():
+            with record_function("teacher forward"):
+                tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
+                t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
+            plan = valid = res = t_cen = None
+            if args.alpha > 0:
+                with record_function("clustering"):
+                    plan, valid, res = clustering.cluster_views(tf.tokens, positions, args, generator)
+                with record_function("teacher centroid head"):
+                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True)  # Eq. 2-3
+        with record_function("student forward"):
+            s_img, s_cen = student(x, plan)  # the same Q* pools the student's tokens (Eq. 2)
+    with record_function("loss"):
+        loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
+                                        None if t_cen is None else t_cen.float(), valid, epoch)
+        loss = loss_glob + args.alpha * loss_dense  # Eq. 7
+    stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
+             **loss_fn.stats}
+    if res is not None:
+        kept = valid.sum(dim=1).float()  # kept centroids per image, all heads
+        stats.update(mean_k=res.k.float().mean(), kept_centroids=kept.mean(),
+                     share_images_no_centroid=(kept == 0).float().mean())
+    return loss, stats
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DINO's optimisation: AdamW groups, per-parameter clipping, last-layer freeze, teacher EMA, schedules
+# --------------------------------------------------------------------------------------------------------------
+def param_groups(model):
+    """Weight decay on weights only, not on biases and norms (DINO)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients(model, clip):
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.norm()
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))  # per parameter, as DINO; no host sync
+
+
+def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
+    """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
+    optimizer.zero_grad(set_to_none=True)
+    with record_function("backward"):
+        scaler.scale(loss).backward()
+    if args.clip_grad > 0:
+        scaler.unscale_(optimizer)
+        clip_gradients(student, args.clip_grad)
+    if epoch < args.freeze_last_layer:
+        for name, p in student.named_parameters():
+            if "last_layer" in name:
+                p.grad = None
+    with record_function("AdamW"):
+        scaler.step(optimizer)
+        scaler.update()
+    with torch.no_grad(), record_function("teacher EMA"):
+        t_params = list(teacher.parameters())
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """DINO's per-iteration schedule: linear warm-up then cosine from base to final."""
+    warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
+    steps = np.arange(epochs * iters_per_epoch - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+def build_student_teacher(args):
+    """Student and teacher with the same initial weights (DINO): the teacher has no stochastic depth and gets no
+    gradient. args: arch, patch_size, out_dim, out_dim_c, norm_last_layer, drop_path_rate."""
+    def make(drop_path):
+        backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
+        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
+                                            norm_last_layer=args.norm_last_layer))
+    student, teacher = make(args.drop_path_rate), make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def pretraining_defaults(**overrides):
+    """The paper's pretraining settings (Sec. 4.1, App. B) that the models, the loss and the step read, for code
+    that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
+    paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, norm_last_layer=False,
+                 momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v", k_start=12, k_max=None,
+                 lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
+                 uniform_marginals=False, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
+                 student_temp=0.1, center_momentum=0.9, precision="fp16", batch_size_per_gpu=128, epochs=300,
+                 lr=5e-4, min_lr=1e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0,
+                 freeze_last_layer=1, global_crops_scale=(0.25, 1.0))
+    return argparse.Namespace(**{**paper, **overrides})
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------------------------
 def _print(*args):
@@ -408,6 +599,31 @@ def load_backbone(arch, patch_size=16, weights=None, checkpoint_key="teacher"):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def bool_flag(s):
+    """argparse type of a true/false flag (DINO's utils.bool_flag)."""
+    if s.lower() in ("true", "1", "yes", "on"):
+        return True
+    if s.lower() in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
+
+
+def add_backbone_args(parser, arch="vit_small", patch_size=16, source=None):
+    """The flags of a frozen backbone (backbone_from_args): --weights or --random_init, --checkpoint_key, --arch,
+    --patch_size. source: the (mutually exclusive) group --weights and --random_init go to; default: parser."""
+    source = parser if source is None else source
+    source.add_argument("--weights", default=None, type=str,
+                        help="Checkpoint to evaluate: our training checkpoints, official CrOC/DINO checkpoints or a "
+                             "bare backbone state dict (anything model.load_pretrained reads).")
+    parser.add_argument("--checkpoint_key", default="teacher", type=str,
+                        help="Which network of a training checkpoint to read (default: teacher, as DINO/CrOC).")
+    source.add_argument("--random_init", action="store_true",
+                        help="A randomly initialised backbone (DINO's init) instead of --weights: a lower bound.")
+    parser.add_argument("--arch", default=arch, choices=sorted(ARCHS),
+                        help="Backbone architecture (the paper's tables: vit_small, ViT-S/16).")
+    parser.add_argument("--patch_size", default=patch_size, type=int, help="Patch size (the paper: 16).")
 
 
 def backbone_from_args(args):

@@ -1142,13 +1142,8 @@ def _args(extra=()):
 
 
 def _models(args):
-    def make():
-        b = M.build_vit(args.arch, args.patch_size)
-        return M.CrOCModel(b, M.CrOCHead(b.embed_dim, args.out_dim, args.out_dim_c))
-    student, teacher = make(), make()
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    return student, teacher
+    """Student and teacher as train.py builds them, without stochastic depth: a test's step is deterministic."""
+    return M.build_student_teacher(argparse.Namespace(**{**vars(args), "drop_path_rate": 0.0}))
 
 
 def _batch(B=2, size=64, patch=16):
@@ -1173,13 +1168,13 @@ def test_teacher_and_student_centroids_pool_with_the_same_plan():
         seen.setdefault("plans", []).append(plan)
         seen.setdefault("patches", []).append(patch)
         return original(patch, cls, plan)
-    M.view_centroids, train.view_centroids = spy, spy
+    M.view_centroids = spy
     try:
-        loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
-        train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator().manual_seed(0),
+        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
+        M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator().manual_seed(0),
                          nullcontext())
     finally:
-        M.view_centroids, train.view_centroids = original, original
+        M.view_centroids = original
     teacher_plan, student_plan = seen["plans"]
     assert student_plan is teacher_plan
     x = rearrange(views, "b v c h w -> (v b) c h w")
@@ -1205,9 +1200,9 @@ def _one_step():
     args = _args()
     args.k_max = args.k_start
     student, teacher = _models(args)
-    loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
     views, positions = _batch()
-    loss, stats = train.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
                                    nullcontext())
     return loss, stats, student, teacher, loss_fn, args
 
@@ -1236,7 +1231,7 @@ def test_croc_loss_is_finite_with_gradients_in_the_student_only():
 
 def test_dense_loss_without_kept_centroids_is_zero_not_nan():
     args = _args()
-    loss_fn = train.CrOCLoss(8, 4, args)
+    loss_fn = M.CrOCLoss(8, 4, args)
     s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
     center_before = loss_fn.center_c.clone()
@@ -1249,7 +1244,7 @@ def test_dense_loss_without_kept_centroids_is_zero_not_nan():
 
 def test_dense_loss_averages_over_kept_centroids_only():
     args = _args()
-    loss_fn = train.CrOCLoss(8, 4, args)
+    loss_fn = M.CrOCLoss(8, 4, args)
     s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     valid = torch.tensor([[True, False, False], [True, True, False]])
     _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
@@ -1285,7 +1280,7 @@ def test_cross_view_entropy_values_and_gradients_equal_the_closed_form_in_fp64()
     p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
     weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
     plain = logits.clone().requires_grad_()
-    value = train.cross_view_entropy(plain, p, 0.1)
+    value = M.cross_view_entropy(plain, p, 0.1)
     (value * weights).sum().backward()
     closed = logits.clone().requires_grad_()
     reference = _ClosedFormCrossViewEntropy.apply(closed, p, 0.1)
@@ -1307,14 +1302,14 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
                                                                                              dtype=torch.float64)
     valid = torch.rand(3, 5, generator=gen) > 0.4
     results = []
-    for ce in (train.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
-        loss_fn = train.CrOCLoss(8, 4, args).double()
+    for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
+        loss_fn = M.CrOCLoss(8, 4, args).double()
         si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
-        original, train.cross_view_entropy = train.cross_view_entropy, ce
+        original, M.cross_view_entropy = M.cross_view_entropy, ce
         try:
             glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
         finally:
-            train.cross_view_entropy = original
+            M.cross_view_entropy = original
         (glob + dense).backward()
         results.append((glob.detach(), dense.detach(), si.grad, sc.grad))
     for a, b in zip(*results):
@@ -1324,14 +1319,14 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
 def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
     gen = torch.Generator().manual_seed(1)
     logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
-    p, h = train.teacher_distribution(logits, center, 0.04)
+    p, h = M.teacher_distribution(logits, center, 0.04)
     want = torch.softmax((logits - center) / 0.04, -1)
     torch.testing.assert_close(p, want)
     torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
 
 
 def test_schedules_follow_dino():
-    s = train.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
     assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
     assert np.all(np.diff(s[5:]) <= 0)
 
@@ -2085,14 +2080,38 @@ def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(synthetic_r
     assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
 
 
-def test_evaluation_scripts_import_only_hubs():
+def test_scripts_import_only_hubs():
+    """Hub and spokes (DINO's scripts import only vision_transformer.py and utils.py): a script imports hubs, never
+    another script, and the hubs import no script and form no cycle."""
     import ast
-    scripts = {"eval_linear", "eval_kmeans", "eval_davis", "train", "visualize", "bench"}
-    for name in ("eval_linear", "eval_kmeans", "eval_davis", "metrics"):
+    scripts = {"train", "eval_linear", "eval_kmeans", "eval_davis", "visualize", "bench"}
+    hubs = {Path(p).stem for p in os.listdir(HERE) if p.endswith(".py")} - scripts - {"test_croc"}
+    assert {"model", "clustering", "data", "metrics"} <= hubs
+    local = scripts | hubs
+    graph = {}
+    for name in sorted(local):
         tree = ast.parse(Path(HERE, f"{name}.py").read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        assert not imported & scripts, (name, imported & scripts)
+        graph[name] = imported & local - {name}
+        assert not graph[name] & scripts, (name, graph[name] & scripts)
+    done = set()
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join(path + [name])}"
+        if name not in done:
+            for other in graph[name]:
+                visit(other, path + [name])
+            done.add(name)
+    for name in graph:
+        visit(name, [])
+
+
+def test_pretraining_defaults_are_the_training_defaults():
+    """bench.py runs the step with model.pretraining_defaults, not train.py's parser: the two must stay equal."""
+    parser = train.get_args_parser()
+    for name, value in vars(M.pretraining_defaults()).items():
+        assert parser.get_default(name) == value, name
 
 
 def test_many_to_one_matching_gives_each_cluster_its_most_precise_class():
@@ -2857,13 +2876,13 @@ def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
     results = {}
     for dev in (torch.device("cpu"), device):
         student, teacher = (copy.deepcopy(m).to(dev) for m in models)
-        loss_fn = train.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
-        optimizer = torch.optim.AdamW(train.param_groups(student), lr=1e-3)
+        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
+        optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         views, positions = _batch(B=3)
-        loss, stats = train.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
+        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
                                        torch.Generator(device=dev), nullcontext())
-        train.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
+        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
         results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
                              [p.grad.cpu() for p in student.parameters() if p.grad is not None],
                              [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])

@@ -7,10 +7,8 @@ clustering finds in the joint tokens of two views.
 Re-running the same command resumes from output_dir/checkpoint.pth.
 """
 import argparse
-import copy
 import datetime
 import json
-import math
 import os
 import shlex
 import signal
@@ -23,21 +21,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
-from einops import rearrange, repeat
-from torch.profiler import record_function
 from tqdm import tqdm
 
 import clustering
 import data
-from model import CrOCHead, CrOCModel, build_vit, torch_load, view_centroids
+from model import (CrOCLoss, all_reduce, bool_flag, build_student_teacher, cosine_schedule, optimizer_step,
+                   param_groups, torch_load, train_step)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python train.py` is one process)
 # --------------------------------------------------------------------------------------------------------------
-def init_distributed(timeout_minutes=10.0):
-    """-> (rank, world_size, local_rank, device). gloo on CPU, nccl on GPU.
+def init_distributed(timeout_minutes=10.0, backend="auto"):
+    """-> (rank, world_size, local_rank, device). backend auto: gloo on CPU, nccl on GPU.
 
     timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
     down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
@@ -46,13 +42,15 @@ def init_distributed(timeout_minutes=10.0):
         return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
+        local = local % torch.cuda.device_count()  # more ranks than GPUs: they share them (gloo; nccl may refuse)
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank, world, local, device
 
 
@@ -60,23 +58,9 @@ def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def all_reduce(t):
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Arguments
 # --------------------------------------------------------------------------------------------------------------
-def bool_flag(s):
-    if s.lower() in ("true", "1", "yes", "on"):
-        return True
-    if s.lower() in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
-
-
 def get_args_parser():
     p = argparse.ArgumentParser("CrOC pretraining", add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -158,6 +142,9 @@ def get_args_parser():
                         "noticed at once; a frozen one (stopped, deadlocked, a hung file system) only after this. "
                         "Raise it if rank 0's epoch-end work (checkpoint on a slow disk, --visualize_every) can "
                         "take longer.")
+    g.add_argument("--dist_backend", default="auto", choices=["auto", "nccl", "gloo"],
+                   help="Process group of a torchrun run: auto is nccl on GPUs, gloo on CPUs. gloo also runs on "
+                        "GPUs, e.g. two ranks sharing one GPU, which nccl refuses.")
     g.add_argument("--visualize_every", default=0, type=int,
                    help="Every N epochs (and before the first), draw the teacher's clusters and CLS attention on a "
                         "fixed batch of 4 images to output_dir/clusters_epoch{epochs done:04}.png (visualize.py); "
@@ -220,8 +207,8 @@ def check_args(args):
 # checkpoint cannot be loaded under other values.
 STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "norm_last_layer")
 # These steer where and how the run goes, not what it learns: changed without a word.
-RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout", "eval_every",
-             "eval_dataset", "eval_data_path", "eval_args")
+RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout",
+             "dist_backend", "eval_every", "eval_dataset", "eval_data_path", "eval_args")
 
 
 def resume_changes(saved, args):
@@ -240,161 +227,6 @@ def resume_changes(saved, args):
 
 def _as_saved(v):
     return list(v) if isinstance(v, tuple) else v  # a checkpoint stores tuples as lists
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Schedules and the loss
-# --------------------------------------------------------------------------------------------------------------
-def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """DINO's per-iteration schedule: linear warm-up then cosine from base to final."""
-    warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
-    steps = np.arange(epochs * iters_per_epoch - len(warmup))
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
-
-
-class CrOCLoss(nn.Module):
-    """L = alpha * L_dense + L_glob (Eq. 7), each a cross-view cross-entropy between a centred, sharpened teacher
-    and the student (Eq. 3-6), with one running centre per head (image and centroids)."""
-
-    def __init__(self, out_dim, out_dim_c, args):
-        super().__init__()
-        self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
-        self.register_buffer("center_c", torch.zeros(1, out_dim_c))
-        warm = min(args.warmup_teacher_temp_epochs, args.epochs)
-        self.teacher_temps = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
-                                             np.full(args.epochs - warm, args.teacher_temp)])
-
-    def forward(self, s_img, t_img, s_cen, t_cen, valid, epoch):
-        """s_img, t_img: (2, B, L); s_cen, t_cen: (2, B, K, Lc) or None; valid: (B, K) bool (Eq. 16).
-
-        Returns (loss_glob, loss_dense). The dense loss averages over every kept centroid of the whole batch, all
-        ranks together: this rank's sum is divided by the global count and multiplied by the world size, so that
-        DDP's gradient average gives the exact global mean however many centroids each rank keeps. (Eq. 4 writes
-        1/K per image; the official code averages over the kept centroids of the batch, per rank.) An image
-        whose clusters were all pruned adds nothing; a batch with none anywhere gives 0, not NaN.
-        """
-        temp = self.teacher_temps[epoch]
-        t, t_entropy = teacher_distribution(t_img, self.center, temp)
-        loss_glob = 0.5 * cross_view_entropy(s_img, t, self.student_temp).mean()  # Eq. 6: both pairs
-        # collapse diagnostics (DINO Sec. 5.3): H(P_t) -> log(out_dim) is uniform collapse, H(P_t) -> 0 with
-        # KL -> 0 one-dimensional collapse; loss_glob = H(P_t) + KL(P_t || P_s). No host sync: logged per epoch.
-        self.stats = {"teacher_entropy": t_entropy.mean().detach()}
-        loss_dense = s_img.new_zeros(())
-        batch_center = all_reduce(t_img.sum(dim=(0, 1)).unsqueeze(0))
-        n_img = t_img.shape[0] * t_img.shape[1] * world_size()
-        self.center.mul_(self.center_momentum).add_(batch_center / n_img, alpha=1 - self.center_momentum)
-        if s_cen is None:
-            return loss_glob, loss_dense
-        w = valid.to(t_cen.dtype)  # (B, K); pruned and padded centroids weigh 0
-        count = all_reduce(w.sum())  # kept centroids on all ranks: sum and count, never a mean of means
-        tc, tc_entropy = teacher_distribution(t_cen, self.center_c, temp)
-        ce = cross_view_entropy(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
-        loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
-        ent_c = tc_entropy.mean(0)  # (B, K), averaged over the views
-        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
-        kept_sum = torch.einsum("bk,vbkl->l", w, t_cen)  # (Lc,) the kept centroids of both views
-        batch_center_c = all_reduce(kept_sum.unsqueeze(0))
-        new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
-            1 - self.center_momentum)
-        self.center_c.copy_(torch.where(count > 0, new_c, self.center_c))  # no kept centroid anywhere: keep it
-        return loss_glob, loss_dense
-
-
-def teacher_distribution(logits, center, temp):
-    """P_t = softmax((logits - center) / temp) (Eq. 3, 5: DINO's centring and sharpening) and its entropy per row
-    (nats), for the collapse diagnostics."""
-    log_p = F.log_softmax((logits - center) / temp, dim=-1)
-    p = log_p.exp()
-    return p, -(p * log_p).sum(-1)
-
-
-def cross_view_entropy(student_logits, teacher_p, temp):
-    """H(P_t2, P_s1) + H(P_t1, P_s2) per row (Eq. 4, 6): each view's student against the other view's teacher.
-
-    student_logits and teacher_p are (2, ..., L), view 1 then view 2; teacher_p has no gradient.
-    """
-    log_q = F.log_softmax(student_logits / temp, dim=-1)  # log P_s
-    return -(teacher_p.flip(0) * log_q).sum(-1).sum(0)
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The CrOC step (Fig. 2): join -> locate -> split
-# --------------------------------------------------------------------------------------------------------------
-def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
-    """One CrOC step up to the loss (Fig. 2). views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> loss, stats.
-
-    The parts are labelled with torch.profiler.record_function (free when no profiler runs; bench.py reads
-    them). The heads run on every centroid slot, pruned ones included, which weigh 0 in Eq. 4: the same loss as
-    on the kept ones alone, with no host sync to count them.
-    """
-    x = rearrange(views, "b v c h w -> (v b) c h w")  # both views in one pass: view 1 then view 2
-    with autocast:
-        with torch.no_grad():
-            with record_function("teacher forward"):
-                tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
-                t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
-            plan = valid = res = t_cen = None
-            if args.alpha > 0:
-                with record_function("clustering"):
-                    plan, valid, res = clustering.cluster_views(tf.tokens, positions, args, generator)
-                with record_function("teacher centroid head"):
-                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True)  # Eq. 2-3
-        with record_function("student forward"):
-            s_img, s_cen = student(x, plan)  # the same Q* pools the student's tokens (Eq. 2)
-    with record_function("loss"):
-        loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
-                                        None if t_cen is None else t_cen.float(), valid, epoch)
-        loss = loss_glob + args.alpha * loss_dense  # Eq. 7
-    stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
-             **loss_fn.stats}
-    if res is not None:
-        kept = valid.sum(dim=1).float()  # kept centroids per image, all heads
-        stats.update(mean_k=res.k.float().mean(), kept_centroids=kept.mean(),
-                     share_images_no_centroid=(kept == 0).float().mean())
-    return loss, stats
-
-
-def param_groups(model):
-    """Weight decay on weights only, not on biases and norms (DINO)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
-    """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
-    optimizer.zero_grad(set_to_none=True)
-    with record_function("backward"):
-        scaler.scale(loss).backward()
-    if args.clip_grad > 0:
-        scaler.unscale_(optimizer)
-        clip_gradients(student, args.clip_grad)
-    if epoch < args.freeze_last_layer:
-        for name, p in student.named_parameters():
-            if "last_layer" in name:
-                p.grad = None
-    with record_function("AdamW"):
-        scaler.step(optimizer)
-        scaler.update()
-    with torch.no_grad(), record_function("teacher EMA"):
-        t_params = list(teacher.parameters())
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
-
-
-def clip_gradients(model, clip):
-    for p in model.parameters():
-        if p.grad is not None:
-            norm = p.grad.norm()
-            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))  # per parameter, as DINO; no host sync
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -529,16 +361,9 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"], generator.device)
 
 
-def build_dataset(args):
-    transform = data.TwoViews(args.img_size, args.patch_size, tuple(args.global_crops_scale))
-    if args.data_path:
-        return data.PretrainImages(args.data_path, transform)
-    return data.SyntheticPretrain(args.synthetic_images, args.synthetic_size, args.seed, transform)
-
-
 def main(args):
     check_args(args)  # before any work: a bad flag costs no process group, no dataset scan
-    rank, world, local_rank, device = init_distributed(args.dist_timeout)
+    rank, world, local_rank, device = init_distributed(args.dist_timeout, args.dist_backend)
     torch.manual_seed(args.seed)  # the same initial weights on every rank
     if args.k_max is None:
         args.k_max = args.k_start
@@ -556,7 +381,7 @@ def main(args):
             print(f"warning: resuming {ckpt_path} with {change}", file=sys.stderr)
         save_atomic(json.dumps(vars(args), indent=2).encode(), os.path.join(args.output_dir, "config.json"))
 
-    dataset = build_dataset(args)  # a bad --data_path fails here, before any model work
+    dataset = data.pretraining_dataset(args)  # a bad --data_path fails here, before any model work
     # the epoch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index): a run
     # resumed mid-epoch skips the batches it has seen, unloaded, and draws the same views as an uninterrupted run
     sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
@@ -569,19 +394,14 @@ def main(args):
         raise ValueError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
                          f"{args.batch_size_per_gpu} on {world} process(es)")
 
-    # student and teacher: same init; the teacher has no stochastic depth and gets no gradient
-    def make(drop_path):
-        backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
-        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
-                                            norm_last_layer=args.norm_last_layer))
-    student, teacher = make(args.drop_path_rate).to(device), make(0.0).to(device)
+    student, teacher = build_student_teacher(args)  # same init; the teacher: no stochastic depth, no gradient
+    student, teacher = student.to(device), teacher.to(device)
     ddp_student = student
     if world > 1:
         ddp_student = nn.parallel.DistributedDataParallel(
             student, device_ids=[local_rank] if device.type == "cuda" else None,
             find_unused_parameters=args.alpha == 0)  # plain DINO never uses the centroid last layer
     teacher.load_state_dict(student.state_dict())  # after DDP has broadcast rank 0's student
-    teacher.requires_grad_(False)
     torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own crops, seeds and drop paths
     np.random.seed(args.seed + rank)
     loss_fn = CrOCLoss(args.out_dim, args.out_dim_c, args).to(device)
@@ -647,16 +467,20 @@ def main(args):
             save_atomic(state, ckpt_path)
             return state
 
-    if args.visualize_every > 0 and is_main_process():
-        import visualize  # here, not at the top: visualize imports train
-        vis_views, vis_positions, vis_originals = visualize.fixed_batch(dataset, 4, args.seed)  # global RNG untouched
+    def draw_clusters(epochs_done, weights):
+        """Rank 0: visualize.py, in a process of its own, draws the teacher in weights on a fixed batch (the first 4
+        training images, cropped with --seed) to clusters_epochNNNN.png. Training's random streams are untouched."""
+        path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
+        run_script("visualize.py", ["--weights", weights, "--training_images", "4", "--seed", str(args.seed),
+                                    "--device", str(device), "--output", path], "--visualize_every")
 
-        def draw_clusters(epochs_done):
-            path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
-            visualize.render_clusters(teacher.backbone, vis_views, vis_positions, args, path, vis_originals,
-                                      seed=args.seed, title=f"epoch {epochs_done}")
-        if start_epoch == 0 and not start_step:
-            draw_clusters(0)
+    if args.visualize_every > 0 and is_main_process() and start_epoch == 0 and not start_step:
+        initial = os.path.join(args.output_dir, f"checkpoint0000.pth.tmp{os.getpid()}")  # a crash: the next start
+        torch.save({"teacher": teacher.state_dict(), "args": vars(args), "epoch": 0}, initial)  # removes it
+        try:
+            draw_clusters(0, initial)
+        finally:
+            os.remove(initial)
 
     stop = StopFlag(cpu_group)
     generator = torch.Generator(device=device)
@@ -736,12 +560,25 @@ def main(args):
                 save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             del state
             if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
-                draw_clusters(epoch + 1)
+                draw_clusters(epoch + 1, ckpt_path)
             append_line(os.path.join(args.output_dir, "log.txt"), json.dumps(log))
             print(json.dumps(log))
         if epoch + 1 < args.epochs and stop.should_stop():
             return finish(stop, f"saved {ckpt_path} at the end of epoch {epoch}")
     finish(stop)
+
+
+def run_script(name, arguments, flag):
+    """Run this repository's script `name` as a process of its own (the scripts do not import each other), out
+    of torchrun's process group; a failure raises with the end of its output."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+                "MASTER_PORT")  # torchrun's variables: the script is one process of its own
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
+    proc = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}); the run's checkpoint is intact. Its "
+                           f"last output:\n{(proc.stdout + proc.stderr)[-2000:]}")
 
 
 def dense_eval(teacher, args, epochs_done):
@@ -751,19 +588,14 @@ def dense_eval(teacher, args, epochs_done):
     os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, "teacher.pth")
     save_atomic({"teacher": teacher.state_dict()}, weights)
-    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "eval_kmeans.py"),
-               "--weights", weights, "--checkpoint_key", "teacher", "--arch", args.arch,
+    command = ["--weights", weights, "--checkpoint_key", "teacher", "--arch", args.arch,
                "--patch_size", str(args.patch_size), "--dataset", args.eval_dataset, "--output_dir", folder,
                "--num_workers", "0", "--device", str(next(teacher.parameters()).device)]
     command += (["--data_path", args.eval_data_path] if args.eval_data_path else []) + shlex.split(args.eval_args)
-    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
-                "MASTER_PORT")  # torchrun's variables: the evaluation is one process of its own
-    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    os.remove(weights)
-    if proc.returncode != 0:
-        raise RuntimeError(f"--eval_every: eval_kmeans.py failed (exit {proc.returncode}); the run's checkpoint "
-                           f"is intact. Its last output:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    try:
+        run_script("eval_kmeans.py", command, "--eval_every")
+    finally:
+        os.remove(weights)
     with open(os.path.join(folder, "results.json")) as f:
         return 100 * float(json.load(f)["miou_mean"])
 

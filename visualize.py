@@ -8,7 +8,8 @@ Model, view and clustering settings default to those stored in the checkpoint (t
 then to the paper's (`default_setting`: clustering.cluster's own defaults for the clustering); a flag given on the
 command line wins. The views are drawn with TwoViews' geometry and photometry, as in training (Fig. A1 shows
 augmented views too), and the clustering is training's `clustering.cluster_views`, so the picture shows exactly what the dense loss sees. The same inputs and --seed give
-the same PNG, byte for byte. `train.py --visualize_every N` calls `render_clusters` on a fixed batch.
+the same PNG, byte for byte. `train.py --visualize_every N` runs `visualize.py --weights CHECKPOINT
+--training_images 4` on rank 0: the same fixed batch of training images every time.
 
 Layout, one block per image:
   header:    original image with both crop boxes | view 1 | view 2 | legend
@@ -32,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clustering
 import data
-from model import IMAGENET_MEAN, IMAGENET_STD, load_backbone, torch_load
+from model import IMAGENET_MEAN, IMAGENET_STD, add_backbone_args, load_backbone, torch_load
 
 # --------------------------------------------------------------------------------------------------------------
 # Layout (pixels). tile: side of a view panel; a merge step shows view 1 above view 2 at tile / 2 each.
@@ -434,16 +435,15 @@ def get_args_parser():
     src.add_argument("--image", help="Any image file (read as RGB).")
     src.add_argument("--synthetic_index", type=int, default=0,
                      help="Scene I of train.py's built-in synthetic set (data.SyntheticScenes with seed --seed).")
+    src.add_argument("--training_images", type=int,
+                     help="The first N images of the training set of the --weights checkpoint (its --data_path or "
+                          "synthetic scenes), cropped with --seed: the fixed batch of train.py --visualize_every.")
     g.add_argument("--synthetic_size", type=int, help="Side of the synthetic scene (train.py default 128).")
     g = p.add_argument_group("model (one of --weights, --random_init), or --log for training curves")
     w = g.add_mutually_exclusive_group(required=True)
     w.add_argument("--log", help="Draw this train.py log.txt as training curves (losses, teacher entropies against "
                                  "log(out_dim), K statistics, --eval_every mIoU) to --output, and nothing else.")
-    w.add_argument("--weights", help="A checkpoint: this project's, DINO's or CrOC's (model.load_pretrained).")
-    w.add_argument("--random_init", action="store_true", help="A randomly initialised backbone (DINO's init).")
-    g.add_argument("--checkpoint_key", default="teacher", help="State dict to read from a training checkpoint.")
-    g.add_argument("--arch", choices=["vit_tiny", "vit_small", "vit_base"], help="Backbone (train.py: vit_small).")
-    g.add_argument("--patch_size", type=int, help="Patch size (train.py: 16).")
+    add_backbone_args(g, arch=None, patch_size=None, source=w)  # None: the checkpoint's, else train.py's
     g.add_argument("--img_size", type=int, help="Side of both views (train.py: 224).")
     g.add_argument("--global_crops_scale", nargs=2, type=float, help="Crop scale range (train.py: 0.25 1.0).")
     g = p.add_argument_group("clustering (Sec. 3.3; defaults: the checkpoint's, then train.py's)")
@@ -463,13 +463,17 @@ def get_args_parser():
     return p
 
 
-def resolve_args(args):
-    """Fill every FROM_TRAINING flag left at None: the checkpoint's training args, else `default_setting`."""
-    stored = {}
-    if args.weights:
-        ckpt = torch_load(args.weights)
-        stored = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-        stored = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
+def training_run(weights):
+    """(the training args, the epochs trained) that a checkpoint holds: ({}, None) for bare weights."""
+    ckpt = torch_load(weights) if weights else {}
+    stored = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
+    return stored, ckpt.get("epoch") if isinstance(ckpt, dict) else None
+
+
+def resolve_args(args, stored):
+    """Fill every FROM_TRAINING flag left at None: the checkpoint's training args (stored), else
+    `default_setting`."""
     for name in FROM_TRAINING:
         if getattr(args, name) is None:
             setattr(args, name, stored.get(name, default_setting(name)))
@@ -484,10 +488,20 @@ def main(args):
         draw_curves(args.log, args.output)
         print(f"wrote {args.output}: curves of {args.log}")
         return
-    args = resolve_args(args)
+    stored, epochs = training_run(args.weights)
+    args = resolve_args(args, stored)
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.manual_seed(args.seed)  # the random init, then the crops
     backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(args.device)
+    if args.training_images:
+        if "synthetic_images" not in stored:
+            raise ValueError(f"--training_images: {args.weights} holds no training args of train.py")
+        views, positions, originals = fixed_batch(data.pretraining_dataset(argparse.Namespace(**stored)),
+                                                  args.training_images, args.seed)  # train.py's fixed batch
+        render_clusters(backbone, views, positions, args, args.output, originals, seed=args.seed, tile=args.tile,
+                        title=f"epoch {epochs}")
+        print(f"wrote {args.output}: the first {len(originals)} training images")
+        return
     if args.image:
         original, name = data.load_rgb(args.image), os.path.basename(args.image)
     else:
