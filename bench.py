@@ -206,8 +206,12 @@ def count_syncs(fn, device):
     """Host-device synchronisations of one call of fn. CUDA: the warnings of torch.cuda.set_sync_debug_mode
     ('warn' reports every synchronising operation torch knows of). CPU: 0 by construction (no device to wait
     for); clustering.py also holds none of the calls that would synchronise on a GPU (test_croc checks it)."""
-    if device.type != "cuda":
-        return 0
+    return 0 if device.type != "cuda" else len(sync_warnings(fn, device))
+
+
+def sync_warnings(fn, device):
+    """The warnings torch.cuda.set_sync_debug_mode('warn') gives for one call of fn: one per synchronising
+    operation torch knows of."""
     sync(device)
     previous = torch.cuda.get_sync_debug_mode()
     with warnings.catch_warnings(record=True) as caught:
@@ -218,7 +222,7 @@ def count_syncs(fn, device):
         finally:
             torch.cuda.set_sync_debug_mode(previous)
     sync(device)
-    return sum("synchroniz" in str(w.message).lower() for w in caught)
+    return [w for w in caught if "synchroniz" in str(w.message).lower()]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -853,16 +857,7 @@ def sync_check(fn, device):
         res["raised_at"] = [where(f.filename, f.lineno) for f in frames[-4:]]
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    sync(device)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            fn()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    sync(device)
-    res["sync_sites"] = [where(w.filename, w.lineno) for w in caught if "synchroniz" in str(w.message).lower()]
+    res["sync_sites"] = [where(w.filename, w.lineno) for w in sync_warnings(fn, device)]
     return res
 
 
