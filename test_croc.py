@@ -1,6 +1,10 @@
 """The test suite: CPU, tiny synthetic inputs, seconds per test; the torchrun tests spawn 2 processes.
 
     python -m pytest -q test_croc.py
+
+In the paper's order: the model, the clustering (Sec. 3.3), the objective and the step (Sec. 3.2), the same on
+a GPU; then the data, the evaluations (App. C), the scripts, and last the reliability of training (DDP,
+checkpoints, resume, signals, bad input).
 """
 from contextlib import nullcontext
 from pathlib import Path
@@ -37,6 +41,20 @@ import model as M
 import bench
 import train
 import visualize
+
+ROOT = Path(__file__).resolve().parent  # the repository: scripts run from here
+# The one tiny training configuration (ViT-Ti/16 at 64 px, 16 synthetic scenes); a test that needs other shapes
+# appends the flags it changes (argparse keeps the last value).
+TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
+        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "16", "--synthetic_size", "64",
+        "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
+        "--lr", "1e-3"]
+
+
+def run(cmd, env_extra=None, timeout=600, **kw):
+    """Run a command in the repository root -> CompletedProcess with text output (the one script runner)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
 
 # ==============================================================================================================
@@ -701,9 +719,305 @@ def test_centroids_from_a_one_hot_plan_equal_the_hard_pooled_ones():
 
 
 # ==============================================================================================================
+# model.py: the CrOC objective and the training step (Sec. 3.2, Eq. 3-7)
+# ==============================================================================================================
+
+
+def _args(extra=()):
+    parser = train.get_args_parser()
+    return parser.parse_args(TINY + ["--epochs", "2"] + list(extra))
+
+
+def _models(args):
+    """Student and teacher as train.py builds them, without stochastic depth: a test's step is deterministic."""
+    return M.build_student_teacher(argparse.Namespace(**{**vars(args), "drop_path_rate": 0.0}))
+
+
+def _batch(B=2, size=64, patch=16):
+    torch.manual_seed(0)
+    n = (size // patch) ** 2
+    views = torch.randn(B, 2, 3, size, size)
+    g = torch.arange(size // patch) * patch + patch / 2
+    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(n, 2)
+    positions = torch.stack([grid, grid + 8.0], 0).expand(B, 2, n, 2)
+    return views, positions
+
+
+def test_teacher_and_student_centroids_pool_with_the_same_plan():
+    """Eq. 2: the teacher's Q* pools the teacher's and the student's final tokens; the heads see exactly those."""
+    args = _args()
+    student, teacher = _models(args)
+    views, positions = _batch(B=3)
+    seen = {}
+    original = M.view_centroids
+
+    def spy(patch, cls, plan):
+        seen.setdefault("plans", []).append(plan)
+        seen.setdefault("patches", []).append(patch)
+        return original(patch, cls, plan)
+    M.view_centroids = spy
+    try:
+        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
+        M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator().manual_seed(0),
+                         nullcontext())
+    finally:
+        M.view_centroids = original
+    teacher_plan, student_plan = seen["plans"]
+    assert student_plan is teacher_plan
+    x = rearrange(views, "b v c h w -> (v b) c h w")
+    torch.testing.assert_close(seen["patches"][0], teacher.backbone.forward_features(x).patch)
+    plan, _, _ = clustering.cluster_views(teacher.backbone.forward_features(x, which=args.which_features).tokens,
+                                           positions, args, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(teacher_plan, plan)
+    assert ((plan > 0) & (plan < 0.99)).any()  # soft, not the hard M
+
+
+def test_head_last_layers_train_their_norm_by_default_and_norm_last_layer_freezes_it():
+    """App. B (and its footnote 4 for CrOC): norm_last_layer false, so weight_g is trained."""
+    for flag, frozen in (([], False), (["--norm_last_layer", "true"], True)):
+        args = _args(flag)
+        head = M.CrOCHead(192, args.out_dim, args.out_dim_c, norm_last_layer=args.norm_last_layer)
+        for layer in (head.last_layer, head.last_layer_c):
+            assert layer.weight_g.requires_grad is not frozen
+    assert M.CrOCHead(192, 8, 4).last_layer.weight_g.requires_grad  # the class default too
+
+
+def _one_step():
+    """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
+    args = _args()
+    args.k_max = args.k_start
+    student, teacher = _models(args)
+    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    views, positions = _batch()
+    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+                                   nullcontext())
+    return loss, stats, student, teacher, loss_fn, args
+
+
+def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
+    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
+    _, stats, _, _, loss_fn, args = _one_step()
+    assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
+    assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
+    assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
+    loss_fn.center.fill_(0)
+    uniform = torch.zeros(2, 3, args.out_dim)
+    loss_fn(uniform, uniform, None, None, None, 0)
+    torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
+
+
+def test_croc_loss_is_finite_with_gradients_in_the_student_only():
+    loss, stats, student, teacher, _, _ = _one_step()
+    assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_dense_loss_without_kept_centroids_is_zero_not_nan():
+    args = _args()
+    loss_fn = M.CrOCLoss(8, 4, args)
+    s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
+    center_before = loss_fn.center_c.clone()
+    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
+    assert torch.isfinite(glob) and dense.item() == 0.0
+    dense.backward()
+    assert torch.isfinite(s_cen.grad).all()
+    assert torch.equal(loss_fn.center_c, center_before)
+
+
+def test_dense_loss_averages_over_kept_centroids_only():
+    args = _args()
+    loss_fn = M.CrOCLoss(8, 4, args)
+    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    valid = torch.tensor([[True, False, False], [True, True, False]])
+    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
+    t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
+    s = torch.log_softmax(s_cen / args.student_temp, -1)
+    ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
+    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+
+
+class _ClosedFormCrossViewEntropy(torch.autograd.Function):
+    """The previous implementation of Eq. 4/6, kept here as the reference: H(p_2, q_1) + H(p_1, q_2) per row with
+    the closed-form gradient d/d logits_v = (q_v - p_other) / temp."""
+
+    @staticmethod
+    def forward(ctx, logits, p, temp):
+        log_q = torch.log_softmax(logits / temp, dim=-1)
+        ctx.save_for_backward(log_q, p)
+        ctx.temp = temp
+        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, p = ctx.saved_tensors
+        out = log_q.exp()
+        out[0].sub_(p[1])
+        out[1].sub_(p[0])
+        return out.mul_((grad / ctx.temp)[..., None]), None, None
+
+
+def test_cross_view_entropy_values_and_gradients_equal_the_closed_form_in_fp64():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64)
+    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
+    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
+    plain = logits.clone().requires_grad_()
+    value = M.cross_view_entropy(plain, p, 0.1)
+    (value * weights).sum().backward()
+    closed = logits.clone().requires_grad_()
+    reference = _ClosedFormCrossViewEntropy.apply(closed, p, 0.1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(value, reference, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(plain.grad, closed.grad, atol=1e-12, rtol=1e-12)
+    # and each view's student is paired with the other view's teacher
+    torch.testing.assert_close(value, -(p[1] * torch.log_softmax(logits[0] / 0.1, -1)).sum(-1)
+                               - (p[0] * torch.log_softmax(logits[1] / 0.1, -1)).sum(-1))
+
+
+def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_fp64():
+    """The whole CrOCLoss (Eq. 4, 6, 7) against the same loss built on the previous closed-form cross-entropy."""
+    args = _args()
+    gen = torch.Generator().manual_seed(1)
+    s_img, t_img = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen,
+                                                                                          dtype=torch.float64)
+    s_cen, t_cen = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=gen,
+                                                                                             dtype=torch.float64)
+    valid = torch.rand(3, 5, generator=gen) > 0.4
+    results = []
+    for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
+        loss_fn = M.CrOCLoss(8, 4, args).double()
+        si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
+        original, M.cross_view_entropy = M.cross_view_entropy, ce
+        try:
+            glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
+        finally:
+            M.cross_view_entropy = original
+        (glob + dense).backward()
+        results.append((glob.detach(), dense.detach(), si.grad, sc.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
+    p, h = M.teacher_distribution(logits, center, 0.04)
+    want = torch.softmax((logits - center) / 0.04, -1)
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+def test_schedules_follow_dino():
+    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
+    assert np.all(np.diff(s[5:]) <= 0)
+
+
+# ==============================================================================================================
+# CUDA: the clusterer and the training step give the CPU's values on a GPU; gpu_check.sh (BENCHMARKS.md)
+# ==============================================================================================================
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no CUDA"))])
+def device(request):
+    """Every device this machine has: the tests below compare it with the CPU (gpu_check.sh runs them with
+    `-k on_device` on a GPU; on the CPU they compare the CPU with itself)."""
+    return torch.device(request.param)
+
+
+def test_cluster_on_device_equals_cluster_on_cpu(device):
+    """Same tokens and seeds: the same hard assignment, kept clusters and K, and costs within float tolerance."""
+    n_problems, k_start = 6, 6
+    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(4).repeat_interleave(6),
+                                          torch.arange(3).repeat_interleave(8), d=16)  # group 3: view 1 only
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randn(n_problems, 16, generator=gen)
+    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
+    on_cpu = cluster(tokens, positions, cls, k_start=k_start, k_max=5, seeds=seeds)
+    on_device = cluster(tokens.to(device), positions.to(device), cls.to(device), k_start=k_start, k_max=5,
+                        seeds=seeds.to(device))
+    assert on_device.assignment.device.type == device.type
+    assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
+    for name in ("assignment", "valid", "k", "steps"):
+        assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
+    torch.testing.assert_close(on_device.cost.cpu(), on_cpu.cost, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
+    """One full CrOC step (train_step, then backward, AdamW, teacher EMA) in fp32 from the same weights, views and
+    clusterer seeds: the same losses, kept centroids, gradients, centres and teacher, within float tolerance."""
+    original = clustering.cluster
+
+    def cluster_with_fixed_seeds(tokens, positions, cls=None, *, k_start, generator=None, **kw):
+        """The seeds drawn on the CPU: a CUDA generator draws other numbers than a CPU one."""
+        gen = torch.Generator().manual_seed(0)
+        seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in tokens])
+        return original(tokens, positions, cls, k_start=k_start, seeds=seeds.to(tokens.device), **kw)
+    monkeypatch.setattr(clustering, "cluster", cluster_with_fixed_seeds)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution in fp32
+    args = _args()
+    args.k_max = args.k_start
+    epoch = args.freeze_last_layer  # every layer learns
+    models = _models(args)
+    results = {}
+    for dev in (torch.device("cpu"), device):
+        student, teacher = (copy.deepcopy(m).to(dev) for m in models)
+        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
+        optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        views, positions = _batch(B=3)
+        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
+                                       torch.Generator(device=dev), nullcontext())
+        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
+        results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
+                             [p.grad.cpu() for p in student.parameters() if p.grad is not None],
+                             [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])
+    (stats, grads, teacher, centres), (d_stats, d_grads, d_teacher, d_centres) = results["cpu"], results[device.type]
+    assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned: the masked path runs
+    assert d_stats.keys() == stats.keys()
+    for key in stats:
+        torch.testing.assert_close(d_stats[key], stats[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert len(d_grads) == len(grads) > 0
+    for a, b in zip(d_grads, grads):
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-7, ((a - b).norm(), b.norm())
+    for a, b in zip(d_centres + d_teacher, centres + teacher):  # the EMA moves the teacher by 0.004 of AdamW's step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_check_dry_run_writes_every_part_and_a_summary(tmp_path):
+    """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
+    skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
+    out = tmp_path / "gpu_check"
+    proc = run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
+    assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
+    assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
+    assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
+    assert {"clusterer", "step_fp32"} <= set(res["syncs"]) and res["syncs"]["status"] == "skipped: no CUDA"
+    assert res["syncs"]["step_fp32"]["loss_finite"]
+    runs = {(r["compiled"], r["variant"]): r for r in res["training"]["runs"]}
+    for variant in ("DINO", "CrOC"):
+        assert runs[False, variant]["status"] == "ok" and runs[False, variant]["loss_finite"]
+        assert runs[False, variant]["steps"] == 2 and runs[False, variant]["images_per_s"] > 0
+        assert runs[True, variant]["status"] == "skipped: no CUDA"
+    (ratio,) = res["training"]["ratios"]
+    assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
+    assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
+    text = (out / "gpu_check.txt").read_text()
+    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
+        assert heading in text, heading
+    assert text.strip() in proc.stdout
+
+
+# ==============================================================================================================
 # data.py: views with positions, image folders, synthetic data, segmentation datasets
 # ==============================================================================================================
-ROOT = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -971,9 +1285,9 @@ def test_synthetic_folder_and_in_memory_datasets_agree(tmp_path):
 
 def test_cli_write_synthetic(tmp_path):
     out = tmp_path / "synth"
-    subprocess.run([sys.executable, str(ROOT / "data.py"), "--write-synthetic", str(out), "--n-train", "2",
-                    "--n-val", "1", "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32",
-                    "48"], check=True, capture_output=True, cwd=tmp_path)
+    proc = run([sys.executable, "data.py", "--write-synthetic", str(out), "--n-train", "2", "--n-val", "1",
+                "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32", "48"])
+    assert proc.returncode == 0, proc.stderr
     assert len(list((out / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 3
     assert len(list((out / "DAVIS/Annotations/480p").glob("*/*.png"))) == 3
 
@@ -1123,565 +1437,6 @@ def test_build_segmentation_dataset_rejects_unknown_names_and_missing_root():
         data.build_segmentation_dataset("cityscapes", None, "val")
     with pytest.raises(ValueError, match="root"):
         data.build_segmentation_dataset("pvoc", None, "val")
-
-
-
-# ==============================================================================================================
-# train.py: the CrOC step, DDP, checkpoints, resume, signals
-# ==============================================================================================================
-HERE = os.path.dirname(os.path.abspath(__file__))
-TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
-        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "16", "--synthetic_size", "64",
-        "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
-        "--lr", "1e-3"]
-
-
-def _args(extra=()):
-    parser = train.get_args_parser()
-    return parser.parse_args(TINY + ["--epochs", "2"] + list(extra))
-
-
-def _models(args):
-    """Student and teacher as train.py builds them, without stochastic depth: a test's step is deterministic."""
-    return M.build_student_teacher(argparse.Namespace(**{**vars(args), "drop_path_rate": 0.0}))
-
-
-def _batch(B=2, size=64, patch=16):
-    torch.manual_seed(0)
-    n = (size // patch) ** 2
-    views = torch.randn(B, 2, 3, size, size)
-    g = torch.arange(size // patch) * patch + patch / 2
-    grid = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(n, 2)
-    positions = torch.stack([grid, grid + 8.0], 0).expand(B, 2, n, 2)
-    return views, positions
-
-
-def test_teacher_and_student_centroids_pool_with_the_same_plan():
-    """Eq. 2: the teacher's Q* pools the teacher's and the student's final tokens; the heads see exactly those."""
-    args = _args()
-    student, teacher = _models(args)
-    views, positions = _batch(B=3)
-    seen = {}
-    original = M.view_centroids
-
-    def spy(patch, cls, plan):
-        seen.setdefault("plans", []).append(plan)
-        seen.setdefault("patches", []).append(patch)
-        return original(patch, cls, plan)
-    M.view_centroids = spy
-    try:
-        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
-        M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator().manual_seed(0),
-                         nullcontext())
-    finally:
-        M.view_centroids = original
-    teacher_plan, student_plan = seen["plans"]
-    assert student_plan is teacher_plan
-    x = rearrange(views, "b v c h w -> (v b) c h w")
-    torch.testing.assert_close(seen["patches"][0], teacher.backbone.forward_features(x).patch)
-    plan, _, _ = clustering.cluster_views(teacher.backbone.forward_features(x, which=args.which_features).tokens,
-                                           positions, args, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(teacher_plan, plan)
-    assert ((plan > 0) & (plan < 0.99)).any()  # soft, not the hard M
-
-
-def test_head_last_layers_train_their_norm_by_default_and_norm_last_layer_freezes_it():
-    """App. B (and its footnote 4 for CrOC): norm_last_layer false, so weight_g is trained."""
-    for flag, frozen in (([], False), (["--norm_last_layer", "true"], True)):
-        args = _args(flag)
-        head = M.CrOCHead(192, args.out_dim, args.out_dim_c, norm_last_layer=args.norm_last_layer)
-        for layer in (head.last_layer, head.last_layer_c):
-            assert layer.weight_g.requires_grad is not frozen
-    assert M.CrOCHead(192, 8, 4).last_layer.weight_g.requires_grad  # the class default too
-
-
-def _one_step():
-    """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
-    args = _args()
-    args.k_max = args.k_start
-    student, teacher = _models(args)
-    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
-    views, positions = _batch()
-    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
-                                   nullcontext())
-    return loss, stats, student, teacher, loss_fn, args
-
-
-def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
-    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
-    _, stats, _, _, loss_fn, args = _one_step()
-    assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
-    assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
-    assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
-    loss_fn.center.fill_(0)
-    uniform = torch.zeros(2, 3, args.out_dim)
-    loss_fn(uniform, uniform, None, None, None, 0)
-    torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
-
-
-def test_croc_loss_is_finite_with_gradients_in_the_student_only():
-    loss, stats, student, teacher, _, _ = _one_step()
-    assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
-    loss.backward()
-    grads = [p.grad for p in student.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
-    assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_dense_loss_without_kept_centroids_is_zero_not_nan():
-    args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
-    s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
-    center_before = loss_fn.center_c.clone()
-    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
-    assert torch.isfinite(glob) and dense.item() == 0.0
-    dense.backward()
-    assert torch.isfinite(s_cen.grad).all()
-    assert torch.equal(loss_fn.center_c, center_before)
-
-
-def test_dense_loss_averages_over_kept_centroids_only():
-    args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
-    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    valid = torch.tensor([[True, False, False], [True, True, False]])
-    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
-    t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
-    s = torch.log_softmax(s_cen / args.student_temp, -1)
-    ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
-    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
-
-
-class _ClosedFormCrossViewEntropy(torch.autograd.Function):
-    """The previous implementation of Eq. 4/6, kept here as the reference: H(p_2, q_1) + H(p_1, q_2) per row with
-    the closed-form gradient d/d logits_v = (q_v - p_other) / temp."""
-
-    @staticmethod
-    def forward(ctx, logits, p, temp):
-        log_q = torch.log_softmax(logits / temp, dim=-1)
-        ctx.save_for_backward(log_q, p)
-        ctx.temp = temp
-        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        log_q, p = ctx.saved_tensors
-        out = log_q.exp()
-        out[0].sub_(p[1])
-        out[1].sub_(p[0])
-        return out.mul_((grad / ctx.temp)[..., None]), None, None
-
-
-def test_cross_view_entropy_values_and_gradients_equal_the_closed_form_in_fp64():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64)
-    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
-    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
-    plain = logits.clone().requires_grad_()
-    value = M.cross_view_entropy(plain, p, 0.1)
-    (value * weights).sum().backward()
-    closed = logits.clone().requires_grad_()
-    reference = _ClosedFormCrossViewEntropy.apply(closed, p, 0.1)
-    (reference * weights).sum().backward()
-    torch.testing.assert_close(value, reference, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(plain.grad, closed.grad, atol=1e-12, rtol=1e-12)
-    # and each view's student is paired with the other view's teacher
-    torch.testing.assert_close(value, -(p[1] * torch.log_softmax(logits[0] / 0.1, -1)).sum(-1)
-                               - (p[0] * torch.log_softmax(logits[1] / 0.1, -1)).sum(-1))
-
-
-def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_fp64():
-    """The whole CrOCLoss (Eq. 4, 6, 7) against the same loss built on the previous closed-form cross-entropy."""
-    args = _args()
-    gen = torch.Generator().manual_seed(1)
-    s_img, t_img = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen,
-                                                                                          dtype=torch.float64)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=gen,
-                                                                                             dtype=torch.float64)
-    valid = torch.rand(3, 5, generator=gen) > 0.4
-    results = []
-    for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
-        loss_fn = M.CrOCLoss(8, 4, args).double()
-        si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
-        original, M.cross_view_entropy = M.cross_view_entropy, ce
-        try:
-            glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
-        finally:
-            M.cross_view_entropy = original
-        (glob + dense).backward()
-        results.append((glob.detach(), dense.detach(), si.grad, sc.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-
-
-def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
-    gen = torch.Generator().manual_seed(1)
-    logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
-    p, h = M.teacher_distribution(logits, center, 0.04)
-    want = torch.softmax((logits - center) / 0.04, -1)
-    torch.testing.assert_close(p, want)
-    torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
-
-
-def test_schedules_follow_dino():
-    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
-    assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
-    assert np.all(np.diff(s[5:]) <= 0)
-
-
-def _run(cmd, out, env_extra=None, **kw):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run(cmd + ["--output_dir", str(out)], cwd=HERE, env=env, capture_output=True, text=True,
-                          timeout=600, **kw)
-
-
-def _log(out):
-    with open(os.path.join(out, "log.txt")) as f:
-        return [json.loads(line) for line in f]
-
-
-def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out = tmp_path / "run"
-    r = _run(torchrun + TINY + ["--epochs", "2"], out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1]
-    for e in log:
-        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
-        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
-        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
-                    "skipped_files"):
-            assert key in e
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
-    vit = M.vit_tiny(16)
-    assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    # the same command with more epochs resumes at epoch 2 and runs only the rest; --eval_every runs rank 0's
-    # k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
-    r = _run(torchrun + TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
-                                "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
-    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
-    assert log[2]["teacher_sync_error"] == 0.0
-    assert (out / "eval" / "epoch0003" / "results.json").is_file()
-    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
-
-
-def test_plain_dino_baseline_trains_without_clustering(tmp_path):
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--alpha", "0"], tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
-    (e,) = _log(tmp_path)
-    assert e["loss_dense"] == 0.0 and "mean_k" not in e
-
-
-def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
-    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-3000:]
-    assert "signal received" in out
-    ckpt = M.torch_load(str(tmp_path / "checkpoint.pth"))
-    assert 1 <= ckpt["epoch"] < 1000
-    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file left behind
-
-
-def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
-    root = tmp_path / "images" / "sub"
-    root.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for i in range(7):
-        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
-    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
-             tmp_path / "out")
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "broken.jpg" in r.stderr + r.stdout
-    (e,) = _log(tmp_path / "out")
-    assert e["skipped_files"] >= 1
-
-
-def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
-    (tmp_path / "empty").mkdir()
-    r = _run([sys.executable, "train.py"] + TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out")
-    assert r.returncode != 0
-    assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
-
-
-# --------------------------------------------------------------------------------------------------------------
-# stops, resumes and bad input as a cluster user meets them
-# --------------------------------------------------------------------------------------------------------------
-# 3 steps of 4 images per epoch at 32 px: a whole in-process run takes a few seconds
-STEP_TINY = ["--arch", "vit_tiny", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--out_dim_c", "64",
-             "--k_start", "4", "--batch_size_per_gpu", "4", "--synthetic_images", "12", "--synthetic_size", "32",
-             "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
-             "--lr", "1e-3"]
-
-
-def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
-    """train.main in this process. sigterm_at=k: SIGTERM to this process at the k-th stop check (one per step,
-    plus one after each epoch but the last), as a scheduler would send it."""
-    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(out)] + list(extra))
-    handlers = {sig: signal.getsignal(sig) for sig in train.StopFlag.SIGNALS}
-    if sigterm_at is not None:
-        checks, should_stop = [0], train.StopFlag.should_stop
-
-        def signalled(self):
-            checks[0] += 1
-            if checks[0] == sigterm_at:
-                os.kill(os.getpid(), signal.SIGTERM)
-            return should_stop(self)
-        monkeypatch.setattr(train.StopFlag, "should_stop", signalled)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: threads only contend
-    try:
-        train.main(args)
-    finally:
-        torch.set_num_threads(threads)
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        if sigterm_at is not None:
-            monkeypatch.setattr(train.StopFlag, "should_stop", should_stop)
-
-
-def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run_without_reloading_seen_batches(
-        tmp_path, monkeypatch, capsys):
-    loads, getitem = [0], data.SyntheticPretrain.__getitem__
-
-    def counted(self, index):
-        loads[0] += 1
-        return getitem(self, index)
-    monkeypatch.setattr(data.SyntheticPretrain, "__getitem__", counted)
-    _train_here(tmp_path / "whole", ["--epochs", "2"])
-    whole_loads, loads[0] = loads[0], 0
-    # stop after step 2 of epoch 0, then after step 1 of epoch 1 (check 3 = step 3, 4 = epoch end, 5 = step 1)
-    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=2, monkeypatch=monkeypatch)
-    assert "saved" in capsys.readouterr().out
-    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 2
-    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=3, monkeypatch=monkeypatch)
-    assert "at epoch 0, step 2 of 3" in capsys.readouterr().out
-    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 1
-    _train_here(tmp_path / "cut", ["--epochs", "2"])
-    assert loads[0] == whole_loads == 2 * 12  # the skipped batches were never loaded
-    a, b = (M.torch_load(str(tmp_path / run / "checkpoint.pth")) for run in ("whole", "cut"))
-    for key in ("student", "teacher", "loss"):
-        for name, tensor in a[key].items():
-            assert torch.equal(tensor, b[key][name]), (key, name)  # fp32, bit for bit
-    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    la, lb = _log(tmp_path / "whole"), _log(tmp_path / "cut")
-    assert [e["epoch"] for e in lb] == [0, 1]
-    for ea, eb in zip(la, lb):
-        assert ea["lr"] == eb["lr"] and ea["momentum"] == eb["momentum"]
-        assert ea["loss"] == pytest.approx(eb["loss"], rel=1e-6)  # the epoch's mean over both parts
-
-
-def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone():
-    samples = data.SeededSamples(data.SyntheticPretrain(4, 32, 0, data.TwoViews(32, 8)), seed=3)
-    state = torch.get_rng_state()
-    v1, p1, _ = samples[(1, 2)]
-    assert torch.equal(torch.get_rng_state(), state)
-    samples[(1, 3)]
-    v2, p2, _ = samples[(1, 2)]
-    assert torch.equal(v1, v2) and torch.equal(p1, p2)
-    assert not torch.equal(v1, samples[(2, 2)][0])  # another epoch, other views
-
-
-def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
-    sampler = data.EpochSampler(range(20), num_replicas=2, rank=1, seed=0)
-    sampler.set_epoch(3)
-    whole = list(sampler)
-    sampler.set_epoch(3, skip=4)
-    assert list(sampler) == whole[4:] and len(sampler) == len(whole) - 4
-    assert {e for e, _ in whole} == {3}
-
-
-def _processes_mentioning(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
-# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
-@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
-def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(tmp_path, sig, nproc):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "train.py"]
-    out = tmp_path / "run"
-    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
-                                  "--output_dir", str(out)]  # epochs of 2 steps
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
-    proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    text = b""
-    try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        deadline = time.time() + 180
-        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
-            text += proc.stdout.read() or b""
-        os.killpg(proc.pid, getattr(signal, sig))
-        os.set_blocking(proc.stdout.fileno(), True)
-        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "signal received: saved" in text, text[-4000:]
-    assert "killed by signal" not in text and "FloatingPointError" not in text
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
-    deadline = time.time() + 15
-    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
-        time.sleep(0.5)
-    assert _processes_mentioning(str(out)) == []
-
-
-def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
-    root = tmp_path / "images"
-    (root / "a" / "b").mkdir(parents=True)
-    for path in (root / "0.png", root / "a" / "1.png", root / "a" / "b" / "2.png"):
-        Image.new("RGB", (8, 8)).save(path)
-    os.symlink(".", root / "loop")  # one loop: the old walk read every image 41 times
-    os.symlink("../..", root / "a" / "b" / "up")  # a second loop: the old walk never ended
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    Image.new("RGB", (8, 8)).save(outside / "3.png")
-    os.symlink(outside, root / "linked")  # a linked folder elsewhere is still read
-
-    def hung(signum, frame):
-        raise TimeoutError("list_images walked a symlink loop for 20 s")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    try:
-        files = data.list_images(root)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    assert sorted(os.path.basename(f) for f in files) == ["0.png", "1.png", "2.png", "3.png"]
-
-
-def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_others(tmp_path, capsys):
-    out = tmp_path / "run"
-    _train_here(out, ["--epochs", "1"])
-    config = (out / "config.json").read_bytes()
-    with pytest.raises(ValueError) as e:
-        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
-    assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
-                                           "--arch vit_tiny -> vit_small"))
-    assert "--epochs" not in str(e.value)
-    assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
-    capsys.readouterr()
-    _train_here(out, ["--epochs", "2", "--lr", "2e-3", "--batch_size_per_gpu", "3", "--num_workers", "1"])
-    err = capsys.readouterr().err
-    assert "--lr 0.001 -> 0.002" in err and "--batch_size_per_gpu 4 -> 3" in err and "--epochs 1 -> 2" in err
-    assert "num_workers" not in err  # how the data is loaded does not change the run
-    assert [e["epoch"] for e in _log(out)] == [0, 1]
-    assert json.loads((out / "config.json").read_text())["lr"] == 2e-3
-
-
-def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_numbered_checkpoint(tmp_path, capsys):
-    out = tmp_path / "run"
-    _train_here(out, ["--epochs", "2", "--saveckp_freq", "2"])
-    lines = (out / "log.txt").read_text().splitlines()
-    # a kill mid-write leaves temporary files; one between the checkpoint and the rest loses these two
-    (out / "checkpoint.pth.tmp4242").write_bytes(b"\0" * 1000)
-    (out / "checkpoint0002.pth.tmp4243").write_bytes(b"\0" * 1000)
-    (out / "checkpoint0002.pth").unlink()
-    (out / "log.txt").write_text(lines[0] + "\n" + lines[1][:20])  # epoch 1's line torn mid-write
-    capsys.readouterr()
-    _train_here(out, ["--epochs", "3", "--saveckp_freq", "2"])
-    assert "restored the line of epoch 1" in capsys.readouterr().out
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert M.torch_load(str(out / "checkpoint0002.pth"))["epoch"] == 2
-    log = (out / "log.txt").read_text().splitlines()
-    assert log[:2] == lines and [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
-
-
-@pytest.mark.parametrize("flags,named", [
-    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
-    (["--lambda_pos", "-1"], "--lambda_pos -1.0"), (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10"),
-    (["--k_start", "1"], "--k_start 1"), (["--dist_timeout", "0"], "--dist_timeout 0.0"),
-    (["--global_crops_scale", "0.8", "0.4"], "--global_crops_scale")])
-def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, flags, named):
-    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)
-    with pytest.raises(ValueError, match=named):
-        train.main(args)
-    assert not (tmp_path / "out").exists()
-
-
-def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
-    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out")
-    assert r.returncode == 2 and "--epochs 0" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
-
-
-def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_when_refusing_one(tmp_path):
-    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pth")
-    whole = (tmp_path / "good.pth").read_bytes()
-    (tmp_path / "empty.pth").write_bytes(b"")
-    (tmp_path / "text.pth").write_text("hello")
-    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
-    torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
-    for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
-                       ("evil", "untrusted pickles are not executed")]:
-        with pytest.raises(RuntimeError, match=what) as e:
-            M.torch_load(str(tmp_path / f"{name}.pth"))
-        assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
-    assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_torchrun_nodes_with_c10d_rendezvous_train_resume_and_keep_teachers_identical(tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def two_nodes(epochs):  # the README's multi-machine command, both "machines" on this one
-        port = _free_port()
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-             "--rdzv_id", f"croc{port}", "train.py"] + STEP_TINY + ["--epochs", str(epochs), "--output_dir", str(out)],
-            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-        try:
-            texts = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
-        return "".join(texts)
-
-    two_nodes(2)
-    assert "resumed from" in two_nodes(3)
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
-    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
-    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2
 
 
 
@@ -2085,12 +1840,12 @@ def test_scripts_import_only_hubs():
     another script, and the hubs import no script and form no cycle."""
     import ast
     scripts = {"train", "eval_linear", "eval_kmeans", "eval_davis", "visualize", "bench"}
-    hubs = {Path(p).stem for p in os.listdir(HERE) if p.endswith(".py")} - scripts - {"test_croc"}
+    hubs = {Path(p).stem for p in os.listdir(ROOT) if p.endswith(".py")} - scripts - {"test_croc"}
     assert {"model", "clustering", "data", "metrics"} <= hubs
     local = scripts | hubs
     graph = {}
     for name in sorted(local):
-        tree = ast.parse(Path(HERE, f"{name}.py").read_text())
+        tree = ast.parse(Path(ROOT, f"{name}.py").read_text())
         imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         graph[name] = imported & local - {name}
@@ -2277,9 +2032,8 @@ def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_
     labels[2:6, 3:9] = 12  # dog
     savemat(sbd / "s1.mat", {"GTcls": {"Segmentation": labels, "Boundaries": np.zeros(1), "CategoriesPresent": 12}})
     (tmp_path / "trainaug.txt").write_text("t1\ns1\n")
-    out = subprocess.run([sys.executable, "data.py", "prepare_voc", "--voc_root", str(tmp_path / "VOCdevkit"),
-                          "--sbd_cls", str(sbd), "--trainaug_list", str(tmp_path / "trainaug.txt")],
-                         capture_output=True, text=True, cwd=Path(__file__).parent)
+    out = run([sys.executable, "data.py", "prepare_voc", "--voc_root", str(tmp_path / "VOCdevkit"),
+               "--sbd_cls", str(sbd), "--trainaug_list", str(tmp_path / "trainaug.txt")])
     assert out.returncode == 0, out.stderr
     trainaug = data.build_segmentation_dataset("pvoc", tmp_path, "trainaug")
     assert [Path(m).name for _, m in trainaug.samples] == ["t1.png", "s1.png"]
@@ -2627,9 +2381,7 @@ def test_void_in_the_first_annotation_is_background():
 # ==============================================================================================================
 # visualize.py and train.py --visualize_every
 # ==============================================================================================================
-VIS_TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
-        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "8", "--synthetic_size", "64",
-        "--num_workers", "0", "--epochs", "1", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1"]
+VIS_TINY = TINY + ["--synthetic_images", "8", "--epochs", "1"]
 
 
 def _vis_problems(seed=0, n_problems=5, n=40, d=8):
@@ -2829,115 +2581,13 @@ def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp
 
 
 # ==============================================================================================================
-# CUDA: the clusterer and the training step give the CPU's values on a GPU; gpu_check.sh (BENCHMARKS.md)
-# ==============================================================================================================
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                             reason="no CUDA"))])
-def device(request):
-    """Every device this machine has: the tests below compare it with the CPU (gpu_check.sh runs them with
-    `-k on_device` on a GPU; on the CPU they compare the CPU with itself)."""
-    return torch.device(request.param)
-
-
-def test_cluster_on_device_equals_cluster_on_cpu(device):
-    """Same tokens and seeds: the same hard assignment, kept clusters and K, and costs within float tolerance."""
-    n_problems, k_start = 6, 6
-    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(4).repeat_interleave(6),
-                                          torch.arange(3).repeat_interleave(8), d=16)  # group 3: view 1 only
-    gen = torch.Generator().manual_seed(0)
-    cls = torch.randn(n_problems, 16, generator=gen)
-    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
-    on_cpu = cluster(tokens, positions, cls, k_start=k_start, k_max=5, seeds=seeds)
-    on_device = cluster(tokens.to(device), positions.to(device), cls.to(device), k_start=k_start, k_max=5,
-                        seeds=seeds.to(device))
-    assert on_device.assignment.device.type == device.type
-    assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
-    for name in ("assignment", "valid", "k", "steps"):
-        assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
-    torch.testing.assert_close(on_device.cost.cpu(), on_cpu.cost, rtol=1e-4, atol=1e-5)
-
-
-def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
-    """One full CrOC step (train_step, then backward, AdamW, teacher EMA) in fp32 from the same weights, views and
-    clusterer seeds: the same losses, kept centroids, gradients, centres and teacher, within float tolerance."""
-    original = clustering.cluster
-
-    def cluster_with_fixed_seeds(tokens, positions, cls=None, *, k_start, generator=None, **kw):
-        """The seeds drawn on the CPU: a CUDA generator draws other numbers than a CPU one."""
-        gen = torch.Generator().manual_seed(0)
-        seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in tokens])
-        return original(tokens, positions, cls, k_start=k_start, seeds=seeds.to(tokens.device), **kw)
-    monkeypatch.setattr(clustering, "cluster", cluster_with_fixed_seeds)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution in fp32
-    args = _args()
-    args.k_max = args.k_start
-    epoch = args.freeze_last_layer  # every layer learns
-    models = _models(args)
-    results = {}
-    for dev in (torch.device("cpu"), device):
-        student, teacher = (copy.deepcopy(m).to(dev) for m in models)
-        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
-        optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        views, positions = _batch(B=3)
-        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
-                                       torch.Generator(device=dev), nullcontext())
-        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
-        results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
-                             [p.grad.cpu() for p in student.parameters() if p.grad is not None],
-                             [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])
-    (stats, grads, teacher, centres), (d_stats, d_grads, d_teacher, d_centres) = results["cpu"], results[device.type]
-    assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned: the masked path runs
-    assert d_stats.keys() == stats.keys()
-    for key in stats:
-        torch.testing.assert_close(d_stats[key], stats[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert len(d_grads) == len(grads) > 0
-    for a, b in zip(d_grads, grads):
-        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-7, ((a - b).norm(), b.norm())
-    for a, b in zip(d_centres + d_teacher, centres + teacher):  # the EMA moves the teacher by 0.004 of AdamW's step
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
-
-
-def test_gpu_check_dry_run_writes_every_part_and_a_summary(tmp_path):
-    """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
-    skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
-    out = tmp_path / "gpu_check"
-    env = dict(os.environ, GPU_CHECK_DRY="1", PYTHON=sys.executable, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run(["bash", "gpu_check.sh", str(out)], cwd=HERE, env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "gpu_check.json").read_text())
-    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
-    assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
-    assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
-    assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
-    assert {"clusterer", "step_fp32"} <= set(res["syncs"]) and res["syncs"]["status"] == "skipped: no CUDA"
-    assert res["syncs"]["step_fp32"]["loss_finite"]
-    runs = {(r["compiled"], r["variant"]): r for r in res["training"]["runs"]}
-    for variant in ("DINO", "CrOC"):
-        assert runs[False, variant]["status"] == "ok" and runs[False, variant]["loss_finite"]
-        assert runs[False, variant]["steps"] == 2 and runs[False, variant]["images_per_s"] > 0
-        assert runs[True, variant]["status"] == "skipped: no CUDA"
-    (ratio,) = res["training"]["ratios"]
-    assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
-    assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
-    text = (out / "gpu_check.txt").read_text()
-    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
-        assert heading in text, heading
-    assert text.strip() in proc.stdout
-
-
-# ==============================================================================================================
 # bench.py
 # ==============================================================================================================
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_bench_quick_runs_in_seconds_and_prints_every_section(tmp_path):
     out = tmp_path / "bench.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)], cwd=BENCH_DIR, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
                      "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
@@ -2979,3 +2629,354 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     common = text.split('COMMON="', 1)[1].split('"', 1)[0].replace("$SEED", "0").replace("$EPOCHS", "8").split()
     args = train.get_args_parser().parse_args(common + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
+
+# ==============================================================================================================
+# train.py: DDP, checkpoints, resume, signals, bad input (reliability)
+# ==============================================================================================================
+def _run(cmd, out, env_extra=None, **kw):
+    return run(cmd + ["--output_dir", str(out)], env_extra, **kw)
+
+
+def _log(out):
+    with open(os.path.join(out, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = tmp_path / "run"
+    r = _run(torchrun + TINY + ["--epochs", "2"], out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1]
+    for e in log:
+        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
+        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
+        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
+                    "skipped_files"):
+            assert key in e
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
+    vit = M.vit_tiny(16)
+    assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
+    # the same command with more epochs resumes at epoch 2 and runs only the rest; --eval_every runs rank 0's
+    # k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    r = _run(torchrun + TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
+                                "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
+    assert log[2]["teacher_sync_error"] == 0.0
+    assert (out / "eval" / "epoch0003" / "results.json").is_file()
+    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
+
+
+def test_plain_dino_baseline_trains_without_clustering(tmp_path):
+    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--alpha", "0"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (e,) = _log(tmp_path)
+    assert e["loss_dense"] == 0.0 and "mean_k" not in e
+
+
+def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "signal received" in out
+    ckpt = M.torch_load(str(tmp_path / "checkpoint.pth"))
+    assert 1 <= ckpt["epoch"] < 1000
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]  # no half-written file left behind
+
+
+def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
+    root = tmp_path / "images" / "sub"
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
+    (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
+             tmp_path / "out")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "broken.jpg" in r.stderr + r.stdout
+    (e,) = _log(tmp_path / "out")
+    assert e["skipped_files"] >= 1
+
+
+def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = _run([sys.executable, "train.py"] + TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out")
+    assert r.returncode != 0
+    assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# stops, resumes and bad input as a cluster user meets them
+# --------------------------------------------------------------------------------------------------------------
+# 3 steps of 4 images per epoch at 32 px: a whole in-process run takes a few seconds
+STEP_TINY = TINY + ["--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
+                    "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
+
+
+def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
+    """train.main in this process. sigterm_at=k: SIGTERM to this process at the k-th stop check (one per step,
+    plus one after each epoch but the last), as a scheduler would send it."""
+    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(out)] + list(extra))
+    handlers = {sig: signal.getsignal(sig) for sig in train.StopFlag.SIGNALS}
+    if sigterm_at is not None:
+        checks, should_stop = [0], train.StopFlag.should_stop
+
+        def signalled(self):
+            checks[0] += 1
+            if checks[0] == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return should_stop(self)
+        monkeypatch.setattr(train.StopFlag, "should_stop", signalled)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: threads only contend
+    try:
+        train.main(args)
+    finally:
+        torch.set_num_threads(threads)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+        if sigterm_at is not None:
+            monkeypatch.setattr(train.StopFlag, "should_stop", should_stop)
+
+
+def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run_without_reloading_seen_batches(
+        tmp_path, monkeypatch, capsys):
+    loads, getitem = [0], data.SyntheticPretrain.__getitem__
+
+    def counted(self, index):
+        loads[0] += 1
+        return getitem(self, index)
+    monkeypatch.setattr(data.SyntheticPretrain, "__getitem__", counted)
+    _train_here(tmp_path / "whole", ["--epochs", "2"])
+    whole_loads, loads[0] = loads[0], 0
+    # stop after step 2 of epoch 0, then after step 1 of epoch 1 (check 3 = step 3, 4 = epoch end, 5 = step 1)
+    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=2, monkeypatch=monkeypatch)
+    assert "saved" in capsys.readouterr().out
+    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 2
+    _train_here(tmp_path / "cut", ["--epochs", "2"], sigterm_at=3, monkeypatch=monkeypatch)
+    assert "at epoch 0, step 2 of 3" in capsys.readouterr().out
+    assert M.torch_load(str(tmp_path / "cut" / "checkpoint.pth"))["partial_epoch"]["steps"] == 1
+    _train_here(tmp_path / "cut", ["--epochs", "2"])
+    assert loads[0] == whole_loads == 2 * 12  # the skipped batches were never loaded
+    a, b = (M.torch_load(str(tmp_path / run / "checkpoint.pth")) for run in ("whole", "cut"))
+    for key in ("student", "teacher", "loss"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)  # fp32, bit for bit
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    la, lb = _log(tmp_path / "whole"), _log(tmp_path / "cut")
+    assert [e["epoch"] for e in lb] == [0, 1]
+    for ea, eb in zip(la, lb):
+        assert ea["lr"] == eb["lr"] and ea["momentum"] == eb["momentum"]
+        assert ea["loss"] == pytest.approx(eb["loss"], rel=1e-6)  # the epoch's mean over both parts
+
+
+def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone():
+    samples = data.SeededSamples(data.SyntheticPretrain(4, 32, 0, data.TwoViews(32, 8)), seed=3)
+    state = torch.get_rng_state()
+    v1, p1, _ = samples[(1, 2)]
+    assert torch.equal(torch.get_rng_state(), state)
+    samples[(1, 3)]
+    v2, p2, _ = samples[(1, 2)]
+    assert torch.equal(v1, v2) and torch.equal(p1, p2)
+    assert not torch.equal(v1, samples[(2, 2)][0])  # another epoch, other views
+
+
+def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
+    sampler = data.EpochSampler(range(20), num_replicas=2, rank=1, seed=0)
+    sampler.set_epoch(3)
+    whole = list(sampler)
+    sampler.set_epoch(3, skip=4)
+    assert list(sampler) == whole[4:] and len(sampler) == len(whole) - 4
+    assert {e for e, _ in whole} == {3}
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
+# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
+@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(tmp_path, sig, nproc):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "train.py"]
+    out = tmp_path / "run"
+    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
+                                  "--output_dir", str(out)]  # epochs of 2 steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    text = b""
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.time() + 180
+        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
+            text += proc.stdout.read() or b""
+        os.killpg(proc.pid, getattr(signal, sig))
+        os.set_blocking(proc.stdout.fileno(), True)
+        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "signal received: saved" in text, text[-4000:]
+    assert "killed by signal" not in text and "FloatingPointError" not in text
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
+        time.sleep(0.5)
+    assert _processes_mentioning(str(out)) == []
+
+
+def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    for path in (root / "0.png", root / "a" / "1.png", root / "a" / "b" / "2.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    os.symlink(".", root / "loop")  # one loop: the old walk read every image 41 times
+    os.symlink("../..", root / "a" / "b" / "up")  # a second loop: the old walk never ended
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "3.png")
+    os.symlink(outside, root / "linked")  # a linked folder elsewhere is still read
+
+    def hung(signum, frame):
+        raise TimeoutError("list_images walked a symlink loop for 20 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        files = data.list_images(root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(os.path.basename(f) for f in files) == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_others(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_here(out, ["--epochs", "1"])
+    config = (out / "config.json").read_bytes()
+    with pytest.raises(ValueError) as e:
+        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
+    assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
+                                           "--arch vit_tiny -> vit_small"))
+    assert "--epochs" not in str(e.value)
+    assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
+    capsys.readouterr()
+    _train_here(out, ["--epochs", "2", "--lr", "2e-3", "--batch_size_per_gpu", "3", "--num_workers", "1"])
+    err = capsys.readouterr().err
+    assert "--lr 0.001 -> 0.002" in err and "--batch_size_per_gpu 4 -> 3" in err and "--epochs 1 -> 2" in err
+    assert "num_workers" not in err  # how the data is loaded does not change the run
+    assert [e["epoch"] for e in _log(out)] == [0, 1]
+    assert json.loads((out / "config.json").read_text())["lr"] == 2e-3
+
+
+def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_numbered_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train_here(out, ["--epochs", "2", "--saveckp_freq", "2"])
+    lines = (out / "log.txt").read_text().splitlines()
+    # a kill mid-write leaves temporary files; one between the checkpoint and the rest loses these two
+    (out / "checkpoint.pth.tmp4242").write_bytes(b"\0" * 1000)
+    (out / "checkpoint0002.pth.tmp4243").write_bytes(b"\0" * 1000)
+    (out / "checkpoint0002.pth").unlink()
+    (out / "log.txt").write_text(lines[0] + "\n" + lines[1][:20])  # epoch 1's line torn mid-write
+    capsys.readouterr()
+    _train_here(out, ["--epochs", "3", "--saveckp_freq", "2"])
+    assert "restored the line of epoch 1" in capsys.readouterr().out
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert M.torch_load(str(out / "checkpoint0002.pth"))["epoch"] == 2
+    log = (out / "log.txt").read_text().splitlines()
+    assert log[:2] == lines and [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("flags,named", [
+    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
+    (["--lambda_pos", "-1"], "--lambda_pos -1.0"), (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10"),
+    (["--k_start", "1"], "--k_start 1"), (["--dist_timeout", "0"], "--dist_timeout 0.0"),
+    (["--global_crops_scale", "0.8", "0.4"], "--global_crops_scale")])
+def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, flags, named):
+    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)
+    with pytest.raises(ValueError, match=named):
+        train.main(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
+    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out")
+    assert r.returncode == 2 and "--epochs 0" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_when_refusing_one(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pth")
+    whole = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
+    for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
+                       ("evil", "untrusted pickles are not executed")]:
+        with pytest.raises(RuntimeError, match=what) as e:
+            M.torch_load(str(tmp_path / f"{name}.pth"))
+        assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
+    assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_with_c10d_rendezvous_train_resume_and_keep_teachers_identical(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+    def two_nodes(epochs):  # the README's multi-machine command, both "machines" on this one
+        port = _free_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+             "--rdzv_id", f"croc{port}", "train.py"] + STEP_TINY + ["--epochs", str(epochs), "--output_dir", str(out)],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+        try:
+            texts = [p.communicate(timeout=300)[0] for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
+        return "".join(texts)
+
+    two_nodes(2)
+    assert "resumed from" in two_nodes(3)
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
+    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2
