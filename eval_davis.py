@@ -513,7 +513,7 @@ def get_args_parser():
     parser.add_argument("--weights", default=None, type=str, help="checkpoint to evaluate (any supported format)")
     parser.add_argument("--checkpoint_key", default="teacher", type=str, help='key in the checkpoint ("teacher")')
     parser.add_argument("--random_init", action="store_true", help="evaluate a randomly initialised backbone")
-    parser.add_argument("--arch", default="vit_small", type=str, choices=["vit_tiny", "vit_small", "vit_base"])
+    parser.add_argument("--arch", default="vit_small", type=str, choices=["vit_nano", "vit_tiny", "vit_small", "vit_base"])
     parser.add_argument("--patch_size", default=16, type=int, help="patch size of the backbone")
     parser.add_argument("--n_last_blocks", default=1, type=int,
                         help="concatenate the last n blocks (each through the final norm); DINO's script uses 1")

@@ -166,7 +166,7 @@ def add_backbone_args(parser):
                         help="Which network of a training checkpoint to evaluate (default: teacher, as DINO/CrOC).")
     parser.add_argument("--random_init", action="store_true",
                         help="Evaluate a randomly initialised backbone instead of --weights (a lower bound).")
-    parser.add_argument("--arch", default="vit_small", choices=("vit_tiny", "vit_small", "vit_base"),
+    parser.add_argument("--arch", default="vit_small", choices=("vit_nano", "vit_tiny", "vit_small", "vit_base"),
                         help="Backbone architecture (default: vit_small, the ViT-S/16 of the CrOC tables).")
     parser.add_argument("--patch_size", default=16, type=int, help="Patch size (default: 16).")
     parser.add_argument("--n_last_blocks", default=4, type=int,

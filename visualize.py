@@ -331,7 +331,8 @@ def get_args_parser():
     w.add_argument("--weights", help="A checkpoint: this project's, DINO's or CrOC's (model.load_pretrained).")
     w.add_argument("--random_init", action="store_true", help="A randomly initialised backbone (DINO's init).")
     g.add_argument("--checkpoint_key", default="teacher", help="State dict to read from a training checkpoint.")
-    g.add_argument("--arch", choices=["vit_tiny", "vit_small", "vit_base"], help="Backbone (train.py: vit_small).")
+    g.add_argument("--arch", choices=["vit_nano", "vit_tiny", "vit_small", "vit_base"],
+                   help="Backbone (train.py: vit_small).")
     g.add_argument("--patch_size", type=int, help="Patch size (train.py: 16).")
     g.add_argument("--img_size", type=int, help="Side of both views (train.py: 224).")
     g.add_argument("--global_crops_scale", nargs=2, type=float, help="Crop scale range (train.py: 0.25 1.0).")
