@@ -5,7 +5,7 @@ Sections
   2. Image reading (any PIL mode -> RGB, class-index masks)
   3. Two views with patch positions (Sec. 3.3.2, DINO's augmentations, App. B)
   4. Pretraining image folders
-  5. Synthetic scenes and videos (the embedded default data and the data of every test)
+  5. Synthetic scenes and videos (synthetic.py: the embedded default data and the data of every test)
   6. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
   7. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
   8. Evaluation transforms: the 448x448 protocol of App. C and MMSegmentation's ADE20K 512x512 pipeline
@@ -16,7 +16,6 @@ Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1)
 """
 import argparse
 import json
-import math
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +31,9 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
+
+from synthetic import (SYNTHETIC_CLASSES, VAL_FIRST_INDEX, SyntheticPretrain, SyntheticScenes,  # noqa: F401
+                       SyntheticVideos)
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Constants
@@ -392,269 +394,8 @@ def pretraining_dataset(args):
 # ----------------------------------------------------------------------------------------------------------------
 # 5. Synthetic scenes and videos
 # ----------------------------------------------------------------------------------------------------------------
-# A class is its shape (things) or its layout (stuff: horizontal bands) AND its texture; colours are drawn per
-# instance, so colour jitter / grayscale leave the task non-trivial. Textures live in the instance's own frame
-# (they move with a moving object). Periods are given for a 96-px image and scale with the image.
 
-STUFF_CLASSES = ["sky", "ground", "wall", "water"]
-THING_CLASSES = ["disk", "square", "triangle", "ring", "cross"]
-SYNTHETIC_CLASSES = STUFF_CLASSES + THING_CLASSES
-SYNTHETIC_TEXTURES = {  # class -> (texture, period range in px at 96 px); all are invariant to horizontal flips
-    "sky": ("clouds", (30.0, 45.0)),        # smooth large-scale value noise
-    "ground": ("gravel", (3.0, 5.0)),       # fine value noise
-    "wall": ("bricks", (6.0, 8.0)),         # staggered bricks with dark mortar
-    "water": ("waves", (7.0, 10.0)),        # smooth wavy horizontal bands
-    "disk": ("dots", (7.0, 9.0)),
-    "square": ("checker", (6.0, 8.0)),
-    "triangle": ("hstripes", (5.0, 7.0)),
-    "ring": ("vstripes", (5.0, 7.0)),
-    "cross": ("grid", (7.0, 9.0)),
-}
-VAL_FIRST_INDEX = 1_000_000  # validation scenes use indices from here on: never seen in pretraining
-
-
-def _hash_noise(ix, iy, salt):
-    """Deterministic pseudo-random values in [0, 1) on an integer lattice (the classic shader hash)."""
-    h = np.sin(ix * 12.9898 + iy * 78.233 + salt) * 43758.5453
-    return h - np.floor(h)
-
-
-def _value_noise(u, v, period, salt):
-    """Smooth value noise: lattice values every `period` px, smoothstep-interpolated."""
-    gu, gv = u / period, v / period
-    iu, iv = np.floor(gu), np.floor(gv)
-    fu, fv = gu - iu, gv - iv
-    fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
-    n00, n10 = _hash_noise(iu, iv, salt), _hash_noise(iu + 1, iv, salt)
-    n01, n11 = _hash_noise(iu, iv + 1, salt), _hash_noise(iu + 1, iv + 1, salt)
-    return (n00 * (1 - fu) + n10 * fu) * (1 - fv) + (n01 * (1 - fu) + n11 * fu) * fv
-
-
-def _texture(name, u, v, period, salt):
-    """Texture value in [0, 1] at instance-frame coordinates (u, v) (arrays, px)."""
-    fu, fv = u / period - np.floor(u / period), v / period - np.floor(v / period)
-    if name == "clouds":
-        return 0.2 + 0.6 * _value_noise(u, v, period, salt)
-    if name == "gravel":
-        return _value_noise(u, v, period, salt)
-    if name == "bricks":
-        row = np.floor(v / period)
-        bu = u / (2 * period) + 0.5 * (row % 2)
-        mortar = (fv < 0.2) | (bu - np.floor(bu) < 0.1)
-        return np.where(mortar, 0.0, 1.0)
-    if name == "waves":
-        return 0.5 + 0.5 * np.sin(2 * np.pi * (v + 0.3 * period * np.sin(2 * np.pi * u / (3 * period))) / period)
-    if name == "dots":
-        return (((fu - 0.5) ** 2 + (fv - 0.5) ** 2) < 0.32 ** 2).astype(np.float64)
-    if name == "checker":
-        return ((np.floor(u / period) + np.floor(v / period)) % 2).astype(np.float64)
-    if name == "hstripes":
-        return (fv < 0.5).astype(np.float64)
-    if name == "vstripes":
-        return (fu < 0.5).astype(np.float64)
-    if name == "grid":
-        return ((np.abs(fu - 0.5) > 0.36) | (np.abs(fv - 0.5) > 0.36)).astype(np.float64)
-    raise ValueError(f"unknown texture {name!r}")
-
-
-def _thing_mask(shape, x, y, cx, cy, r, angle):
-    """Boolean mask of a thing of circumradius ~r centred at (cx, cy), rotated by angle (x, y: pixel centres)."""
-    c, s = math.cos(angle), math.sin(angle)
-    a, b = c * (x - cx) + s * (y - cy), -s * (x - cx) + c * (y - cy)  # object frame
-    if shape == "disk":
-        return a * a + b * b <= r * r
-    if shape == "ring":
-        d2 = a * a + b * b
-        return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
-    if shape == "square":
-        return np.maximum(np.abs(a), np.abs(b)) <= 0.8 * r
-    if shape == "triangle":  # equilateral, circumradius r: inside the three edges at distance r / 2
-        inside = np.ones(np.broadcast(a, b).shape, dtype=bool)
-        for k in range(3):
-            t = 2 * math.pi * k / 3
-            inside &= a * math.cos(t) + b * math.sin(t) <= 0.5 * r
-        return inside
-    if shape == "cross":
-        w = 0.3 * r
-        return ((np.abs(a) <= w) & (np.abs(b) <= r)) | ((np.abs(b) <= w) & (np.abs(a) <= r))
-    raise ValueError(f"unknown shape {shape!r}")
-
-
-def _two_tone(rng):
-    """Random instance colours (dark, light): same hue family, at least ~127 apart on every channel."""
-    base = rng.uniform(0, 255, 3)
-    dark = base * rng.uniform(0.1, 0.5)
-    light = base + (255 - base) * rng.uniform(0.5, 0.9)
-    return (dark, light) if rng.random() < 0.5 else (light, dark)
-
-
-def _sample_instance(rng, cls, scale):
-    """Colours, texture period and texture phase of one instance of class index cls."""
-    texture, (lo, hi) = SYNTHETIC_TEXTURES[SYNTHETIC_CLASSES[cls]]
-    return dict(cls=cls, texture=texture, period=rng.uniform(lo, hi) * scale, colours=_two_tone(rng),
-                offset=rng.uniform(0, 1000, 2), salt=rng.uniform(0, 100))
-
-
-def _paint(img, mask, inst, u, v):
-    """Paint one instance where mask holds: colour = mix of its two colours by its texture."""
-    t = _texture(inst["texture"], u[mask] + inst["offset"][0], v[mask] + inst["offset"][1], inst["period"],
-                 inst["salt"])
-    c0, c1 = inst["colours"]
-    img[mask] = c0 + t[:, None] * (c1 - c0)
-
-
-def _stuff_layout(rng, height, width):
-    """1-3 stuff regions as horizontal bands split by wavy, tilted boundaries -> (instances, region map)."""
-    n = int(rng.choice([1, 2, 3], p=[0.15, 0.5, 0.35]))
-    classes = rng.choice(len(STUFF_CLASSES), size=n, replace=False)
-    x = np.arange(width) + 0.5
-    y = np.arange(height)[:, None] + 0.5
-    region = np.zeros((height, width), dtype=np.int64)
-    for k in range(1, n):
-        base = height * (k + rng.uniform(-0.25, 0.25)) / n
-        boundary = (base + height * rng.uniform(0.02, 0.08) * np.sin(2 * np.pi * x / (width * rng.uniform(0.4, 1.2))
-                                                                       + rng.uniform(0, 2 * np.pi))
-                    + rng.uniform(-0.15, 0.15) * (x - width / 2))
-        region += y > boundary[None, :]
-    return [int(c) for c in classes], region
-
-
-def _noise(rng, img, sigma=3.0):
-    return np.clip(img + rng.normal(0.0, sigma, img.shape), 0, 255).astype(np.uint8)
-
-
-class SyntheticScenes(Dataset):
-    """Procedural scene-centric images with per-pixel class labels, generated on the fly.
-
-    __getitem__(i) -> (PIL RGB size x size, np.uint8 (size, size) labels in 0..num_classes-1, no ignore pixels).
-    Deterministic per (seed, first_index + i). Background: 1-3 stuff bands; foreground: 1-5 things in painter's
-    order (later ones occlude earlier ones).
-    """
-    num_classes = len(SYNTHETIC_CLASSES)
-    class_names = SYNTHETIC_CLASSES
-    stuff_classes = list(range(len(STUFF_CLASSES)))
-    thing_classes = list(range(len(STUFF_CLASSES), len(SYNTHETIC_CLASSES)))
-
-    def __init__(self, n_images: int = 1000, size: int = 96, seed: int = 0, first_index: int = 0):
-        self.n_images, self.size, self.seed, self.first_index = n_images, size, seed, first_index
-
-    def __len__(self):
-        return self.n_images
-
-    def generate(self, index: int):
-        """(uint8 image (S, S, 3), uint8 labels (S, S)) of scene `index` (any int, no range check)."""
-        rng = np.random.default_rng([self.seed, self.first_index + index])
-        S, scale = self.size, self.size / 96.0
-        y, x = np.mgrid[0:S, 0:S] + 0.5  # pixel centres, (S, S) each
-        img = np.zeros((S, S, 3), dtype=np.float64)
-        labels = np.zeros((S, S), dtype=np.uint8)
-        classes, region = _stuff_layout(rng, S, S)
-        for k, cls in enumerate(classes):
-            mask = region == k
-            _paint(img, mask, _sample_instance(rng, cls, scale), x, y)
-            labels[mask] = cls
-        for _ in range(int(rng.integers(1, 6))):
-            cls = int(rng.choice(self.thing_classes))
-            cx, cy = rng.uniform(0.1, 0.9, 2) * S
-            r, angle = rng.uniform(0.1, 0.24) * S, rng.uniform(0, 2 * np.pi)
-            mask = _thing_mask(SYNTHETIC_CLASSES[cls], x, y, cx, cy, r, angle)
-            _paint(img, mask, _sample_instance(rng, cls, scale), x - cx, y - cy)
-            labels[mask] = cls
-        return _noise(rng, img), labels
-
-    def __getitem__(self, index):
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"scene index {index} out of range (n_images={self.n_images})")
-        img, labels = self.generate(index)
-        return Image.fromarray(img), labels
-
-
-class SyntheticPretrain(Dataset):
-    """Synthetic scenes for pretraining: __getitem__(i) -> (*transform(img), 0) (0 files skipped)."""
-
-    def __init__(self, n_images: int = 1000, size: int = 96, seed: int = 0, transform=None):
-        self.scenes = SyntheticScenes(n_images, size, seed)
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.scenes)
-
-    def __getitem__(self, index):
-        img, _ = self.scenes[index]
-        out = img if self.transform is None else self.transform(img)
-        return (*out, 0) if isinstance(out, tuple) else (out, 0)
-
-
-class SyntheticVideos:
-    """Videos of 1-3 textured things moving and scaling smoothly over a static stuff background.
-
-    video(i) -> (frames: list of PIL RGB (H, W), masks: list of np.uint8 (H, W) instance ids, 0 = background,
-    1..n in painter's order). Objects may occlude each other, but every object is visible in frame 0.
-    """
-
-    def __init__(self, n_videos: int = 4, n_frames: int = 12, size=(96, 128), seed: int = 0):
-        self.n_videos, self.n_frames, self.size, self.seed = n_videos, n_frames, tuple(size), seed
-
-    def __len__(self):
-        return self.n_videos
-
-    def _objects(self, rng, x, y):
-        """Sample the objects' trajectories until each one shows >= 25% of its area (and >= 16 px) in frame 0."""
-        H, W = self.size
-        m = min(H, W)
-        for _ in range(100):
-            objects = []
-            for _ in range(int(rng.integers(1, 4))):
-                start = rng.uniform(0.2, 0.8, 2) * (W, H)
-                direction = rng.uniform(0, 2 * np.pi)
-                end = np.clip(start + rng.uniform(0.1, 0.35) * m * np.array([np.cos(direction), np.sin(direction)]),
-                              (0.1 * W, 0.1 * H), (0.9 * W, 0.9 * H))
-                cls = int(rng.choice(SyntheticScenes.thing_classes))
-                objects.append(dict(cls=cls, start=start, end=end, r=rng.uniform(0.12, 0.24) * m,
-                                    growth=rng.uniform(0.7, 1.4), angle=rng.uniform(0, 2 * np.pi),
-                                    spin=rng.uniform(-0.5, 0.5), inst=_sample_instance(rng, cls, m / 96.0)))
-            ids = np.zeros((H, W), dtype=np.uint8)
-            areas = []
-            for k, obj in enumerate(objects):
-                mask = self._mask(obj, 0.0, x, y)
-                areas.append(mask.sum())
-                ids[mask] = k + 1
-            if all((ids == k + 1).sum() >= max(16, 0.25 * a) for k, a in enumerate(areas)):
-                return objects
-        raise RuntimeError(f"could not place visible objects in video {self.size}")  # not reached in practice
-
-    @staticmethod
-    def _pose(obj, t):
-        """Centre, radius and angle at time t in [0, 1]: smooth (eased) motion, geometric scaling."""
-        s = t * t * (3 - 2 * t)
-        centre = obj["start"] + s * (obj["end"] - obj["start"])
-        return centre, obj["r"] * obj["growth"] ** t, obj["angle"] + obj["spin"] * t
-
-    def _mask(self, obj, t, x, y):
-        (cx, cy), r, angle = self._pose(obj, t)
-        return _thing_mask(SYNTHETIC_CLASSES[obj["cls"]], x, y, cx, cy, r, angle)
-
-    def video(self, index: int):
-        rng = np.random.default_rng([self.seed, index])
-        H, W = self.size
-        y, x = np.mgrid[0:H, 0:W] + 0.5
-        background = np.zeros((H, W, 3), dtype=np.float64)
-        classes, region = _stuff_layout(rng, H, W)
-        for k, cls in enumerate(classes):
-            _paint(background, region == k, _sample_instance(rng, cls, min(H, W) / 96.0), x, y)
-        objects = self._objects(rng, x, y)
-        frames, masks = [], []
-        for f in range(self.n_frames):
-            t = f / max(self.n_frames - 1, 1)
-            img, ids = background.copy(), np.zeros((H, W), dtype=np.uint8)
-            for k, obj in enumerate(objects):
-                (cx, cy), _, _ = self._pose(obj, t)
-                mask = self._mask(obj, t, x, y)
-                _paint(img, mask, obj["inst"], x - cx, y - cy)
-                ids[mask] = k + 1
-            frames.append(Image.fromarray(_noise(rng, img)))
-            masks.append(ids)
-        return frames, masks
+# The generator lives in synthetic.py; its names are imported at the top, so data.SyntheticScenes etc. still work.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -672,7 +413,7 @@ def save_palette_png(labels: np.ndarray, path, palette=None) -> None:
 
 
 def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int = 3, n_frames: int = 10,
-                    size: int = 96, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
+                    size: int = 64, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
     """Write the synthetic scenes as PVOC12 (VOCdevkit/VOC2012) and the synthetic videos as DAVIS-2017 (DAVIS).
 
     Train scenes are indices 0.. of SyntheticScenes(seed), val scenes indices VAL_FIRST_INDEX.. (disjoint, and
@@ -890,10 +631,10 @@ SEGMENTATION_DATASETS = ("pvoc", "coco_things", "coco_stuff", "ade20k", "synthet
 SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}  # defaults of the in-memory synthetic dataset (= write_synthetic)
 
 
-def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | None = None, size: int = 96,
+def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | None = None, size: int = 64,
                                seed: int = 0, validate: bool = True, progress: bool = True) -> SegmentationDataset:
     """A SegmentationDataset by name: 'pvoc' (21 classes), 'coco_things' (12), 'coco_stuff' (15), 'ade20k' (150),
-    'synthetic' (9; root=None generates the scenes in memory: n_images/size/seed apply; a root reads the
+    'synthetic' (4; root=None generates the scenes in memory: n_images/size/seed apply; a root reads the
     PVOC-layout folder written by write_synthetic). Validates the files before returning (ValueError naming them).
     """
     if name not in SEGMENTATION_DATASETS:
@@ -1239,7 +980,7 @@ def get_args_parser():
     p.add_argument("--n-val", type=int, default=32, help="synthetic val scenes (indices disjoint from train)")
     p.add_argument("--n-videos", type=int, default=3, help="synthetic videos")
     p.add_argument("--n-frames", type=int, default=10, help="frames per synthetic video")
-    p.add_argument("--size", type=int, default=96, help="side of the square synthetic scenes in pixels")
+    p.add_argument("--size", type=int, default=64, help="side of the square synthetic scenes in pixels")
     p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
                    help="height and width of the synthetic video frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")

@@ -74,6 +74,12 @@ def test_vit_shapes_at_square_and_non_square_sizes(patch, size):
     assert M.dense_features(vit, x, n_last_blocks=2).shape == (2, 2 * 192, h, w)
 
 
+def test_vit_nano_has_four_blocks_of_96_dims_and_three_heads():
+    vit = M.build_vit("vit_nano", 8)  # a CPU size for the synthetic scenes, not the paper's
+    assert len(vit.blocks) == 4 and vit.embed_dim == 96 and vit.blocks[0].attn.num_heads == 3
+    assert M.dense_features(vit, torch.randn(1, 3, 64, 64), n_last_blocks=4).shape == (1, 4 * 96, 8, 8)
+
+
 def test_vit_rejects_input_not_multiple_of_patch():
     with pytest.raises(ValueError, match="multiple of the patch"):
         M.vit_tiny(16)(torch.randn(1, 3, 50, 64))

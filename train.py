@@ -65,7 +65,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("CrOC pretraining", add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=["vit_tiny", "vit_small", "vit_base"],
+    g.add_argument("--arch", default="vit_small", choices=["vit_nano", "vit_tiny", "vit_small", "vit_base"],
                    help="Backbone. The paper: ViT-S/16.")
     g.add_argument("--patch_size", default=16, type=int, help="8 or 16. The paper: 16.")
     g.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (Sec. 4.1: 65,536).")
