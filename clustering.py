@@ -76,8 +76,8 @@ def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int 
     u = 1.0 / kernel.sum(dim=(1, 2))[:, None].expand(-1, n)  # P /= sum(P)
     v = torch.ones_like(c)
     for _ in range(n_iter):  # Eq. 12
-        u = r / torch.einsum("pnk,pk->pn", kernel, v)  # rows sum to r
-        v = c / torch.einsum("pnk,pn->pk", kernel, u)  # columns sum to c
+        u = r / (kernel @ rearrange(v, "p k -> p k 1")).squeeze(2)  # rows sum to r: u_i (K v)_i = r_i
+        v = c / (rearrange(u, "p n -> p 1 n") @ kernel).squeeze(1)  # columns sum to c: v_j (K^T u)_j = c_j
     plan = rearrange(u, "p n -> p n 1") * kernel * rearrange(v, "p k -> p 1 k")
     return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
 

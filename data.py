@@ -1,15 +1,16 @@
 """Data for CrOC: position-tracking views, image folders, synthetic scenes/videos, segmentation datasets.
 
-Sections
-  1. Constants (normalisation, class lists, COCO / ADE20K lookup tables, VOC colour map)
-  2. Image reading (any PIL mode -> RGB, class-index masks)
-  3. Two views with patch positions (Sec. 3.3.2, DINO's augmentations, App. B)
-  4. Pretraining image folders
-  5. Synthetic scenes and videos (synthetic.py: the embedded default data and the data of every test)
-  6. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
-  7. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
-  8. Evaluation transforms: the 448x448 protocol of App. C and MMSegmentation's ADE20K 512x512 pipeline
-  9. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
+Sections, the paper's part first
+  1. Constants (normalisation, the ignore label, image extensions)
+  2. Two views with patch positions (Sec. 3.3.2, Fig. 4; DINO's augmentations, App. B)
+  3. Image reading (any PIL mode -> RGB, class-index masks)
+  4. Pretraining image folders (and the seeded, resumable sampling of train.py)
+  5. Segmentation datasets: class lists, COCO / ADE20K lookup tables, VOC colour map
+  6. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
+  7. Evaluation transforms: the 448x448 protocol of App. C and MMSegmentation's ADE20K 512x512 pipeline
+  8. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
+  9. Synthetic scenes and videos (synthetic.py: the embedded default data and the data of every test)
+ 10. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
 
 Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1) x [i, i+1), so its centre is
 (j + 0.5, i + 0.5). A patch's position is the mean of its pixels' positions.
@@ -44,151 +45,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORE_INDEX = 255
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
-VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-               "tvmonitor"]
-
-# Leopart's coco_data_module.py: class index = rank of the super-category in the alphabetically sorted list.
-# COCO-Things: panoptic category ids (isthing == 1) -> 12 super-categories; 0 and every stuff id -> 255.
-COCO_THINGS_IDS = {
-    "accessory": [27, 28, 31, 32, 33],
-    "animal": [16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
-    "appliance": [78, 79, 80, 81, 82],
-    "electronic": [72, 73, 74, 75, 76, 77],
-    "food": [52, 53, 54, 55, 56, 57, 58, 59, 60, 61],
-    "furniture": [62, 63, 64, 65, 67, 70],
-    "indoor": [84, 85, 86, 87, 88, 89, 90],
-    "kitchen": [44, 46, 47, 48, 49, 50, 51],
-    "outdoor": [10, 11, 13, 14, 15],
-    "person": [1],
-    "sports": [34, 35, 36, 37, 38, 39, 40, 41, 42, 43],
-    "vehicle": [2, 3, 4, 5, 6, 7, 8, 9],
-}
-# COCO-Stuff: stuff pixel-map ids 92..182 -> 15 super-categories; 0 (unlabeled) and 183 ("other" = things) -> 255.
-COCO_STUFF_IDS = {
-    "building": [95, 96, 128, 151, 158, 166],
-    "ceiling": [102, 103],
-    "floor": [101, 114, 115, 116, 117, 118],
-    "food-stuff": [121, 122, 153, 170],
-    "furniture-stuff": [98, 107, 108, 110, 112, 123, 130, 133, 156, 161, 165],
-    "ground": [111, 125, 126, 136, 140, 144, 145, 147, 149, 154, 159],
-    "plant": [94, 97, 119, 124, 129, 134, 142, 163, 169],
-    "raw-material": [100, 132, 139, 143],
-    "sky": [106, 157],
-    "solid": [127, 135, 150, 160, 162, 182],
-    "structural": [99, 113, 138, 146, 164],
-    "textile": [92, 93, 104, 105, 109, 131, 137, 141, 152, 167, 168],
-    "wall": [171, 172, 173, 174, 175, 176, 177],
-    "water": [120, 148, 155, 178, 179],
-    "window": [180, 181],
-}
-COCO_THINGS_CLASSES = sorted(COCO_THINGS_IDS)
-COCO_STUFF_CLASSES = sorted(COCO_STUFF_IDS)
-
-ADE20K_CLASSES = [
-    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
-    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
-    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
-    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
-    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
-    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
-    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
-    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
-    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
-    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
-    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
-    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
-    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
-    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
-    "bulletin board", "shower", "radiator", "glass", "clock", "flag"]
-
-
-def _groups_lut(groups: dict) -> np.ndarray:
-    """256-entry uint8 table: every id of group number k (sorted names) -> k, anything else -> 255."""
-    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
-    for k, name in enumerate(sorted(groups)):
-        lut[groups[name]] = k
-    return lut
-
-
-def _range_lut(num_classes: int, shift: int = 0) -> np.ndarray:
-    """256-entry uint8 table: v -> v - shift when 0 <= v - shift < num_classes, else 255."""
-    values = np.arange(256) - shift
-    return np.where((values >= 0) & (values < num_classes), values, IGNORE_INDEX).astype(np.uint8)
-
-
-COCO_THINGS_LUT = _groups_lut(COCO_THINGS_IDS)  # 0 -> 255 (Leopart: 0 -> 200, a stuff id), stuff ids -> 255
-COCO_STUFF_LUT = _groups_lut(COCO_STUFF_IDS)    # 0 -> 255 (Leopart: 0 -> 183), 183 -> 255, thing ids -> 255
-ADE20K_LUT = _range_lut(150, shift=1)           # 0 "other" -> 255, 1..150 -> 0..149
-VOC_LUT = _range_lut(21)                        # identity on 0..20; 255 (boundary) stays 255
-
-
-def voc_colormap(n: int = 256) -> np.ndarray:
-    """The PASCAL VOC colour map (n, 3) uint8, also used by DAVIS: bits of the index spread over R, G, B."""
-    cmap = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(n):
-        r = g = b = 0
-        c = i
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = (r, g, b)
-    return cmap
-
-
-VOC_PALETTE = voc_colormap().flatten().tolist()
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2. Image reading
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (not clipped) and transparency is composited on white."""
-    if im.mode == "RGB":
-        return im.copy()
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16"):
-            a = a / 257.0                      # 65535 -> 255
-        elif im.mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0                      # float images in [0, 1]
-        elif im.mode == "I" and a.max(initial=0) > 255:
-            a = a * (255.0 / max(65535.0, a.max()))  # a 16-bit image stored as 32-bit ints
-        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-        return grey.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
-
-
-def load_rgb(path) -> Image.Image:
-    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
-
-
-def read_mask(path) -> np.ndarray:
-    """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
-    with Image.open(path) as im:
-        if im.mode in ("P", "L"):
-            return np.array(im, dtype=np.uint8)
-        if im.mode == "1" or im.mode.startswith("I"):
-            a = np.array(im)
-            if a.max(initial=0) > 255 or a.min(initial=0) < 0:
-                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
-            return a.astype(np.uint8)
-        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
-                         f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 3. Two views with patch positions (Sec. 3.3.2, Fig. 4; augmentations of DINO, App. B)
+# 2. Two views with patch positions (Sec. 3.3.2, Fig. 4; augmentations of DINO, App. B)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -275,6 +134,53 @@ class TwoViews:
     def __repr__(self):
         return (f"TwoViews(img_size={self.img_size}, patch_size={self.patch_size}, scale={self.scale}, "
                 f"ratio={self.ratio}, interpolation={self.interpolation.value})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Image reading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (not clipped) and transparency is composited on white."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0                      # 65535 -> 255
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0                      # float images in [0, 1]
+        elif im.mode == "I" and a.max(initial=0) > 255:
+            a = a * (255.0 / max(65535.0, a.max()))  # a 16-bit image stored as 32-bit ints
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
+
+
+def load_rgb(path) -> Image.Image:
+    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def read_mask(path) -> np.ndarray:
+    """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
+    with Image.open(path) as im:
+        if im.mode in ("P", "L"):
+            return np.array(im, dtype=np.uint8)
+        if im.mode == "1" or im.mode.startswith("I"):
+            a = np.array(im)
+            if a.max(initial=0) > 255 or a.min(initial=0) < 0:
+                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
+            return a.astype(np.uint8)
+        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
+                         f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -392,69 +298,108 @@ def pretraining_dataset(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Synthetic scenes and videos
+# 5. Segmentation datasets: class lists and lookup tables
 # ----------------------------------------------------------------------------------------------------------------
 
-# The generator lives in synthetic.py; its names are imported at the top, so data.SyntheticScenes etc. still work.
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+               "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+               "tvmonitor"]
+
+# Leopart's coco_data_module.py: class index = rank of the super-category in the alphabetically sorted list.
+# COCO-Things: panoptic category ids (isthing == 1) -> 12 super-categories; 0 and every stuff id -> 255.
+COCO_THINGS_IDS = {
+    "accessory": [27, 28, 31, 32, 33],
+    "animal": [16, 17, 18, 19, 20, 21, 22, 23, 24, 25],
+    "appliance": [78, 79, 80, 81, 82],
+    "electronic": [72, 73, 74, 75, 76, 77],
+    "food": [52, 53, 54, 55, 56, 57, 58, 59, 60, 61],
+    "furniture": [62, 63, 64, 65, 67, 70],
+    "indoor": [84, 85, 86, 87, 88, 89, 90],
+    "kitchen": [44, 46, 47, 48, 49, 50, 51],
+    "outdoor": [10, 11, 13, 14, 15],
+    "person": [1],
+    "sports": [34, 35, 36, 37, 38, 39, 40, 41, 42, 43],
+    "vehicle": [2, 3, 4, 5, 6, 7, 8, 9],
+}
+# COCO-Stuff: stuff pixel-map ids 92..182 -> 15 super-categories; 0 (unlabeled) and 183 ("other" = things) -> 255.
+COCO_STUFF_IDS = {
+    "building": [95, 96, 128, 151, 158, 166],
+    "ceiling": [102, 103],
+    "floor": [101, 114, 115, 116, 117, 118],
+    "food-stuff": [121, 122, 153, 170],
+    "furniture-stuff": [98, 107, 108, 110, 112, 123, 130, 133, 156, 161, 165],
+    "ground": [111, 125, 126, 136, 140, 144, 145, 147, 149, 154, 159],
+    "plant": [94, 97, 119, 124, 129, 134, 142, 163, 169],
+    "raw-material": [100, 132, 139, 143],
+    "sky": [106, 157],
+    "solid": [127, 135, 150, 160, 162, 182],
+    "structural": [99, 113, 138, 146, 164],
+    "textile": [92, 93, 104, 105, 109, 131, 137, 141, 152, 167, 168],
+    "wall": [171, 172, 173, 174, 175, 176, 177],
+    "water": [120, 148, 155, 178, 179],
+    "window": [180, 181],
+}
+COCO_THINGS_CLASSES = sorted(COCO_THINGS_IDS)
+COCO_STUFF_CLASSES = sorted(COCO_STUFF_IDS)
+
+ADE20K_CLASSES = [
+    "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane", "grass", "cabinet",
+    "sidewalk", "person", "earth", "door", "table", "mountain", "plant", "curtain", "chair", "car", "water",
+    "painting", "sofa", "shelf", "house", "sea", "mirror", "rug", "field", "armchair", "seat", "fence", "desk",
+    "rock", "wardrobe", "lamp", "bathtub", "railing", "cushion", "base", "box", "column", "signboard",
+    "chest of drawers", "counter", "sand", "sink", "skyscraper", "fireplace", "refrigerator", "grandstand", "path",
+    "stairs", "runway", "case", "pool table", "pillow", "screen door", "stairway", "river", "bridge", "bookcase",
+    "blind", "coffee table", "toilet", "flower", "book", "hill", "bench", "countertop", "stove", "palm",
+    "kitchen island", "computer", "swivel chair", "boat", "bar", "arcade machine", "hovel", "bus", "towel", "light",
+    "truck", "tower", "chandelier", "awning", "streetlight", "booth", "television receiver", "airplane",
+    "dirt track", "apparel", "pole", "land", "bannister", "escalator", "ottoman", "bottle", "buffet", "poster",
+    "stage", "van", "ship", "fountain", "conveyer belt", "canopy", "washer", "plaything", "swimming pool", "stool",
+    "barrel", "basket", "waterfall", "tent", "bag", "minibike", "cradle", "oven", "ball", "food", "step", "tank",
+    "trade name", "microwave", "pot", "animal", "bicycle", "lake", "dishwasher", "screen", "blanket", "sculpture",
+    "hood", "sconce", "vase", "traffic light", "tray", "ashcan", "fan", "pier", "crt screen", "plate", "monitor",
+    "bulletin board", "shower", "radiator", "glass", "clock", "flag"]
+
+
+def _groups_lut(groups: dict) -> np.ndarray:
+    """256-entry uint8 table: every id of group number k (sorted names) -> k, anything else -> 255."""
+    lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for k, name in enumerate(sorted(groups)):
+        lut[groups[name]] = k
+    return lut
+
+
+def _range_lut(num_classes: int, shift: int = 0) -> np.ndarray:
+    """256-entry uint8 table: v -> v - shift when 0 <= v - shift < num_classes, else 255."""
+    values = np.arange(256) - shift
+    return np.where((values >= 0) & (values < num_classes), values, IGNORE_INDEX).astype(np.uint8)
+
+
+COCO_THINGS_LUT = _groups_lut(COCO_THINGS_IDS)  # 0 -> 255 (Leopart: 0 -> 200, a stuff id), stuff ids -> 255
+COCO_STUFF_LUT = _groups_lut(COCO_STUFF_IDS)    # 0 -> 255 (Leopart: 0 -> 183), 183 -> 255, thing ids -> 255
+ADE20K_LUT = _range_lut(150, shift=1)           # 0 "other" -> 255, 1..150 -> 0..149
+VOC_LUT = _range_lut(21)                        # identity on 0..20; 255 (boundary) stays 255
+
+
+def voc_colormap(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC colour map (n, 3) uint8, also used by DAVIS: bits of the index spread over R, G, B."""
+    cmap = np.zeros((n, 3), dtype=np.uint8)
+    for i in range(n):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = (r, g, b)
+    return cmap
+
+
+VOC_PALETTE = voc_colormap().flatten().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Writing the synthetic data in the PVOC12 and DAVIS-2017 layouts
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def save_palette_png(labels: np.ndarray, path, palette=None) -> None:
-    """np.uint8 (H, W) indices -> palette ('P') PNG, with the VOC colour map unless another palette is given
-    (DAVIS results keep the first annotation's own palette; any palette works, evaluators read the indices)."""
-    labels = np.asarray(labels)
-    im = Image.frombytes("P", labels.shape[::-1], np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
-    im.putpalette(VOC_PALETTE if palette is None else palette)
-    im.save(path)
-
-
-def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int = 3, n_frames: int = 10,
-                    size: int = 64, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
-    """Write the synthetic scenes as PVOC12 (VOCdevkit/VOC2012) and the synthetic videos as DAVIS-2017 (DAVIS).
-
-    Train scenes are indices 0.. of SyntheticScenes(seed), val scenes indices VAL_FIRST_INDEX.. (disjoint, and
-    identical to build_segmentation_dataset('synthetic', None, split)). Returns {'root', 'pvoc', 'davis'} paths.
-    """
-    out_dir = Path(out_dir)
-    voc = out_dir / "VOCdevkit" / "VOC2012"
-    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
-        (voc / sub).mkdir(parents=True, exist_ok=True)
-    splits = {"train": SyntheticScenes(n_train, size, seed), "val": SyntheticScenes(n_val, size, seed, VAL_FIRST_INDEX)}
-    for split, scenes in splits.items():
-        ids = []
-        for i in tqdm(range(len(scenes)), desc=f"synthetic {split}", disable=not progress, leave=False):
-            name = f"{split}_{i:06d}"
-            img, labels = scenes[i]
-            img.save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
-            save_palette_png(labels, voc / "SegmentationClass" / f"{name}.png")
-            ids.append(name)
-        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
-    (voc / "synthetic.json").write_text(json.dumps(dict(
-        class_names=SYNTHETIC_CLASSES, n_train=n_train, n_val=n_val, size=size, seed=seed), indent=2))
-
-    davis = out_dir / "DAVIS"
-    videos = SyntheticVideos(n_videos, n_frames, video_size, seed)
-    sequences = []
-    for v in tqdm(range(len(videos)), desc="synthetic videos", disable=not progress, leave=False):
-        seq = f"synth-{v:03d}"
-        frames, masks = videos.video(v)
-        (davis / "JPEGImages" / "480p" / seq).mkdir(parents=True, exist_ok=True)
-        (davis / "Annotations" / "480p" / seq).mkdir(parents=True, exist_ok=True)
-        for t, (frame, mask) in enumerate(zip(frames, masks)):
-            frame.save(davis / "JPEGImages" / "480p" / seq / f"{t:05d}.jpg", quality=95)
-            save_palette_png(mask, davis / "Annotations" / "480p" / seq / f"{t:05d}.png")
-        sequences.append(seq)
-    (davis / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
-    (davis / "ImageSets" / "2017" / "val.txt").write_text("\n".join(sequences) + "\n")
-    return {"root": str(out_dir), "pvoc": str(voc), "davis": str(davis)}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 7. Segmentation datasets (layouts of Leopart's loaders and of the official releases)
+# 6. Segmentation datasets (layouts of Leopart's loaders and of the official releases)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -703,7 +648,7 @@ def dataset_report(dataset, expected_count: int | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Evaluation transforms
+# 7. Evaluation transforms
 # ----------------------------------------------------------------------------------------------------------------
 # Images are resized with bilinear, masks with nearest only (any other interpolation invents labels and lets 255
 # bleed into class ids).
@@ -862,7 +807,7 @@ class OriginalSizeTransform:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Preparing the datasets (`python data.py prepare_coco ...`, `python data.py prepare_voc ...`)
+# 8. Preparing the datasets (`python data.py prepare_coco ...`, `python data.py prepare_voc ...`)
 # ----------------------------------------------------------------------------------------------------------------
 
 OFFICIAL_COUNTS = {("coco", "train"): 118287, ("coco", "val"): 5000, ("pvoc", "trainaug"): 10582,
@@ -997,6 +942,68 @@ def get_args_parser():
     voc.add_argument("--sbd_cls", required=True, help="SBD's benchmark_RELEASE/dataset/cls folder of <id>.mat")
     voc.add_argument("--trainaug_list", required=True, help="trainaug.txt: the 10,582 image ids, one a line")
     return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Synthetic scenes and videos
+# ----------------------------------------------------------------------------------------------------------------
+
+# The generator lives in synthetic.py; its names are imported at the top, so data.SyntheticScenes etc. still work.
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Writing the synthetic data in the PVOC12 and DAVIS-2017 layouts
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def save_palette_png(labels: np.ndarray, path, palette=None) -> None:
+    """np.uint8 (H, W) indices -> palette ('P') PNG, with the VOC colour map unless another palette is given
+    (DAVIS results keep the first annotation's own palette; any palette works, evaluators read the indices)."""
+    labels = np.asarray(labels)
+    im = Image.frombytes("P", labels.shape[::-1], np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
+    im.putpalette(VOC_PALETTE if palette is None else palette)
+    im.save(path)
+
+
+def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int = 3, n_frames: int = 10,
+                    size: int = 64, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
+    """Write the synthetic scenes as PVOC12 (VOCdevkit/VOC2012) and the synthetic videos as DAVIS-2017 (DAVIS).
+
+    Train scenes are indices 0.. of SyntheticScenes(seed), val scenes indices VAL_FIRST_INDEX.. (disjoint, and
+    identical to build_segmentation_dataset('synthetic', None, split)). Returns {'root', 'pvoc', 'davis'} paths.
+    """
+    out_dir = Path(out_dir)
+    voc = out_dir / "VOCdevkit" / "VOC2012"
+    for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True, exist_ok=True)
+    splits = {"train": SyntheticScenes(n_train, size, seed), "val": SyntheticScenes(n_val, size, seed, VAL_FIRST_INDEX)}
+    for split, scenes in splits.items():
+        ids = []
+        for i in tqdm(range(len(scenes)), desc=f"synthetic {split}", disable=not progress, leave=False):
+            name = f"{split}_{i:06d}"
+            img, labels = scenes[i]
+            img.save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
+            save_palette_png(labels, voc / "SegmentationClass" / f"{name}.png")
+            ids.append(name)
+        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+    (voc / "synthetic.json").write_text(json.dumps(dict(
+        class_names=SYNTHETIC_CLASSES, n_train=n_train, n_val=n_val, size=size, seed=seed), indent=2))
+
+    davis = out_dir / "DAVIS"
+    videos = SyntheticVideos(n_videos, n_frames, video_size, seed)
+    sequences = []
+    for v in tqdm(range(len(videos)), desc="synthetic videos", disable=not progress, leave=False):
+        seq = f"synth-{v:03d}"
+        frames, masks = videos.video(v)
+        (davis / "JPEGImages" / "480p" / seq).mkdir(parents=True, exist_ok=True)
+        (davis / "Annotations" / "480p" / seq).mkdir(parents=True, exist_ok=True)
+        for t, (frame, mask) in enumerate(zip(frames, masks)):
+            frame.save(davis / "JPEGImages" / "480p" / seq / f"{t:05d}.jpg", quality=95)
+            save_palette_png(mask, davis / "Annotations" / "480p" / seq / f"{t:05d}.png")
+        sequences.append(seq)
+    (davis / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
+    (davis / "ImageSets" / "2017" / "val.txt").write_text("\n".join(sequences) + "\n")
+    return {"root": str(out_dir), "pvoc": str(voc), "davis": str(davis)}
 
 
 if __name__ == "__main__":

@@ -2632,9 +2632,23 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
-    common = text.split('COMMON="', 1)[1].split('"', 1)[0].replace("$SEED", "0").replace("$EPOCHS", "8").split()
-    args = train.get_args_parser().parse_args(common + ["--alpha", "1"])
+    common = text.split('COMMON="', 1)[1].split('"', 1)[0]
+    for name, value in (("$SEED", "0"), ("$EPOCHS", "8"), ("$IMAGES", "2000"), ("$BATCH", "32")):
+        common = common.replace(name, value)
+    args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
+
+
+def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(tmp_path):
+    """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
+    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing)."""
+    out = tmp_path / "repro"
+    proc = run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "| croc |" in proc.stdout
+    for name in ("dino", "croc"):
+        assert (out / name / "curves.png").is_file()
+        assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
 
 # ==============================================================================================================
 # train.py: DDP, checkpoints, resume, signals, bad input (reliability)
