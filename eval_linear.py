@@ -41,7 +41,7 @@ from tqdm import tqdm
 import metrics
 from data import (MMSegTrainTransform, OriginalSizeTransform, TrainTransform, Transformed, ValTransform,
                   build_segmentation_dataset)
-from model import backbone_from_args, dense_features
+from model import backbone_from_args, dense_features, init_distributed
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
 DEFAULT_EPOCHS = {"pvoc": 45, "coco_things": 10, "coco_stuff": 10, "ade20k": 10, "synthetic": 5}  # App. C
@@ -362,7 +362,7 @@ def draw_pictures(backbone, heads, name, val_set, args, device, path):
 
 
 def main(args):
-    rank, world_size, _, device = metrics.init_distributed()
+    rank, world_size, _, device = init_distributed()
     main_process = rank == 0
     if args.device is not None and world_size == 1:
         device = torch.device(args.device)

@@ -11,7 +11,6 @@ Sections
     python metrics.py table out/lin_pvoc out/lin_things out/km_pvoc     # one table from several results.json
 """
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -19,7 +18,6 @@ import warnings
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from einops import rearrange
 from PIL import Image
 from scipy.optimize import linear_sum_assignment
@@ -268,19 +266,6 @@ def shard(dataset, rank, world_size):
     """Every world_size-th image starting at rank: disjoint shards that cover the split exactly once (unlike
     DistributedSampler, which pads with repeated images and would count them twice in the pooled metric)."""
     return dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
-
-
-def init_distributed():
-    """-> (rank, world_size, local_rank, device) from torchrun's environment; gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(local)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
-    return rank, world, local, device
 
 
 def combined_table(result_paths):

@@ -6,6 +6,7 @@ the CLS output, the patch tokens after the final norm, and the last block's per-
 (Eq. 21), so that the teacher never runs twice.
 """
 import argparse
+import datetime
 import math
 import os
 import pickle
@@ -299,6 +300,29 @@ class CrOCModel(nn.Module):
 # --------------------------------------------------------------------------------------------------------------
 # The CrOC objective (Eq. 3-7) and one training step (Fig. 2); train.py runs it, bench.py times it
 # --------------------------------------------------------------------------------------------------------------
+def init_distributed(timeout_minutes=30.0, backend="auto"):
+    """-> (rank, world_size, local_rank, device) from torchrun's environment (a plain `python` run is one
+    process). backend auto: gloo on CPU, nccl on GPU. Training and the linear probe share it.
+
+    timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
+    down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
+    collective waits this long for it."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        local = local % torch.cuda.device_count()  # more ranks than GPUs: they share them (gloo; nccl may refuse)
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world, local, device
+
+
 def all_reduce(t):
     """Sum over the ranks in place (DDP training); the tensor itself in one process."""
     if dist.is_initialized():

@@ -25,35 +25,13 @@ from tqdm import tqdm
 
 import clustering
 import data
-from model import (CrOCLoss, all_reduce, bool_flag, build_student_teacher, cosine_schedule, optimizer_step,
-                   param_groups, torch_load, train_step)
+from model import (CrOCLoss, all_reduce, bool_flag, build_student_teacher, cosine_schedule, init_distributed,
+                   optimizer_step, param_groups, torch_load, train_step)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python train.py` is one process)
 # --------------------------------------------------------------------------------------------------------------
-def init_distributed(timeout_minutes=10.0, backend="auto"):
-    """-> (rank, world_size, local_rank, device). backend auto: gloo on CPU, nccl on GPU.
-
-    timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
-    down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
-    collective waits this long for it."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        local = local % torch.cuda.device_count()  # more ranks than GPUs: they share them (gloo; nccl may refuse)
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world, local, device
-
-
 def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
