@@ -69,10 +69,12 @@ def patch_positions(box, flip: bool, img_size: int, patch_size: int) -> torch.Te
 
 
 class RandomGaussianBlurPIL:
-    """DINO's blur: with probability p, PIL Gaussian blur of radius U(0.1, 2.0) (torch RNG, seeded per worker)."""
+    """DINO's blur: with probability p, PIL Gaussian blur of radius U(0.1, 2.0) x scale (torch RNG, seeded per
+    worker). DINO's radii are pixels of a 224-px view; TwoViews passes scale = img_size / 224, so that a smaller
+    view is blurred by the same share of its content (scale 1 at 224: DINO's blur exactly)."""
 
-    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0):
-        self.p, self.radius_min, self.radius_max = p, radius_min, radius_max
+    def __init__(self, p: float, radius_min: float = 0.1, radius_max: float = 2.0, scale: float = 1.0):
+        self.p, self.radius_min, self.radius_max = p, radius_min * scale, radius_max * scale
 
     def __call__(self, img):
         if torch.rand(()).item() >= self.p:
@@ -90,8 +92,8 @@ class TwoViews:
     __call__(img: PIL RGB) -> (views (2, 3, S, S) normalised float32, positions (2, N, 2) float32), N = (S / p)^2.
     Geometry: RandomResizedCrop(S, scale, ratio 3/4-4/3, bicubic) + horizontal flip p 0.5, tracked analytically
     (`patch_positions`). Photometry: colour jitter (0.4, 0.4, 0.2, 0.1) p 0.8, grayscale p 0.2; view 1 blur p 1.0;
-    view 2 blur p 0.1 and solarisation p 0.2; ImageNet normalisation. Randomness: torch's global RNG, which
-    train.py seeds per sample (SeededSamples).
+    view 2 blur p 0.1 (radii scaled by S / 224) and solarisation p 0.2; ImageNet normalisation. Randomness:
+    torch's global RNG, which train.py seeds per sample (SeededSamples).
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
@@ -100,12 +102,14 @@ class TwoViews:
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
         self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
+        blur_scale = img_size / 224  # DINO's blur radii are for 224-px views (RandomGaussianBlurPIL)
         colour = [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                   transforms.RandomGrayscale(p=0.2)]
         normalise = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
         self.photometric = (
-            transforms.Compose(colour + [RandomGaussianBlurPIL(p=1.0)] + normalise),
-            transforms.Compose(colour + [RandomGaussianBlurPIL(p=0.1), transforms.RandomSolarize(128, p=0.2)]
+            transforms.Compose(colour + [RandomGaussianBlurPIL(p=1.0, scale=blur_scale)] + normalise),
+            transforms.Compose(colour + [RandomGaussianBlurPIL(p=0.1, scale=blur_scale),
+                                         transforms.RandomSolarize(128, p=0.2)]
                                + normalise),
         )
 

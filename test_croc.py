@@ -1107,6 +1107,21 @@ def test_two_views_returns_normalised_views_and_positions_inside_the_image():
     assert views.min() < -0.5 and views.max() > 0.5  # normalised, not in [0, 1]
 
 
+def test_two_views_blur_radius_scales_with_the_view_size():
+    def blurs(views):
+        return [t for compose in views.photometric for t in compose.transforms
+                if isinstance(t, data.RandomGaussianBlurPIL)]
+    at_224 = blurs(data.TwoViews(img_size=224, patch_size=16))
+    assert [(b.p, b.radius_min, b.radius_max) for b in at_224] == [(1.0, 0.1, 2.0), (0.1, 0.1, 2.0)]  # DINO's
+    at_48 = blurs(data.TwoViews(img_size=48, patch_size=8))
+    assert [(b.radius_min, b.radius_max) for b in at_48] == [pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))] * 2
+    row = np.tile(np.array([0, 255], dtype=np.uint8).repeat(3), 8)  # (48,): vertical stripes, period 6 px
+    img = Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (48, 48, 3))))
+    torch.manual_seed(0)
+    blurred = np.asarray(at_48[0](img), dtype=np.float64)
+    assert blurred.max() - blurred.min() > 240  # 6-px stripes keep their contrast (unscaled radius 2: 191 of 255)
+
+
 def test_two_views_rejects_img_size_not_multiple_of_patch():
     with pytest.raises(ValueError, match="multiple"):
         data.TwoViews(img_size=100, patch_size=16)

@@ -507,7 +507,8 @@ def main(args):
             steps += 1
             if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the only host syncs of the loop: logging
                 check_finite(it)
-                bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith("loss")})
+                shown = ("loss", "teacher_entropy")  # the losses and the collapse diagnostic, epoch means so far
+                bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith(shown)})
             # the stop flag is agreed on every step, so that all ranks leave after the same step: a CPU all-reduce
             # of one number (gloo), which waits for the other ranks' CPUs, never for a device
             if stop.should_stop() and it + 1 < iters:
