@@ -2610,10 +2610,22 @@ def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
 # ---------------------------------------------------------------------------------------------------------------
 # train.py --visualize_every
 # ---------------------------------------------------------------------------------------------------------------
-def _vis_train(out, extra=()):
-    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored."""
+def _run_script_here(name, arguments, flag):
+    """train.run_script with the script's process replaced by run(in_process=True): the same command line through
+    the script's own __main__, its random streams kept apart from training's (train.py's own launch of a process is
+    run by --eval_every in the torchrun tests and repro.sh)."""
+    proc = run([sys.executable, name, *arguments], in_process=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def _vis_train(out, extra=(), monkeypatch=None):
+    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored;
+    with monkeypatch, the scripts train.py launches run in this process too."""
     args = train.get_args_parser().parse_args(VIS_TINY + ["--output_dir", str(out)] + list(extra))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if monkeypatch is not None:
+        monkeypatch.setattr(train, "run_script", _run_script_here)
     try:
         train.main(args)
     finally:
@@ -2623,8 +2635,8 @@ def _vis_train(out, extra=()):
         return args, [json.loads(line) for line in f]
 
 
-def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path):
-    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"])
+def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"], monkeypatch)
     names = sorted(f for f in os.listdir(tmp_path / "vis") if f.endswith(".png"))
     assert names == ["clusters_epoch0000.png", "clusters_epoch0001.png"]
     with Image.open(tmp_path / "vis" / names[-1]) as im:
