@@ -2722,7 +2722,37 @@ def _log(out):
         return [json.loads(line) for line in f]
 
 
-def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_path):
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(flags, out):
+    """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
+    c10d rendezvous -> their output."""
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+         "--rdzv_id", f"croc{port}", "train.py"] + flags + ["--output_dir", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        texts = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
+    return "".join(texts)
+
+
+def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(tmp_path):
+    """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
+    rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
+    teachers identical; one run checks both launches (each costs seconds of process starts)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     out = tmp_path / "run"
     r = _run(torchrun + TINY + ["--epochs", "2"], out)
@@ -2739,16 +2769,16 @@ def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_pat
     assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
     vit = M.vit_tiny(16)
     assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    # the same command with more epochs resumes at epoch 2 and runs only the rest; --eval_every runs rank 0's
-    # k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
-    r = _run(torchrun + TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
-                                "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
+    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
+    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    text = _two_nodes(TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
+                              "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
+    assert "resumed from" in text and "at epoch 2" in text
     log = _log(out)
     assert [e["epoch"] for e in log] == [0, 1, 2]
     assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
-    assert log[2]["teacher_sync_error"] == 0.0
+    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
+    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2  # the ranks' random streams continue
     assert (out / "eval" / "epoch0003" / "results.json").is_file()
     assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
 
@@ -3026,38 +3056,3 @@ def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_whe
             M.torch_load(str(tmp_path / f"{name}.pth"))
         assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
     assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
-
-
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_torchrun_nodes_with_c10d_rendezvous_train_resume_and_keep_teachers_identical(tmp_path):
-    out = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-    def two_nodes(epochs):  # the README's multi-machine command, both "machines" on this one
-        port = _free_port()
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-             "--rdzv_id", f"croc{port}", "train.py"] + STEP_TINY + ["--epochs", str(epochs), "--output_dir", str(out)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-        try:
-            texts = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
-        return "".join(texts)
-
-    two_nodes(2)
-    assert "resumed from" in two_nodes(3)
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
-    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
-    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2
