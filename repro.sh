@@ -62,8 +62,8 @@ for run in $RUNS; do
       --output_dir "$OUT/$run/linear" > "$OUT/$run.linear.log" 2>&1
   step $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
       --output_dir "$OUT/$run/kmeans" > "$OUT/$run.kmeans.log" 2>&1
-  step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W --short_side 96 \
-      --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
+  step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
+      --short_side 96 --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
 done
 steps_done
 $PY - "$OUT" $RUNS <<'PYEOF'

@@ -6,6 +6,7 @@ In the paper's order: the model, the clustering (Sec. 3.3), the objective and th
 a GPU; then the data, the evaluations (App. C), the scripts, and last the reliability of training (DDP,
 checkpoints, resume, signals, bad input).
 """
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 import argparse
@@ -18,6 +19,7 @@ import math
 import os
 import random
 import runpy
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,6 +105,45 @@ def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
         for sig, handler in saved[7].items():
             signal.signal(sig, handler)
     return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
+# End-to-end runs started early. Most of an end-to-end test's seconds are its processes' start-ups (imports, one
+# core each): its run starts in a background thread when the module's first test starts (two runs at a time, in the
+# file's order, only the selected tests' runs) and goes on alongside the in-process tests; the test then waits for
+# its run's result and checks it.
+EARLY = {}  # test function name -> run(folder, **the test's parameters) -> what the test checks
+
+
+def early(job):
+    """Decorator of a test whose end-to-end part is job(folder, **parameters): the test's `early_run` fixture is
+    job's result (its exception, if it raised)."""
+    def register(test):
+        EARLY[test.__name__] = job
+        return test
+    return register
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early_runs(request, tmp_path_factory):
+    items = [item for item in request.session.items if getattr(item, "originalname", None) in EARLY]
+    if not items:
+        yield {}
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs take the other core: two threads here would wait on each other
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {item.nodeid: pool.submit(EARLY[item.originalname], tmp_path_factory.mktemp("early"),
+                                        **(item.callspec.params if hasattr(item, "callspec") else {}))
+               for item in items}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no process outlives the module
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def early_run(request, early_runs):
+    return early_runs[request.node.nodeid].result()
 
 
 # ==============================================================================================================
@@ -1042,11 +1083,16 @@ def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_gpu_check_dry_run_writes_every_part_and_a_summary(tmp_path):
+def _gpu_check_dry(tmp_path):
+    out = tmp_path / "gpu_check"
+    return out, run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+
+
+@early(_gpu_check_dry)
+def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
     """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
     skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
-    out = tmp_path / "gpu_check"
-    proc = run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+    out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
@@ -1656,11 +1702,14 @@ def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
 # Both scripts end to end on a tiny synthetic PVOC-layout folder
 
 
+def _write_tiny_synthetic(root):
+    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0, progress=False)
+    return str(root)
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0)
-    return str(root)
+    return _write_tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")
@@ -1877,14 +1926,20 @@ def test_multi_block_features_slice_one_pass_like_separate_calls():
         assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
 
 
-def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(synthetic_root, tmp_path):
+def _torchrun_linear_probe(tmp_path):
+    root = _write_tiny_synthetic(tmp_path / "synthetic")  # synthetic_root's data
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
-           *COMMON, "--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+           *COMMON, "--data_path", root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
            "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
-    proc = _run(cmd, tmp_path)
+    return root, tmp_path, _run(cmd, tmp_path)
+
+
+@early(_torchrun_linear_probe)
+def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(early_run):
+    root, tmp_path, proc = early_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.load(open(tmp_path / "results.json"))
-    single = run_linear(synthetic_root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
+    single = run_linear(root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
     assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
     assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
 
@@ -2651,9 +2706,14 @@ def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp
 # ==============================================================================================================
 
 
-def test_bench_quick_runs_in_seconds_and_prints_every_section(tmp_path):
+def _bench_quick(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
+    return out, run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
+
+
+@early(_bench_quick)
+def test_bench_quick_runs_in_seconds_and_prints_every_section(early_run):
+    out, proc = early_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
                      "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
@@ -2699,11 +2759,16 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
 
 
-def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(tmp_path):
+def _repro_quick(tmp_path):
+    out = tmp_path / "repro"
+    return out, run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+
+
+@early(_repro_quick)
+def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
     one model on tiny data, so that the recipe cannot rot (its numbers mean nothing)."""
-    out = tmp_path / "repro"
-    proc = run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+    out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
     for name in ("dino", "croc"):
@@ -2731,7 +2796,7 @@ def _free_port():
 
 def _two_nodes(flags, out):
     """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
-    c10d rendezvous -> their output."""
+    c10d rendezvous -> (their exit codes, their output)."""
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     procs = [subprocess.Popen(
@@ -2745,19 +2810,32 @@ def _two_nodes(flags, out):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
-    return "".join(texts)
+    return [p.returncode for p in procs], "\n".join(texts)
 
 
-def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(tmp_path):
+def _torchrun_then_two_nodes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out, first = tmp_path / "run", tmp_path / "first"
+    r = _run(torchrun + TINY + ["--epochs", "2"], out)
+    if r.returncode != 0:
+        return out, first, r, None
+    first.mkdir()
+    for name in ("log.txt", "checkpoint.pth"):  # as the first launch left them: the second one writes over them
+        shutil.copy(out / name, first / name)
+    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
+    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
+    return out, first, r, _two_nodes(TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
+
+
+@early(_torchrun_then_two_nodes)
+def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(early_run):
     """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
     rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
     teachers identical; one run checks both launches (each costs seconds of process starts)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out = tmp_path / "run"
-    r = _run(torchrun + TINY + ["--epochs", "2"], out)
+    out, first, r, nodes = early_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    log = _log(out)
+    log = _log(first)
     assert [e["epoch"] for e in log] == [0, 1]
     for e in log:
         assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
@@ -2765,14 +2843,12 @@ def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers
         for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
                     "skipped_files"):
             assert key in e
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    ckpt = M.torch_load(str(first / "checkpoint.pth"))
     assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
     vit = M.vit_tiny(16)
-    assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
-    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
-    text = _two_nodes(TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
-                              "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
+    assert M.load_pretrained(vit, str(first / "checkpoint.pth")) == {"missing": [], "unexpected": []}
+    codes, text = nodes
+    assert codes == [0, 0], text[-6000:]
     assert "resumed from" in text and "at epoch 2" in text
     log = _log(out)
     assert [e["epoch"] for e in log] == [0, 1, 2]
@@ -2790,15 +2866,24 @@ def test_plain_dino_baseline_trains_without_clustering(tmp_path):
     assert e["loss_dense"] == 0.0 and "mean_k" not in e
 
 
-def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
+def _sigterm_python_train(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return tmp_path, proc, proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@early(_sigterm_python_train)
+def test_sigterm_during_training_leaves_a_loadable_checkpoint(early_run):
+    tmp_path, proc, out = early_run
     assert proc.returncode == 0, out[-3000:]
     assert "signal received" in out
     ckpt = M.torch_load(str(tmp_path / "checkpoint.pth"))
@@ -2929,8 +3014,8 @@ def _processes_mentioning(text):
 
 # torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
 # Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
-@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
-def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(tmp_path, sig, nproc):
+def _signal_to_torchrun(tmp_path, sig, nproc):
+    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "train.py"]
     out = tmp_path / "run"
@@ -2953,15 +3038,22 @@ def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_proce
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
+        time.sleep(0.5)
+    return out, text, _processes_mentioning(str(out))
+
+
+@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+@early(_signal_to_torchrun)
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc):
+    out, text, left = early_run
     assert "signal received: saved" in text, text[-4000:]
     assert "killed by signal" not in text and "FloatingPointError" not in text
     ckpt = M.torch_load(str(out / "checkpoint.pth"))
     assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
     assert not [f for f in os.listdir(out) if ".tmp" in f]
-    deadline = time.time() + 15
-    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
-        time.sleep(0.5)
-    assert _processes_mentioning(str(out)) == []
+    assert left == []
 
 
 def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
