@@ -2917,8 +2917,8 @@ def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # stops, resumes and bad input as a cluster user meets them
 # --------------------------------------------------------------------------------------------------------------
-# 3 steps of 4 images per epoch at 32 px: a whole in-process run takes a few seconds
-STEP_TINY = TINY + ["--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
+# 3 steps of 4 images per epoch at 32 px with the 4-block ViT: a whole in-process run takes about a second
+STEP_TINY = TINY + ["--arch", "vit_nano", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
                     "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
 
 
@@ -3087,7 +3087,7 @@ def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_oth
     with pytest.raises(ValueError) as e:
         _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
     assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
-                                           "--arch vit_tiny -> vit_small"))
+                                           "--arch vit_nano -> vit_small"))
     assert "--epochs" not in str(e.value)
     assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
     capsys.readouterr()
