@@ -2778,6 +2778,11 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
 # ==============================================================================================================
 # train.py: DDP, checkpoints, resume, signals, bad input (reliability)
 # ==============================================================================================================
+# 3 steps of 4 images per epoch at 32 px with the 4-block ViT: a whole in-process run takes about a second
+STEP_TINY = TINY + ["--arch", "vit_nano", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
+                    "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
+
+
 def _run(cmd, out, env_extra=None, **kw):
     return run(cmd + ["--output_dir", str(out)], env_extra, **kw)
 
@@ -2816,7 +2821,7 @@ def _two_nodes(flags, out):
 def _torchrun_then_two_nodes(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
     out, first = tmp_path / "run", tmp_path / "first"
-    r = _run(torchrun + TINY + ["--epochs", "2"], out)
+    r = _run(torchrun + STEP_TINY + ["--epochs", "2"], out)
     if r.returncode != 0:
         return out, first, r, None
     first.mkdir()
@@ -2825,7 +2830,7 @@ def _torchrun_then_two_nodes(tmp_path):
     # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
     # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
     eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
-    return out, first, r, _two_nodes(TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
+    return out, first, r, _two_nodes(STEP_TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
 
 
 @early(_torchrun_then_two_nodes)
@@ -2845,7 +2850,7 @@ def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers
             assert key in e
     ckpt = M.torch_load(str(first / "checkpoint.pth"))
     assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
-    vit = M.vit_tiny(16)
+    vit = M.build_vit("vit_nano", 8)  # STEP_TINY's backbone
     assert M.load_pretrained(vit, str(first / "checkpoint.pth")) == {"missing": [], "unexpected": []}
     codes, text = nodes
     assert codes == [0, 0], text[-6000:]
@@ -2860,7 +2865,7 @@ def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers
 
 
 def test_plain_dino_baseline_trains_without_clustering(tmp_path):
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--alpha", "0"], tmp_path, in_process=True)
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1", "--alpha", "0"], tmp_path, in_process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     (e,) = _log(tmp_path)
     assert e["loss_dense"] == 0.0 and "mean_k" not in e
@@ -2868,7 +2873,7 @@ def test_plain_dino_baseline_trains_without_clustering(tmp_path):
 
 def _sigterm_python_train(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
+    cmd = [sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 120
@@ -2898,7 +2903,7 @@ def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
     for i in range(7):
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
              tmp_path / "out", in_process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "broken.jpg" in r.stderr + r.stdout
@@ -2908,7 +2913,7 @@ def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
 
 def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
     (tmp_path / "empty").mkdir()
-    r = _run([sys.executable, "train.py"] + TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out",
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out",
              in_process=True)
     assert r.returncode != 0
     assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
@@ -2917,11 +2922,6 @@ def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # stops, resumes and bad input as a cluster user meets them
 # --------------------------------------------------------------------------------------------------------------
-# 3 steps of 4 images per epoch at 32 px with the 4-block ViT: a whole in-process run takes about a second
-STEP_TINY = TINY + ["--arch", "vit_nano", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
-                    "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
-
-
 def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
     """train.main in this process. sigterm_at=k: SIGTERM to this process at the k-th stop check (one per step,
     plus one after each epoch but the last), as a scheduler would send it."""
