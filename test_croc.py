@@ -64,13 +64,15 @@ def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
     see it (argv, working folder, environment, one thread, output, exit status, warnings and the traceback of an
     uncaught exception on stderr), and restores what a process would not have shared (random states, threads,
     signal handlers): ~5 s of imports saved, for a test of what the script does rather than of its process."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    env_extra = dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
     if not in_process:
-        return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env_extra), capture_output=True, text=True,
+                              timeout=timeout, **kw)
     assert cmd[0] == sys.executable and str(cmd[1]).endswith(".py") and not kw, cmd
     out, err = io.StringIO(), io.StringIO()
-    saved = (sys.argv, os.getcwd(), dict(os.environ), torch.get_num_threads(), torch.get_rng_state(),
-             np.random.get_state(), random.getstate(), {s: signal.getsignal(s) for s in train.StopFlag.SIGNALS})
+    saved = (sys.argv, os.getcwd(), {k: os.environ.get(k) for k in env_extra}, torch.get_num_threads(),
+             torch.get_rng_state(), np.random.get_state(), random.getstate(),
+             {s: signal.getsignal(s) for s in train.StopFlag.SIGNALS})
 
     def show(message, category, filename, lineno, file=None, line=None):  # a process's default warning output
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
@@ -78,7 +80,7 @@ def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
     try:
         sys.argv = [str(ROOT / cmd[1])] + [str(a) for a in cmd[2:]]
         os.chdir(ROOT)
-        os.environ.update(env)
+        os.environ.update(env_extra)
         torch.set_num_threads(1)
         with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
             warnings.resetwarnings()
@@ -96,8 +98,11 @@ def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
     finally:
         sys.argv = saved[0]
         os.chdir(saved[1])
-        os.environ.clear()
-        os.environ.update(saved[2])
+        for k, v in saved[2].items():  # key by key: the early runs' threads read os.environ meanwhile
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         torch.set_num_threads(saved[3])
         torch.set_rng_state(saved[4])
         np.random.set_state(saved[5])
