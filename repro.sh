@@ -6,8 +6,8 @@
 #   bash repro.sh [OUT]        (default OUT=repro)
 #   SEED=1 bash repro.sh OUT   (another seed for pretraining, the random init and the linear head; same data)
 #   EPOCHS=6 bash repro.sh OUT (a longer pretraining; the schedules stretch with it)
-#   QUICK=1 bash repro.sh OUT  (the same steps on tiny data in well under a minute, the independent ones side by
-#                              side: CI runs it so that the recipe cannot rot; its numbers mean nothing)
+#   QUICK=1 bash repro.sh OUT  (the same steps on tiny data in under a minute, the independent ones side by side:
+#                              CI runs it so that the recipe cannot rot; its numbers mean nothing)
 # Each pretraining also writes OUT/{dino,croc}/curves.png (visualize.py --log) with the k-means mIoU of the teacher
 # after every epoch (--eval_every 1).
 # The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn).
