@@ -2797,78 +2797,6 @@ def _log(out):
         return [json.loads(line) for line in f]
 
 
-def _free_port():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_nodes(flags, out):
-    """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
-    c10d rendezvous -> (their exit codes, their output)."""
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-         "--rdzv_id", f"croc{port}", "train.py"] + flags + ["--output_dir", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-    try:
-        texts = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    return [p.returncode for p in procs], "\n".join(texts)
-
-
-def _torchrun_then_two_nodes(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out, first = tmp_path / "run", tmp_path / "first"
-    r = _run(torchrun + STEP_TINY + ["--epochs", "2"], out)
-    if r.returncode != 0:
-        return out, first, r, None
-    first.mkdir()
-    for name in ("log.txt", "checkpoint.pth"):  # as the first launch left them: the second one writes over them
-        shutil.copy(out / name, first / name)
-    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
-    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
-    eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
-    return out, first, r, _two_nodes(STEP_TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
-
-
-@early(_torchrun_then_two_nodes)
-def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(early_run):
-    """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
-    rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
-    teachers identical; one run checks both launches (each costs seconds of process starts)."""
-    out, first, r, nodes = early_run
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    log = _log(first)
-    assert [e["epoch"] for e in log] == [0, 1]
-    for e in log:
-        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
-        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
-        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
-                    "skipped_files"):
-            assert key in e
-    ckpt = M.torch_load(str(first / "checkpoint.pth"))
-    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
-    vit = M.build_vit("vit_nano", 8)  # STEP_TINY's backbone
-    assert M.load_pretrained(vit, str(first / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    codes, text = nodes
-    assert codes == [0, 0], text[-6000:]
-    assert "resumed from" in text and "at epoch 2" in text
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
-    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
-    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
-    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2  # the ranks' random streams continue
-    assert (out / "eval" / "epoch0003" / "results.json").is_file()
-    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
-
-
 def test_plain_dino_baseline_trains_without_clustering(tmp_path):
     r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1", "--alpha", "0"], tmp_path, in_process=True)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -3005,62 +2933,6 @@ def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
     assert {e for e, _ in whole} == {3}
 
 
-def _processes_mentioning(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
-# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
-def _signal_to_torchrun(tmp_path, sig, nproc):
-    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended)."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "train.py"]
-    out = tmp_path / "run"
-    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
-                                  "--output_dir", str(out)]  # epochs of 2 steps
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    text = b""
-    try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        deadline = time.time() + 180
-        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
-            text += proc.stdout.read() or b""
-        os.killpg(proc.pid, getattr(signal, sig))
-        os.set_blocking(proc.stdout.fileno(), True)
-        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    deadline = time.time() + 15
-    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
-        time.sleep(0.5)
-    return out, text, _processes_mentioning(str(out))
-
-
-@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
-@early(_signal_to_torchrun)
-def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc):
-    out, text, left = early_run
-    assert "signal received: saved" in text, text[-4000:]
-    assert "killed by signal" not in text and "FloatingPointError" not in text
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
-    assert left == []
-
-
 def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
     root = tmp_path / "images"
     (root / "a" / "b").mkdir(parents=True)
@@ -3153,3 +3025,134 @@ def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_whe
             M.torch_load(str(tmp_path / f"{name}.pth"))
         assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
     assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchrun: ranks on one node and on two nodes, resume, signals to the process group (their runs start early)
+# --------------------------------------------------------------------------------------------------------------
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_nodes(flags, out):
+    """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
+    c10d rendezvous -> (their exit codes, their output)."""
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+         "--rdzv_id", f"croc{port}", "train.py"] + flags + ["--output_dir", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        texts = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], "\n".join(texts)
+
+
+def _torchrun_then_two_nodes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out, first = tmp_path / "run", tmp_path / "first"
+    r = _run(torchrun + STEP_TINY + ["--epochs", "2"], out)
+    if r.returncode != 0:
+        return out, first, r, None
+    first.mkdir()
+    for name in ("log.txt", "checkpoint.pth"):  # as the first launch left them: the second one writes over them
+        shutil.copy(out / name, first / name)
+    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
+    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
+    return out, first, r, _two_nodes(STEP_TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
+
+
+@early(_torchrun_then_two_nodes)
+def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(early_run):
+    """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
+    rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
+    teachers identical; one run checks both launches (each costs seconds of process starts)."""
+    out, first, r, nodes = early_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = _log(first)
+    assert [e["epoch"] for e in log] == [0, 1]
+    for e in log:
+        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
+        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
+        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
+                    "skipped_files"):
+            assert key in e
+    ckpt = M.torch_load(str(first / "checkpoint.pth"))
+    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
+    vit = M.build_vit("vit_nano", 8)  # STEP_TINY's backbone
+    assert M.load_pretrained(vit, str(first / "checkpoint.pth")) == {"missing": [], "unexpected": []}
+    codes, text = nodes
+    assert codes == [0, 0], text[-6000:]
+    assert "resumed from" in text and "at epoch 2" in text
+    log = _log(out)
+    assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
+    assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
+    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2  # the ranks' random streams continue
+    assert (out / "eval" / "epoch0003" / "results.json").is_file()
+    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
+# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
+def _signal_to_torchrun(tmp_path, sig, nproc):
+    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "train.py"]
+    out = tmp_path / "run"
+    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
+                                  "--output_dir", str(out)]  # epochs of 2 steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    text = b""
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.time() + 180
+        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
+            text += proc.stdout.read() or b""
+        os.killpg(proc.pid, getattr(signal, sig))
+        os.set_blocking(proc.stdout.fileno(), True)
+        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
+        time.sleep(0.5)
+    return out, text, _processes_mentioning(str(out))
+
+
+@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+@early(_signal_to_torchrun)
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc):
+    out, text, left = early_run
+    assert "signal received: saved" in text, text[-4000:]
+    assert "killed by signal" not in text and "FloatingPointError" not in text
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert left == []
