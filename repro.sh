@@ -6,8 +6,8 @@
 #   bash repro.sh [OUT]        (default OUT=repro)
 #   SEED=1 bash repro.sh OUT   (another seed for pretraining, the random init and the linear head; same data)
 #   EPOCHS=6 bash repro.sh OUT (a longer pretraining; the schedules stretch with it)
-#   QUICK=1 bash repro.sh OUT  (the same steps on tiny data in about a minute: CI runs it so that the recipe cannot
-#                              rot; its numbers mean nothing)
+#   QUICK=1 bash repro.sh OUT  (the same steps on tiny data in under a minute, the independent ones side by side:
+#                              CI runs it so that the recipe cannot rot; its numbers mean nothing)
 # Each pretraining also writes OUT/{dino,croc}/curves.png (visualize.py --log) with the k-means mIoU of the teacher
 # after every epoch (--eval_every 1).
 # The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn).
@@ -32,8 +32,16 @@ COMMON="--arch vit_nano --patch_size 8 --img_size 48 --synthetic_size 64 --synth
         --batch_size_per_gpu $BATCH --epochs $EPOCHS --warmup_epochs 1 --lr 0.004 --clip_grad 3.0
         --momentum_teacher 0.99 --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
         --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --num_workers 1 --seed $SEED"
+# A command of the recipe: run in turn; with QUICK=1 (seconds each, mostly imports) side by side with the next ones
+# that do not need its output, until steps_done waits for them
+step_pids=""
+step() { if [ "${QUICK:-0}" = 1 ]; then "$@" & step_pids="$step_pids $!"; else "$@"; fi; }
+steps_done() {
+  for pid in $step_pids; do wait "$pid" || { echo "a step failed: see the logs in $OUT" >&2; exit 1; }; done
+  step_pids=""
+}
 mkdir -p "$OUT"
-[ -d "$OUT/data" ] || $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
+[ -d "$OUT/data" ] || step $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
 pids=""
 for alpha in 0 1; do
   name=$([ $alpha = 0 ] && echo dino || echo croc)
@@ -43,19 +51,21 @@ for alpha in 0 1; do
   pids="$pids $!"
 done
 for pid in $pids; do wait "$pid" || { echo "a pretraining failed: see $OUT/dino.log and $OUT/croc.log" >&2; exit 1; }; done
+steps_done  # the data
 for name in dino croc; do
-  $PY visualize.py --log "$OUT/$name/log.txt" --output "$OUT/$name/curves.png" > /dev/null
+  step $PY visualize.py --log "$OUT/$name/log.txt" --output "$OUT/$name/curves.png" > /dev/null
 done
 for run in $RUNS; do
   if [ $run = random ]; then W="--random_init"; else W="--weights $OUT/$run/checkpoint.pth"; fi
   B="--arch vit_nano --patch_size 8 --seed $SEED --num_workers $WORKERS $W"  # eval_davis reads no workers
-  $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
+  step $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
       --output_dir "$OUT/$run/linear" > "$OUT/$run.linear.log" 2>&1
-  $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
+  step $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
       --output_dir "$OUT/$run/kmeans" > "$OUT/$run.kmeans.log" 2>&1
-  $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W --short_side 96 \
-      --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
+  step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
+      --short_side 96 --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
 done
+steps_done
 $PY - "$OUT" $RUNS <<'PYEOF'
 import csv, json, sys
 out, runs = sys.argv[1], sys.argv[2:]

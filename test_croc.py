@@ -6,19 +6,25 @@ In the paper's order: the model, the clustering (Sec. 3.3), the objective and th
 a GPU; then the data, the evaluations (App. C), the scripts, and last the reliability of training (DDP,
 checkpoints, resume, signals, bad input).
 """
-from contextlib import nullcontext
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext, redirect_stderr, redirect_stdout
 from pathlib import Path
 import argparse
 import copy
 import csv
 import inspect
+import io
 import json
 import math
 import os
+import random
+import runpy
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import traceback
 import warnings
 
 from PIL import Image
@@ -51,10 +57,98 @@ TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_d
         "--lr", "1e-3"]
 
 
-def run(cmd, env_extra=None, timeout=600, **kw):
-    """Run a command in the repository root -> CompletedProcess with text output (the one script runner)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, **kw)
+def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
+    """Run a command in the repository root -> CompletedProcess with text output (the one script runner).
+
+    in_process=True runs `python SCRIPT.py ARGS` as SCRIPT's __main__ in this process, as its own process would
+    see it (argv, working folder, environment, one thread, output, exit status, warnings and the traceback of an
+    uncaught exception on stderr), and restores what a process would not have shared (random states, threads,
+    signal handlers): ~5 s of imports saved, for a test of what the script does rather than of its process."""
+    env_extra = dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if not in_process:
+        return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env_extra), capture_output=True, text=True,
+                              timeout=timeout, **kw)
+    assert cmd[0] == sys.executable and str(cmd[1]).endswith(".py") and not kw, cmd
+    out, err = io.StringIO(), io.StringIO()
+    saved = (sys.argv, os.getcwd(), {k: os.environ.get(k) for k in env_extra}, torch.get_num_threads(),
+             torch.get_rng_state(), np.random.get_state(), random.getstate(),
+             {s: signal.getsignal(s) for s in train.StopFlag.SIGNALS})
+
+    def show(message, category, filename, lineno, file=None, line=None):  # a process's default warning output
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    code = 0
+    try:
+        sys.argv = [str(ROOT / cmd[1])] + [str(a) for a in cmd[2:]]
+        os.chdir(ROOT)
+        os.environ.update(env_extra)
+        torch.set_num_threads(1)
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = saved[0]
+        os.chdir(saved[1])
+        for k, v in saved[2].items():  # key by key: the early runs' threads read os.environ meanwhile
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        torch.set_num_threads(saved[3])
+        torch.set_rng_state(saved[4])
+        np.random.set_state(saved[5])
+        random.setstate(saved[6])
+        for sig, handler in saved[7].items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
+# End-to-end runs started early. Most of an end-to-end test's seconds are its processes' start-ups (imports, one
+# core each): its run starts in a background thread when the module's first test starts (two runs at a time, in the
+# file's order, only the selected tests' runs) and goes on alongside the in-process tests; the test then waits for
+# its run's result and checks it.
+EARLY = {}  # test function name -> run(folder, **the test's parameters) -> what the test checks
+
+
+def early(job):
+    """Decorator of a test whose end-to-end part is job(folder, **parameters): the test's `early_run` fixture is
+    job's result (its exception, if it raised)."""
+    def register(test):
+        EARLY[test.__name__] = job
+        return test
+    return register
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early_runs(request, tmp_path_factory):
+    items = [item for item in request.session.items if getattr(item, "originalname", None) in EARLY]
+    if not items:
+        yield {}
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs take the other core: two threads here would wait on each other
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {item.nodeid: pool.submit(EARLY[item.originalname], tmp_path_factory.mktemp("early"),
+                                        **(item.callspec.params if hasattr(item, "callspec") else {}))
+               for item in items}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no process outlives the module
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def early_run(request, early_runs):
+    return early_runs[request.node.nodeid].result()
 
 
 # ==============================================================================================================
@@ -994,11 +1088,16 @@ def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
-def test_gpu_check_dry_run_writes_every_part_and_a_summary(tmp_path):
+def _gpu_check_dry(tmp_path):
+    out = tmp_path / "gpu_check"
+    return out, run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+
+
+@early(_gpu_check_dry)
+def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
     """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
     skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
-    out = tmp_path / "gpu_check"
-    proc = run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+    out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
     assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
@@ -1307,7 +1406,7 @@ def test_synthetic_folder_and_in_memory_datasets_agree(tmp_path):
 def test_cli_write_synthetic(tmp_path):
     out = tmp_path / "synth"
     proc = run([sys.executable, "data.py", "--write-synthetic", str(out), "--n-train", "2", "--n-val", "1",
-                "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32", "48"])
+                "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32", "48"], in_process=True)
     assert proc.returncode == 0, proc.stderr
     assert len(list((out / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 3
     assert len(list((out / "DAVIS/Annotations/480p").glob("*/*.png"))) == 3
@@ -1623,11 +1722,14 @@ def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
 # Both scripts end to end on a tiny synthetic PVOC-layout folder
 
 
+def _write_tiny_synthetic(root):
+    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0, progress=False)
+    return str(root)
+
+
 @pytest.fixture(scope="module")
 def synthetic_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synthetic")
-    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0)
-    return str(root)
+    return _write_tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")
@@ -1844,14 +1946,20 @@ def test_multi_block_features_slice_one_pass_like_separate_calls():
         assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
 
 
-def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(synthetic_root, tmp_path):
+def _torchrun_linear_probe(tmp_path):
+    root = _write_tiny_synthetic(tmp_path / "synthetic")  # synthetic_root's data
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
-           *COMMON, "--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+           *COMMON, "--data_path", root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
            "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
-    proc = _run(cmd, tmp_path)
+    return root, tmp_path, _run(cmd, tmp_path)
+
+
+@early(_torchrun_linear_probe)
+def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(early_run):
+    root, tmp_path, proc = early_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.load(open(tmp_path / "results.json"))
-    single = run_linear(synthetic_root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
+    single = run_linear(root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
     assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
     assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
 
@@ -2054,7 +2162,7 @@ def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_
     savemat(sbd / "s1.mat", {"GTcls": {"Segmentation": labels, "Boundaries": np.zeros(1), "CategoriesPresent": 12}})
     (tmp_path / "trainaug.txt").write_text("t1\ns1\n")
     out = run([sys.executable, "data.py", "prepare_voc", "--voc_root", str(tmp_path / "VOCdevkit"),
-               "--sbd_cls", str(sbd), "--trainaug_list", str(tmp_path / "trainaug.txt")])
+               "--sbd_cls", str(sbd), "--trainaug_list", str(tmp_path / "trainaug.txt")], in_process=True)
     assert out.returncode == 0, out.stderr
     trainaug = data.build_segmentation_dataset("pvoc", tmp_path, "trainaug")
     assert [Path(m).name for _, m in trainaug.samples] == ["t1.png", "s1.png"]
@@ -2577,10 +2685,22 @@ def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
 # ---------------------------------------------------------------------------------------------------------------
 # train.py --visualize_every
 # ---------------------------------------------------------------------------------------------------------------
-def _vis_train(out, extra=()):
-    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored."""
+def _run_script_here(name, arguments, flag):
+    """train.run_script with the script's process replaced by run(in_process=True): the same command line through
+    the script's own __main__, its random streams kept apart from training's (train.py's own launch of a process is
+    run by --eval_every in the torchrun tests and repro.sh)."""
+    proc = run([sys.executable, name, *arguments], in_process=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+
+
+def _vis_train(out, extra=(), monkeypatch=None):
+    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored;
+    with monkeypatch, the scripts train.py launches run in this process too."""
     args = train.get_args_parser().parse_args(VIS_TINY + ["--output_dir", str(out)] + list(extra))
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if monkeypatch is not None:
+        monkeypatch.setattr(train, "run_script", _run_script_here)
     try:
         train.main(args)
     finally:
@@ -2590,8 +2710,8 @@ def _vis_train(out, extra=()):
         return args, [json.loads(line) for line in f]
 
 
-def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path):
-    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"])
+def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"], monkeypatch)
     names = sorted(f for f in os.listdir(tmp_path / "vis") if f.endswith(".png"))
     assert names == ["clusters_epoch0000.png", "clusters_epoch0001.png"]
     with Image.open(tmp_path / "vis" / names[-1]) as im:
@@ -2606,9 +2726,14 @@ def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp
 # ==============================================================================================================
 
 
-def test_bench_quick_runs_in_seconds_and_prints_every_section(tmp_path):
+def _bench_quick(tmp_path):
     out = tmp_path / "bench.json"
-    proc = run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
+    return out, run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
+
+
+@early(_bench_quick)
+def test_bench_quick_runs_in_seconds_and_prints_every_section(early_run):
+    out, proc = early_run
     assert proc.returncode == 0, proc.stderr[-3000:]
     for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
                      "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
@@ -2654,11 +2779,16 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
 
 
-def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(tmp_path):
+def _repro_quick(tmp_path):
+    out = tmp_path / "repro"
+    return out, run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+
+
+@early(_repro_quick)
+def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
     one model on tiny data, so that the recipe cannot rot (its numbers mean nothing)."""
-    out = tmp_path / "repro"
-    proc = run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+    out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
     for name in ("dino", "croc"):
@@ -2668,6 +2798,11 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(tmp
 # ==============================================================================================================
 # train.py: DDP, checkpoints, resume, signals, bad input (reliability)
 # ==============================================================================================================
+# 3 steps of 4 images per epoch at 32 px with the 4-block ViT: a whole in-process run takes about a second
+STEP_TINY = TINY + ["--arch", "vit_nano", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
+                    "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
+
+
 def _run(cmd, out, env_extra=None, **kw):
     return run(cmd + ["--output_dir", str(out)], env_extra, **kw)
 
@@ -2677,53 +2812,31 @@ def _log(out):
         return [json.loads(line) for line in f]
 
 
-def test_torchrun_two_processes_train_resume_and_keep_teachers_identical(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
-    out = tmp_path / "run"
-    r = _run(torchrun + TINY + ["--epochs", "2"], out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1]
-    for e in log:
-        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
-        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
-        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
-                    "skipped_files"):
-            assert key in e
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
-    vit = M.vit_tiny(16)
-    assert M.load_pretrained(vit, str(out / "checkpoint.pth")) == {"missing": [], "unexpected": []}
-    # the same command with more epochs resumes at epoch 2 and runs only the rest; --eval_every runs rank 0's
-    # k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
-    r = _run(torchrun + TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args",
-                                "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"], out)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "resumed from" in r.stdout and "at epoch 2" in r.stdout
-    log = _log(out)
-    assert [e["epoch"] for e in log] == [0, 1, 2]
-    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
-    assert log[2]["teacher_sync_error"] == 0.0
-    assert (out / "eval" / "epoch0003" / "results.json").is_file()
-    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
-
-
 def test_plain_dino_baseline_trains_without_clustering(tmp_path):
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--alpha", "0"], tmp_path)
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1", "--alpha", "0"], tmp_path, in_process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     (e,) = _log(tmp_path)
     assert e["loss_dense"] == 0.0 and "mean_k" not in e
 
 
-def test_sigterm_during_training_leaves_a_loadable_checkpoint(tmp_path):
+def _sigterm_python_train(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "train.py"] + TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
+    cmd = [sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1000", "--output_dir", str(tmp_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 120
-    while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=120)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "log.txt").exists() and time.time() < deadline:  # wait for the first epoch
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        return tmp_path, proc, proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@early(_sigterm_python_train)
+def test_sigterm_during_training_leaves_a_loadable_checkpoint(early_run):
+    tmp_path, proc, out = early_run
     assert proc.returncode == 0, out[-3000:]
     assert "signal received" in out
     ckpt = M.torch_load(str(tmp_path / "checkpoint.pth"))
@@ -2738,8 +2851,8 @@ def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
     for i in range(7):
         Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(root / f"{i}.jpg")
     (root / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
-    r = _run([sys.executable, "train.py"] + TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
-             tmp_path / "out")
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1", "--data_path", str(tmp_path / "images")],
+             tmp_path / "out", in_process=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "broken.jpg" in r.stderr + r.stdout
     (e,) = _log(tmp_path / "out")
@@ -2748,7 +2861,8 @@ def test_image_folder_with_a_corrupt_file_trains_and_logs_the_skip(tmp_path):
 
 def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
     (tmp_path / "empty").mkdir()
-    r = _run([sys.executable, "train.py"] + TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out")
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out",
+             in_process=True)
     assert r.returncode != 0
     assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
 
@@ -2756,11 +2870,6 @@ def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # stops, resumes and bad input as a cluster user meets them
 # --------------------------------------------------------------------------------------------------------------
-# 3 steps of 4 images per epoch at 32 px: a whole in-process run takes a few seconds
-STEP_TINY = TINY + ["--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
-                    "--synthetic_images", "12", "--synthetic_size", "32"]  # 16 tokens per view, fewer scenes
-
-
 def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
     """train.main in this process. sigterm_at=k: SIGTERM to this process at the k-th stop check (one per step,
     plus one after each epoch but the last), as a scheduler would send it."""
@@ -2839,55 +2948,6 @@ def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
     assert {e for e, _ in whole} == {3}
 
 
-def _processes_mentioning(text):
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
-                    found.append(int(pid))
-        except OSError:
-            pass
-    return found
-
-
-# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
-# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
-@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
-def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(tmp_path, sig, nproc):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "train.py"]
-    out = tmp_path / "run"
-    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
-                                  "--output_dir", str(out)]  # epochs of 2 steps
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    text = b""
-    try:
-        os.set_blocking(proc.stdout.fileno(), False)
-        deadline = time.time() + 180
-        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
-            text += proc.stdout.read() or b""
-        os.killpg(proc.pid, getattr(signal, sig))
-        os.set_blocking(proc.stdout.fileno(), True)
-        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert "signal received: saved" in text, text[-4000:]
-    assert "killed by signal" not in text and "FloatingPointError" not in text
-    ckpt = M.torch_load(str(out / "checkpoint.pth"))
-    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
-    assert not [f for f in os.listdir(out) if ".tmp" in f]
-    deadline = time.time() + 15
-    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
-        time.sleep(0.5)
-    assert _processes_mentioning(str(out)) == []
-
-
 def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
     root = tmp_path / "images"
     (root / "a" / "b").mkdir(parents=True)
@@ -2919,7 +2979,7 @@ def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_oth
     with pytest.raises(ValueError) as e:
         _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
     assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
-                                           "--arch vit_tiny -> vit_small"))
+                                           "--arch vit_nano -> vit_small"))
     assert "--epochs" not in str(e.value)
     assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
     capsys.readouterr()
@@ -2962,7 +3022,7 @@ def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, fla
 
 
 def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
-    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out")
+    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out", in_process=True)
     assert r.returncode == 2 and "--epochs 0" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 
@@ -2982,6 +3042,9 @@ def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_whe
     assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
 
 
+# --------------------------------------------------------------------------------------------------------------
+# torchrun: ranks on one node and on two nodes, resume, signals to the process group (their runs start early)
+# --------------------------------------------------------------------------------------------------------------
 def _free_port():
     import socket
     with socket.socket() as s:
@@ -2989,29 +3052,122 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_torchrun_nodes_with_c10d_rendezvous_train_resume_and_keep_teachers_identical(tmp_path):
-    out = tmp_path / "run"
+def _two_nodes(flags, out):
+    """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
+    c10d rendezvous -> (their exit codes, their output)."""
+    port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
+         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
+         "--rdzv_id", f"croc{port}", "train.py"] + flags + ["--output_dir", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    try:
+        texts = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [p.returncode for p in procs], "\n".join(texts)
 
-    def two_nodes(epochs):  # the README's multi-machine command, both "machines" on this one
-        port = _free_port()
-        procs = [subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-             "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-             "--rdzv_id", f"croc{port}", "train.py"] + STEP_TINY + ["--epochs", str(epochs), "--output_dir", str(out)],
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
-        try:
-            texts = [p.communicate(timeout=300)[0] for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        assert [p.returncode for p in procs] == [0, 0], "\n".join(t[-3000:] for t in texts)
-        return "".join(texts)
 
-    two_nodes(2)
-    assert "resumed from" in two_nodes(3)
+def _torchrun_then_two_nodes(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out, first = tmp_path / "run", tmp_path / "first"
+    r = _run(torchrun + STEP_TINY + ["--epochs", "2"], out)
+    if r.returncode != 0:
+        return out, first, r, None
+    first.mkdir()
+    for name in ("log.txt", "checkpoint.pth"):  # as the first launch left them: the second one writes over them
+        shutil.copy(out / name, first / name)
+    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
+    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
+    return out, first, r, _two_nodes(STEP_TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
+
+
+@early(_torchrun_then_two_nodes)
+def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(early_run):
+    """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
+    rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
+    teachers identical; one run checks both launches (each costs seconds of process starts)."""
+    out, first, r, nodes = early_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = _log(first)
+    assert [e["epoch"] for e in log] == [0, 1]
+    for e in log:
+        assert np.isfinite(e["loss"]) and e["loss_dense"] > 0 and e["mean_k"] >= 2
+        assert e["teacher_sync_error"] == 0.0  # both ranks hold the same teacher, bit for bit
+        for key in ("lr", "wd", "momentum", "images_per_s", "kept_centroids", "share_images_no_centroid",
+                    "skipped_files"):
+            assert key in e
+    ckpt = M.torch_load(str(first / "checkpoint.pth"))
+    assert ckpt["epoch"] == 2 and {"student", "teacher", "optimizer", "scaler", "loss", "args"} <= set(ckpt)
+    vit = M.build_vit("vit_nano", 8)  # STEP_TINY's backbone
+    assert M.load_pretrained(vit, str(first / "checkpoint.pth")) == {"missing": [], "unexpected": []}
+    codes, text = nodes
+    assert codes == [0, 0], text[-6000:]
+    assert "resumed from" in text and "at epoch 2" in text
     log = _log(out)
     assert [e["epoch"] for e in log] == [0, 1, 2]
+    assert "eval_kmeans_miou" not in log[1] and 0 < log[2]["eval_kmeans_miou"] <= 100
     assert all(e["teacher_sync_error"] == 0.0 for e in log)  # both nodes hold the same teacher, bit for bit
-    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2
+    assert len(M.torch_load(str(out / "checkpoint.pth"))["rng"]) == 2  # the ranks' random streams continue
+    assert (out / "eval" / "epoch0003" / "results.json").is_file()
+    assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
+
+
+def _processes_mentioning(text):
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
+# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
+def _signal_to_torchrun(tmp_path, sig, nproc):
+    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "train.py"]
+    out = tmp_path / "run"
+    cmd = torchrun + STEP_TINY + ["--synthetic_images", str(8 * nproc), "--num_workers", "1", "--epochs", "1000",
+                                  "--output_dir", str(out)]  # epochs of 2 steps
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # a session of its own, as a batch job has: the signal goes to its whole process group (scancel, a closed ssh)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    text = b""
+    try:
+        os.set_blocking(proc.stdout.fileno(), False)
+        deadline = time.time() + 180
+        while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
+            text += proc.stdout.read() or b""
+        os.killpg(proc.pid, getattr(signal, sig))
+        os.set_blocking(proc.stdout.fileno(), True)
+        text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
+        time.sleep(0.5)
+    return out, text, _processes_mentioning(str(out))
+
+
+@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+@early(_signal_to_torchrun)
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc):
+    out, text, left = early_run
+    assert "signal received: saved" in text, text[-4000:]
+    assert "killed by signal" not in text and "FloatingPointError" not in text
+    ckpt = M.torch_load(str(out / "checkpoint.pth"))
+    assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+    assert left == []
