@@ -247,22 +247,29 @@ class WeightNormLinear(nn.Module):
 
 class CrOCHead(nn.Module):
     """MLP (in -> 2048 -> 2048 -> 256), L2-normalise, then one of two weight-normalised last layers:
-    `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3)."""
+    `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3).
+
+    use_bn: a BatchNorm1d after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
+    runs). Image level only: on the centroids its batch statistics would mix in the pruned (zero) slots."""
 
     def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
-                 norm_last_layer=False):
+                 norm_last_layer=False, use_bn=False):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b), nn.GELU()]
+            layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
-        self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO
+        self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO (with BN: mlp.0, 1, 3, 4, 6)
         self.mlp.apply(_init_weights)
+        self.use_bn = use_bn
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.last_layer_c = WeightNormLinear(bottleneck_dim, out_dim_c, norm_last_layer)
 
     def forward(self, x, centroids=False):
+        if centroids and self.use_bn:
+            raise ValueError("use_bn (--use_bn_in_head) is for the image head only (alpha 0): on the centroids the "
+                             "batch statistics would mix in the pruned slots")
         x = F.normalize(self.mlp(x), dim=-1)
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
@@ -484,11 +491,12 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
 
 def build_student_teacher(args):
     """Student and teacher with the same initial weights (DINO): the teacher has no stochastic depth and gets no
-    gradient. args: arch, patch_size, out_dim, out_dim_c, norm_last_layer, drop_path_rate."""
+    gradient. args: arch, patch_size, out_dim, out_dim_c, norm_last_layer, use_bn_in_head, drop_path_rate."""
     def make(drop_path):
         backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
         return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
-                                            norm_last_layer=args.norm_last_layer))
+                                            norm_last_layer=args.norm_last_layer,
+                                            use_bn=getattr(args, "use_bn_in_head", False)))
     student, teacher = make(args.drop_path_rate), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -499,7 +507,7 @@ def pretraining_defaults(**overrides):
     """The paper's pretraining settings (Sec. 4.1, App. B) that the models, the loss and the step read, for code
     that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
     paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, norm_last_layer=False,
-                 momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v", k_start=12, k_max=None,
+                 use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v", k_start=12, k_max=None,
                  lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
                  uniform_marginals=False, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                  student_temp=0.1, center_momentum=0.9, precision="fp16", batch_size_per_gpu=128, epochs=300,

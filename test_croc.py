@@ -882,6 +882,27 @@ def test_head_last_layers_train_their_norm_by_default_and_norm_last_layer_freeze
     assert M.CrOCHead(192, 8, 4).last_layer.weight_g.requires_grad  # the class default too
 
 
+def test_use_bn_in_head_is_dinos_batchnorm_head_and_image_level_only():
+    """DINO's --use_bn_in_head: a BatchNorm1d after each hidden layer (DINO's keys), which spreads images that the
+    plain head maps to nearly one direction; the centroid path refuses it, and train.py needs --alpha 0."""
+    torch.manual_seed(0)
+    plain, bn = M.CrOCHead(32, 16, 8), M.CrOCHead(32, 16, 8, use_bn=True)
+    keys = {k.rsplit(".", 1)[0] for k in bn.state_dict() if k.startswith("mlp.")}
+    assert keys == {"mlp.0", "mlp.1", "mlp.3", "mlp.4", "mlp.6"}  # DINOHead(use_bn=True)
+    assert {k.rsplit(".", 1)[0] for k in plain.state_dict() if k.startswith("mlp.")} == {"mlp.0", "mlp.2", "mlp.4"}
+    x = torch.randn(1, 32) + 1e-3 * torch.randn(64, 32)  # 64 images, almost the same input
+
+    def mean_cosine(head):
+        z = F.normalize(head.mlp(x), dim=-1)
+        return ((z @ z.T).sum() - len(z)) / (len(z) * (len(z) - 1))
+    assert mean_cosine(plain) > 0.99 and mean_cosine(bn) < 0.5
+    with pytest.raises(ValueError, match="use_bn"):
+        bn(torch.randn(2, 2, 3, 32), centroids=True)
+    with pytest.raises(ValueError, match="--use_bn_in_head True: .*--alpha 0"):
+        train.check_args(_args(["--use_bn_in_head", "true"]))
+    train.check_args(_args(["--use_bn_in_head", "true", "--alpha", "0"]))
+
+
 def _one_step():
     """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
     args = _args()
@@ -2894,6 +2915,14 @@ def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
             signal.signal(sig, handler)
         if sigterm_at is not None:
             monkeypatch.setattr(train.StopFlag, "should_stop", should_stop)
+
+
+def test_dino_with_a_batchnorm_head_trains_and_saves_the_statistics(tmp_path):
+    out = tmp_path / "bn"
+    _train_here(out, ["--epochs", "1", "--alpha", "0", "--use_bn_in_head", "true"])
+    assert np.isfinite(_log(out)[-1]["loss"])
+    teacher = torch.load(out / "checkpoint.pth", weights_only=False)["teacher"]
+    assert teacher["head.mlp.1.num_batches_tracked"] > 0  # the teacher's BN ran on batch statistics
 
 
 def test_resume_mid_epoch_gives_the_weights_of_an_uninterrupted_run_without_reloading_seen_batches(
