@@ -496,7 +496,7 @@ def build_student_teacher(args):
         backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
         return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
                                             norm_last_layer=args.norm_last_layer,
-                                            use_bn=getattr(args, "use_bn_in_head", False)))
+                                            use_bn=args.use_bn_in_head))
     student, teacher = make(args.drop_path_rate), make(0.0)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
@@ -507,8 +507,8 @@ def pretraining_defaults(**overrides):
     """The paper's pretraining settings (Sec. 4.1, App. B) that the models, the loss and the step read, for code
     that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
     paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, norm_last_layer=False,
-                 use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v", k_start=12, k_max=None,
-                 lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
+                 use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v",
+                 k_start=12, k_max=None, lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
                  uniform_marginals=False, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                  student_temp=0.1, center_momentum=0.9, precision="fp16", batch_size_per_gpu=128, epochs=300,
                  lr=5e-4, min_lr=1e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0,

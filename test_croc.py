@@ -2921,7 +2921,7 @@ def test_dino_with_a_batchnorm_head_trains_and_saves_the_statistics(tmp_path):
     out = tmp_path / "bn"
     _train_here(out, ["--epochs", "1", "--alpha", "0", "--use_bn_in_head", "true"])
     assert np.isfinite(_log(out)[-1]["loss"])
-    teacher = torch.load(out / "checkpoint.pth", weights_only=False)["teacher"]
+    teacher = M.torch_load(str(out / "checkpoint.pth"))["teacher"]
     assert teacher["head.mlp.1.num_batches_tracked"] > 0  # the teacher's BN ran on batch statistics
 
 
