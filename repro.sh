@@ -2,36 +2,95 @@
 # CrOC's claim on the synthetic scenes (synthetic.py): the same ViT (vit_nano/8, a CPU size, not the paper's ViT-S/16)
 # pretrained the same way with the same budget and seed as plain DINO (--alpha 0) and as CrOC (--alpha 1), and a
 # random init, each evaluated with eval_linear, eval_kmeans and eval_davis on the synthetic val data. Prints the
-# table at the end.
-#   bash repro.sh [OUT]        (default OUT=repro)
-#   SEED=1 bash repro.sh OUT   (another seed for pretraining, the random init and the linear head; same data)
-#   EPOCHS=6 bash repro.sh OUT (a longer pretraining; the schedules stretch with it)
-#   QUICK=1 bash repro.sh OUT  (the same steps on tiny data in under a minute, the independent ones side by side:
-#                              CI runs it so that the recipe cannot rot; its numbers mean nothing)
-# Each pretraining also writes OUT/{dino,croc}/curves.png (visualize.py --log) with the k-means mIoU of the teacher
-# after every epoch (--eval_every 1).
+# table at the end, with CrOC's K statistics (its last epoch's log.txt).
+#   bash repro.sh [OUT]          (default OUT=repro)
+#   SEED=1 bash repro.sh OUT     (another seed for pretraining, the random init and the linear head; same data)
+#   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
+#                                the DINO run and the evaluations already in OUT are reused)
+#   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
+#   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in under a minute, the independent ones side by side:
+#                                CI runs it so that the recipe cannot rot; its numbers mean nothing)
+# Re-running resumes: train.py continues from OUT/NAME/checkpoint.pth, and an evaluation whose results exist is
+# skipped. Each pretraining writes OUT/NAME/curves.png (visualize.py --log) with the teacher's k-means mIoU every
+# 20 epochs (--eval_every 20).
 # The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn).
-# Settings chosen on DINO alone, before any CrOC run (BENCHMARKS.md, "Pilots: does DINO learn on the synthetic
-# scenes?"; they are pilot P7's): 64-px scenes, 48-px views, a 256-d output for both heads, a sharp teacher (0.02)
-# without warm-up, a trainable last layer, constant weight decay, gradient clipping at 3, a peak lr of 0.004 per
-# 256 images (5e-4 at batch 32, DINO's). Not yet a recipe in which DINO beats the random init: every pilot so far
-# ended in DINO's uniform collapse, so CrOC against DINO is not yet worth running with them.
+# Settings (BENCHMARKS.md, "Pilots" and "A CrOC diagnostic"): 64-px scenes, 48-px views from crops of 0.5-1 of the
+# scene, 640 scenes x 100 epochs of 20 steps of 32 images, a 256-d output for both heads, a sharp teacher (0.02)
+# without warm-up, a trainable last layer, teacher momentum 0.996, no stochastic depth, constant weight decay,
+# gradient clipping at 3, a peak lr of 0.002 per 256 images. They were chosen on DINO pilots; CrOC runs with its
+# own defaults (K_start 12, lambda_pos 4, ...), untuned.
 set -euo pipefail
-OUT=${1:-repro}
 PY=${PYTHON:-python}
+if [ "${1:-}" = --table ]; then
+  shift; exec $PY - "$@" <<'PYEOF'
+import csv, json, os, statistics, sys
+
+def row(out, run):
+    lin = json.load(open(f"{out}/{run}/linear/results.json"))["miou"]
+    km = json.load(open(f"{out}/{run}/kmeans/results.json"))
+    davis = next(csv.DictReader(open(f"{out}/{run}/davis/scores/global_results-val.csv")))
+    r = {"linear": 100 * lin, "kmeans": 100 * km["miou_mean"], "kmeans_std": 100 * km["miou_std"],
+         "J&F": float(davis["J&F-Mean"]), "J": float(davis["J-Mean"]), "F": float(davis["F-Mean"])}
+    if os.path.exists(f"{out}/{run}/log.txt"):
+        with open(f"{out}/{run}/log.txt") as f:
+            last = json.loads(f.read().splitlines()[-1])
+        if "mean_k" in last:
+            r.update(mean_k=last["mean_k"], kept=last["kept_centroids"], none=last["share_images_no_centroid"])
+    return r
+
+
+def k_stats(r):
+    return f"{r['mean_k']:.2f} | {r['kept']:.1f} | {100 * r['none']:.1f}%" if "mean_k" in r else "- | - | -"
+
+
+def mean_std(rs, key, fmt):
+    values = [r[key] for r in rs]
+    std = statistics.stdev(values) if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
+
+
+outs, rows = sys.argv[1:], {}
+print("| vit_nano/8 | linear mIoU | k-means mIoU | J&F | J | F | CrOC: mean K | kept centroids | no centroid |")
+print("|---|---|---|---|---|---|---|---|---|")
+for out in outs:
+    croc_variants = sorted(d for d in os.listdir(out) if d.startswith("croc_"))
+    for run in ["random", "dino", "croc"] + croc_variants:
+        if not os.path.isdir(f"{out}/{run}/linear"):  # not evaluated (QUICK=1 evaluates CrOC only)
+            continue
+        try:
+            r = row(out, run)
+        except FileNotFoundError as e:
+            sys.exit(f"{out}: no results for {run} ({e.filename}): run repro.sh on it first")
+        rows.setdefault(run, []).append(r)
+        name = run if len(outs) == 1 else f"{run}, {out}"
+        print(f"| {name} | {r['linear']:.2f} | {r['kmeans']:.2f} +- {r['kmeans_std']:.2f} | {r['J&F']:.3f} | "
+              f"{r['J']:.3f} | {r['F']:.3f} | {k_stats(r)} |")
+if len(outs) > 1:  # mean +- sample std over the runs; for k-means, of each run's mean over the k-means seeds
+    print("\n| mean +- std (n runs) | linear mIoU | k-means mIoU | J&F | CrOC: mean K | kept centroids |")
+    print("|---|---|---|---|---|---|")
+    for run, rs in rows.items():
+        ks = f"{mean_std(rs, 'mean_k', '.2f')} | {mean_std(rs, 'kept', '.1f')}" if "mean_k" in rs[0] else "- | -"
+        print(f"| {run} ({len(rs)}) | {mean_std(rs, 'linear', '.2f')} | {mean_std(rs, 'kmeans', '.2f')} | "
+              f"{mean_std(rs, 'J&F', '.3f')} | {ks} |")
+PYEOF
+fi
+OUT=${1:-repro}
 SEED=${SEED:-0}
-EPOCHS=${EPOCHS:-3}
+LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
+CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
+EPOCHS=${EPOCHS:-100}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0
-  RUNS="croc" WORKERS=0  # one evaluated model: every command of the recipe runs once
+  RUNS="$CROC" WORKERS=0 EVAL_EVERY=1  # one evaluated model: every command of the recipe runs once
 else
-  IMAGES=2000 BATCH=32 DATA="--n-train 300 --n-val 100 --n-videos 5" LINEAR_EPOCHS=20 KSEEDS="0 1 2 3 4"
-  RUNS="random dino croc" WORKERS=4
+  IMAGES=640 BATCH=32 DATA="--n-train 300 --n-val 100 --n-videos 5" LINEAR_EPOCHS=20 KSEEDS="0 1 2 3 4"
+  RUNS="random dino $CROC" WORKERS=4 EVAL_EVERY=20
 fi
 COMMON="--arch vit_nano --patch_size 8 --img_size 48 --synthetic_size 64 --synthetic_images $IMAGES
-        --batch_size_per_gpu $BATCH --epochs $EPOCHS --warmup_epochs 1 --lr 0.004 --clip_grad 3.0
-        --momentum_teacher 0.99 --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
-        --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --num_workers 1 --seed $SEED"
+        --batch_size_per_gpu $BATCH --epochs $EPOCHS --warmup_epochs 1 --lr 0.002 --clip_grad 3.0
+        --momentum_teacher 0.996 --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
+        --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --global_crops_scale 0.5 1.0
+        --drop_path_rate 0 --precision fp32 --num_workers 1 --seed $SEED"
 # A command of the recipe: run in turn; with QUICK=1 (seconds each, mostly imports) side by side with the next ones
 # that do not need its output, until steps_done waits for them
 step_pids=""
@@ -43,37 +102,31 @@ steps_done() {
 mkdir -p "$OUT"
 [ -d "$OUT/data" ] || step $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
 pids=""
-for alpha in 0 1; do
-  name=$([ $alpha = 0 ] && echo dino || echo croc)
-  OMP_NUM_THREADS=1 $PY train.py $COMMON --alpha $alpha --eval_every 1 \
+for name in dino $CROC; do
+  if [ $name = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
+  OMP_NUM_THREADS=1 $PY train.py $COMMON $flags --eval_every $EVAL_EVERY \
       --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
       > "$OUT/$name.log" 2>&1 &
   pids="$pids $!"
 done
-for pid in $pids; do wait "$pid" || { echo "a pretraining failed: see $OUT/dino.log and $OUT/croc.log" >&2; exit 1; }; done
+for pid in $pids; do wait "$pid" || { echo "a pretraining failed: see $OUT/dino.log and $OUT/$CROC.log" >&2; exit 1; }; done
 steps_done  # the data
-for name in dino croc; do
+for name in dino $CROC; do
   step $PY visualize.py --log "$OUT/$name/log.txt" --output "$OUT/$name/curves.png" > /dev/null
 done
+# An evaluation whose results file exists is skipped (delete OUT/RUN/EVAL to redo it)
 for run in $RUNS; do
   if [ $run = random ]; then W="--random_init"; else W="--weights $OUT/$run/checkpoint.pth"; fi
   B="--arch vit_nano --patch_size 8 --seed $SEED --num_workers $WORKERS $W"  # eval_davis reads no workers
-  step $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
+  [ -f "$OUT/$run/linear/results.json" ] ||
+    step $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
       --output_dir "$OUT/$run/linear" > "$OUT/$run.linear.log" 2>&1
-  step $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
+  [ -f "$OUT/$run/kmeans/results.json" ] ||
+    step $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
       --output_dir "$OUT/$run/kmeans" > "$OUT/$run.kmeans.log" 2>&1
-  step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
+  [ -f "$OUT/$run/davis/scores/global_results-val.csv" ] ||
+    step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
       --short_side 96 --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
 done
 steps_done
-$PY - "$OUT" $RUNS <<'PYEOF'
-import csv, json, sys
-out, runs = sys.argv[1], sys.argv[2:]
-print("| vit_nano/8 | linear mIoU | k-means mIoU | J&F | J | F |\n|---|---|---|---|---|---|")
-for run in runs:
-    lin = json.load(open(f"{out}/{run}/linear/results.json"))["miou"]
-    km = json.load(open(f"{out}/{run}/kmeans/results.json"))
-    davis = next(csv.DictReader(open(f"{out}/{run}/davis/scores/global_results-val.csv")))
-    print(f"| {run} | {100 * lin:.2f} | {100 * km['miou_mean']:.2f} +- {100 * km['miou_std']:.2f} | "
-          f"{float(davis['J&F-Mean']):.3f} | {float(davis['J-Mean']):.3f} | {float(davis['F-Mean']):.3f} |")
-PYEOF
+bash "$0" --table "$OUT"

@@ -2794,10 +2794,11 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
     common = text.split('COMMON="', 1)[1].split('"', 1)[0]
-    for name, value in (("$SEED", "0"), ("$EPOCHS", "8"), ("$IMAGES", "2000"), ("$BATCH", "32")):
+    for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32")):
         common = common.replace(name, value)
     args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
+    assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
 
 
 def _repro_quick(tmp_path):
@@ -2815,6 +2816,12 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
     for name in ("dino", "croc"):
         assert (out / name / "curves.png").is_file()
         assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
+    # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
+    table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
+    assert table.returncode == 0, table.stderr[-3000:]
+    croc_mean = next(line for line in table.stdout.splitlines() if line.startswith("| croc (2) |")).split(" | ")
+    last = json.loads((out / "croc" / "log.txt").read_text().splitlines()[-1])
+    assert croc_mean[4] == f"{last['mean_k']:.2f} +- 0.00"  # the same run twice: std 0
 
 # ==============================================================================================================
 # train.py: DDP, checkpoints, resume, signals, bad input (reliability)
