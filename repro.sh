@@ -106,7 +106,7 @@ for name in dino $CROC; do
   if [ $name = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
   OMP_NUM_THREADS=1 $PY train.py $COMMON $flags --eval_every $EVAL_EVERY \
       --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
-      > "$OUT/$name.log" 2>&1 &
+      >> "$OUT/$name.log" 2>&1 &
   pids="$pids $!"
 done
 for pid in $pids; do wait "$pid" || { echo "a pretraining failed: see $OUT/dino.log and $OUT/$CROC.log" >&2; exit 1; }; done
