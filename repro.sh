@@ -5,6 +5,7 @@
 # table at the end, with CrOC's K statistics (its last epoch's log.txt).
 #   bash repro.sh [OUT]          (default OUT=repro)
 #   SEED=1 bash repro.sh OUT     (another seed for pretraining, the random init and the linear head; same data)
+#   EPOCHS=200 bash repro.sh OUT (another pretraining length; the schedules stretch with it)
 #   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
 #                                the DINO run and the evaluations already in OUT are reused)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
@@ -50,6 +51,8 @@ def mean_std(rs, key, fmt):
 
 
 outs, rows = sys.argv[1:], {}
+if not outs:
+    sys.exit("usage: bash repro.sh --table OUT [OUT ...] (folders of finished repro.sh runs)")
 print("| vit_nano/8 | linear mIoU | k-means mIoU | J&F | J | F | CrOC: mean K | kept centroids | no centroid |")
 print("|---|---|---|---|---|---|---|---|---|")
 for out in outs:
