@@ -933,6 +933,9 @@ def get_args_parser():
     p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
                    help="height and width of the synthetic video frames")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--grey", action="store_true",
+                   help="paint every instance in one grey palette (the same scenes and videos otherwise): only the "
+                        "texture tells two instances apart")
     sub = p.add_subparsers(dest="command")
     coco = sub.add_parser("prepare_coco", help="COCO-Things masks from the panoptic release and COCO-Stuff masks "
                                                "from the stuff pixel maps, written into --root's layout and checked")
@@ -970,17 +973,20 @@ def save_palette_png(labels: np.ndarray, path, palette=None) -> None:
 
 
 def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int = 3, n_frames: int = 10,
-                    size: int = 64, video_size=(96, 128), seed: int = 0, progress: bool = True) -> dict:
+                    size: int = 64, video_size=(96, 128), seed: int = 0, progress: bool = True,
+                    grey: bool = False) -> dict:
     """Write the synthetic scenes as PVOC12 (VOCdevkit/VOC2012) and the synthetic videos as DAVIS-2017 (DAVIS).
 
     Train scenes are indices 0.. of SyntheticScenes(seed), val scenes indices VAL_FIRST_INDEX.. (disjoint, and
-    identical to build_segmentation_dataset('synthetic', None, split)). Returns {'root', 'pvoc', 'davis'} paths.
+    identical to build_segmentation_dataset('synthetic', None, split)). grey: every instance in synthetic.py's
+    GREY_PALETTE, with the geometry of the colour data of the same seed. Returns {'root', 'pvoc', 'davis'} paths.
     """
     out_dir = Path(out_dir)
     voc = out_dir / "VOCdevkit" / "VOC2012"
     for sub in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (voc / sub).mkdir(parents=True, exist_ok=True)
-    splits = {"train": SyntheticScenes(n_train, size, seed), "val": SyntheticScenes(n_val, size, seed, VAL_FIRST_INDEX)}
+    splits = {"train": SyntheticScenes(n_train, size, seed, grey=grey),
+              "val": SyntheticScenes(n_val, size, seed, VAL_FIRST_INDEX, grey=grey)}
     for split, scenes in splits.items():
         ids = []
         for i in tqdm(range(len(scenes)), desc=f"synthetic {split}", disable=not progress, leave=False):
@@ -991,10 +997,10 @@ def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int =
             ids.append(name)
         (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     (voc / "synthetic.json").write_text(json.dumps(dict(
-        class_names=SYNTHETIC_CLASSES, n_train=n_train, n_val=n_val, size=size, seed=seed), indent=2))
+        class_names=SYNTHETIC_CLASSES, n_train=n_train, n_val=n_val, size=size, seed=seed, grey=grey), indent=2))
 
     davis = out_dir / "DAVIS"
-    videos = SyntheticVideos(n_videos, n_frames, video_size, seed)
+    videos = SyntheticVideos(n_videos, n_frames, video_size, seed, grey)
     sequences = []
     for v in tqdm(range(len(videos)), desc="synthetic videos", disable=not progress, leave=False):
         seq = f"synth-{v:03d}"
@@ -1021,5 +1027,5 @@ if __name__ == "__main__":
     else:
         print(json.dumps(vars(args)))
         paths = write_synthetic(args.write_synthetic, args.n_train, args.n_val, args.n_videos, args.n_frames,
-                                args.size, tuple(args.video_size), args.seed)
+                                args.size, tuple(args.video_size), args.seed, grey=args.grey)
         print(json.dumps(paths, indent=2))

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 SYNTHETIC_CLASSES = ["hstripes", "vstripes", "checker", "dots"]
 SYNTHETIC_PERIOD = (6.0, 10.0)  # texture period range in px at 64 px
 SHAPES = ["disk", "square", "triangle"]
+GREY_PALETTE = (40.0, 215.0)  # grey=True: every instance in these two greys (dark, light), in its drawn order
 REFERENCE_SIZE = 64.0
 VAL_FIRST_INDEX = 1_000_000  # validation scenes use indices from here on: never seen in pretraining
 
@@ -61,11 +62,16 @@ def _two_tone(rng):
     return (dark, light) if rng.random() < 0.5 else (light, dark)
 
 
-def _sample_instance(rng, cls, scale):
-    """Colours, texture period and texture phase of one instance of class index cls."""
+def _sample_instance(rng, cls, scale, grey=False):
+    """Colours, texture period and texture phase of one instance of class index cls. grey: the colours are
+    GREY_PALETTE's, dark and light in the order the random colours had (the same random draws, so a grey scene has
+    the geometry, periods and phases of the colour scene of the same index)."""
     lo, hi = SYNTHETIC_PERIOD
-    return dict(cls=cls, texture=SYNTHETIC_CLASSES[cls], period=rng.uniform(lo, hi) * scale, colours=_two_tone(rng),
-                offset=rng.uniform(0, 1000, 2))
+    period, colours = rng.uniform(lo, hi) * scale, _two_tone(rng)
+    if grey:
+        dark, light = (np.full(3, g) for g in GREY_PALETTE)
+        colours = (dark, light) if colours[0].sum() < colours[1].sum() else (light, dark)
+    return dict(cls=cls, texture=SYNTHETIC_CLASSES[cls], period=period, colours=colours, offset=rng.uniform(0, 1000, 2))
 
 
 def _sample_thing(rng, background, size):
@@ -96,8 +102,8 @@ class SyntheticScenes(Dataset):
     num_classes = len(SYNTHETIC_CLASSES)
     class_names = SYNTHETIC_CLASSES
 
-    def __init__(self, n_images: int = 1000, size: int = 64, seed: int = 0, first_index: int = 0):
-        self.n_images, self.size, self.seed, self.first_index = n_images, size, seed, first_index
+    def __init__(self, n_images: int = 1000, size: int = 64, seed: int = 0, first_index: int = 0, grey: bool = False):
+        self.n_images, self.size, self.seed, self.first_index, self.grey = n_images, size, seed, first_index, grey
 
     def __len__(self):
         return self.n_images
@@ -110,12 +116,12 @@ class SyntheticScenes(Dataset):
         img = np.zeros((S, S, 3), dtype=np.float64)
         background = int(rng.integers(self.num_classes))
         labels = np.full((S, S), background, dtype=np.uint8)
-        _paint(img, np.ones((S, S), dtype=bool), _sample_instance(rng, background, scale), x, y)
+        _paint(img, np.ones((S, S), dtype=bool), _sample_instance(rng, background, scale, self.grey), x, y)
         for _ in range(int(rng.integers(1, 4))):
             thing = _sample_thing(rng, background, S)
             (cx, cy) = thing["centre"]
             mask = _thing_mask(thing["shape"], x, y, cx, cy, thing["r"], thing["angle"])
-            _paint(img, mask, _sample_instance(rng, thing["cls"], scale), x - cx, y - cy)
+            _paint(img, mask, _sample_instance(rng, thing["cls"], scale, self.grey), x - cx, y - cy)
             labels[mask] = thing["cls"]
         return _noise(rng, img), labels
 
@@ -149,8 +155,8 @@ class SyntheticVideos:
     1..n in painter's order). Objects may occlude each other, but every object is visible in frame 0.
     """
 
-    def __init__(self, n_videos: int = 4, n_frames: int = 12, size=(96, 128), seed: int = 0):
-        self.n_videos, self.n_frames, self.size, self.seed = n_videos, n_frames, tuple(size), seed
+    def __init__(self, n_videos: int = 4, n_frames: int = 12, size=(96, 128), seed: int = 0, grey: bool = False):
+        self.n_videos, self.n_frames, self.size, self.seed, self.grey = n_videos, n_frames, tuple(size), seed, grey
 
     def __len__(self):
         return self.n_videos
@@ -169,7 +175,7 @@ class SyntheticVideos:
                               (0.1 * W, 0.1 * H), (0.9 * W, 0.9 * H))
                 objects.append(dict(thing, start=start, end=end, growth=rng.uniform(0.7, 1.4),
                                     spin=rng.uniform(-0.5, 0.5),
-                                    inst=_sample_instance(rng, thing["cls"], m / REFERENCE_SIZE)))
+                                    inst=_sample_instance(rng, thing["cls"], m / REFERENCE_SIZE, self.grey)))
             ids = np.zeros((H, W), dtype=np.uint8)
             areas = []
             for k, obj in enumerate(objects):
@@ -197,8 +203,8 @@ class SyntheticVideos:
         y, x = np.mgrid[0:H, 0:W] + 0.5
         background = int(rng.integers(len(SYNTHETIC_CLASSES)))
         canvas = np.zeros((H, W, 3), dtype=np.float64)
-        _paint(canvas, np.ones((H, W), dtype=bool), _sample_instance(rng, background, min(H, W) / REFERENCE_SIZE),
-               x, y)
+        _paint(canvas, np.ones((H, W), dtype=bool), _sample_instance(rng, background, min(H, W) / REFERENCE_SIZE,
+                                                                 self.grey), x, y)
         objects = self._objects(rng, background, x, y)
         frames, masks = [], []
         for f in range(self.n_frames):

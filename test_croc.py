@@ -44,6 +44,7 @@ import eval_kmeans
 import eval_linear
 import metrics
 import model as M
+import synthetic
 import bench
 import train
 import visualize
@@ -1287,6 +1288,26 @@ def test_synthetic_colours_of_a_class_vary_across_instances():
         assert np.std(np.stack(m), axis=0).max() > 20, scenes.class_names[c]  # colour does not identify a class
 
 
+def test_grey_synthetic_data_keeps_the_geometry_and_paints_two_greys():
+    colour, grey = data.SyntheticScenes(6, 64, seed=2), data.SyntheticScenes(6, 64, seed=2, grey=True)
+    dark, light = synthetic.GREY_PALETTE
+    for i in range(len(grey)):
+        (img_c, lab_c), (img_g, lab_g) = colour[i], grey[i]
+        assert np.array_equal(lab_c, lab_g)  # the same scene, only repainted
+        arr = np.asarray(img_g, dtype=np.float64)
+        assert np.abs(arr - arr.mean(-1, keepdims=True)).max() <= 20  # grey (noise sigma 3 per channel)
+        near = np.minimum(np.abs(arr - dark), np.abs(arr - light))
+        assert np.quantile(near, 0.99) <= 10 and not np.array_equal(np.asarray(img_c), img_g)
+        for c in np.unique(lab_g):  # a texture changes the grey inside every region
+            assert arr[lab_g == c].std() > 50
+    vc, vg = data.SyntheticVideos(2, 3, (48, 64), seed=1), data.SyntheticVideos(2, 3, (48, 64), seed=1, grey=True)
+    for v in range(2):
+        (fc, mc), (fg, mg) = vc.video(v), vg.video(v)
+        assert all(np.array_equal(a, b) for a, b in zip(mc, mg))
+        arr = np.asarray(fg[0], dtype=np.float64)
+        assert np.quantile(np.minimum(np.abs(arr - dark), np.abs(arr - light)), 0.99) <= 10
+
+
 def test_synthetic_pretrain_returns_views_positions_and_no_skips():
     ds = data.SyntheticPretrain(4, 64, 0, data.TwoViews(64, 16))
     views, positions, skipped = ds[1]
@@ -1431,6 +1452,14 @@ def test_cli_write_synthetic(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert len(list((out / "VOCdevkit/VOC2012/JPEGImages").glob("*.jpg"))) == 3
     assert len(list((out / "DAVIS/Annotations/480p").glob("*/*.png"))) == 3
+    assert not json.loads((out / "VOCdevkit/VOC2012/synthetic.json").read_text())["grey"]
+    proc = run([sys.executable, "data.py", "--write-synthetic", str(tmp_path / "grey"), "--n-train", "2", "--n-val",
+                "1", "--n-videos", "1", "--n-frames", "3", "--size", "32", "--video-size", "32", "48", "--grey"],
+               in_process=True)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "grey/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"]
+    frame = np.asarray(Image.open(tmp_path / "grey/DAVIS/JPEGImages/480p/synth-000/00000.jpg"), dtype=np.float64)
+    assert np.abs(frame - frame.mean(-1, keepdims=True)).max() <= 20  # JPEG of a grey frame
 
 
 # ---------------------------------------------------------------------------------------------------------------
