@@ -298,7 +298,8 @@ def pretraining_dataset(args):
     transform = TwoViews(args.img_size, args.patch_size, tuple(args.global_crops_scale))
     if args.data_path:
         return PretrainImages(args.data_path, transform)
-    return SyntheticPretrain(args.synthetic_images, args.synthetic_size, args.seed, transform)
+    grey = getattr(args, "synthetic_grey", False)  # checkpoints written before the flag: colour
+    return SyntheticPretrain(args.synthetic_images, args.synthetic_size, args.seed, transform, grey=grey)
 
 
 # ----------------------------------------------------------------------------------------------------------------

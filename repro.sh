@@ -8,6 +8,8 @@
 #   EPOCHS=200 bash repro.sh OUT (another pretraining length; the schedules stretch with it)
 #   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
 #                                the DINO run and the evaluations already in OUT are reused)
+#   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
+#                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
 #   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in under a minute, the independent ones side by side:
 #                                CI runs it so that the recipe cannot rot; its numbers mean nothing)
@@ -82,6 +84,7 @@ SEED=${SEED:-0}
 LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
 CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
 EPOCHS=${EPOCHS:-100}
+GREY=${GREY:-0}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0
   RUNS="$CROC" WORKERS=0 EVAL_EVERY=1  # one evaluated model: every command of the recipe runs once
@@ -102,12 +105,17 @@ steps_done() {
   for pid in $step_pids; do wait "$pid" || { echo "a step failed: see the logs in $OUT" >&2; exit 1; }; done
   step_pids=""
 }
+WORLD=""
+if [ "$GREY" = 1 ]; then  # --eval_every then reads the grey val scenes written below (in-memory ones are colour)
+  DATA="$DATA --grey" WORLD="--synthetic_grey true --eval_data_path $OUT/data"
+fi
 mkdir -p "$OUT"
 [ -d "$OUT/data" ] || step $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
+if [ "$GREY" = 1 ]; then steps_done; fi  # the data before the pretrainings, which evaluate on it
 pids=""
 for name in dino $CROC; do
   if [ $name = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
-  OMP_NUM_THREADS=1 $PY train.py $COMMON $flags --eval_every $EVAL_EVERY \
+  OMP_NUM_THREADS=1 $PY train.py $COMMON $WORLD $flags --eval_every $EVAL_EVERY \
       --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
       >> "$OUT/$name.log" 2>&1 &
   pids="$pids $!"

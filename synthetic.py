@@ -135,8 +135,8 @@ class SyntheticScenes(Dataset):
 class SyntheticPretrain(Dataset):
     """Synthetic scenes for pretraining: __getitem__(i) -> (*transform(img), 0) (0 files skipped)."""
 
-    def __init__(self, n_images: int = 1000, size: int = 64, seed: int = 0, transform=None):
-        self.scenes = SyntheticScenes(n_images, size, seed)
+    def __init__(self, n_images: int = 1000, size: int = 64, seed: int = 0, transform=None, grey: bool = False):
+        self.scenes = SyntheticScenes(n_images, size, seed, grey=grey)
         self.transform = transform
 
     def __len__(self):

@@ -1288,6 +1288,18 @@ def test_synthetic_colours_of_a_class_vary_across_instances():
         assert np.std(np.stack(m), axis=0).max() > 20, scenes.class_names[c]  # colour does not identify a class
 
 
+def test_synthetic_grey_flag_paints_the_pretraining_scenes_grey():
+    args = train.get_args_parser().parse_args(["--synthetic_images", "2", "--synthetic_size", "32", "--img_size", "32",
+                                               "--patch_size", "8", "--synthetic_grey", "true"])
+    grey = data.pretraining_dataset(args).scenes[1][0]
+    args.synthetic_grey = False
+    colour = data.pretraining_dataset(args).scenes[1][0]
+    assert np.array_equal(np.asarray(grey), np.asarray(data.SyntheticScenes(2, 32, 0, grey=True)[1][0]))
+    assert not np.array_equal(np.asarray(grey), np.asarray(colour))
+    del args.synthetic_grey  # the args of a checkpoint written before the flag: colour
+    assert np.array_equal(np.asarray(data.pretraining_dataset(args).scenes[1][0]), np.asarray(colour))
+
+
 def test_grey_synthetic_data_keeps_the_geometry_and_paints_two_greys():
     colour, grey = data.SyntheticScenes(6, 64, seed=2), data.SyntheticScenes(6, 64, seed=2, grey=True)
     dark, light = synthetic.GREY_PALETTE
@@ -2830,21 +2842,27 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
 
 
-def _repro_quick(tmp_path):
+def _repro_quick(tmp_path, grey):
     out = tmp_path / "repro"
-    return out, run(["bash", "repro.sh", str(out)], {"QUICK": "1", "PYTHON": sys.executable}, timeout=900)
+    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey))}
+    return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
 
 
 @early(_repro_quick)
-def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run):
+@pytest.mark.parametrize("grey", [False, True])
+def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
-    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing)."""
+    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1: the same in the grey
+    world, trained and evaluated on grey scenes."""
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
     for name in ("dino", "croc"):
         assert (out / name / "curves.png").is_file()
         assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
+    assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
     # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
     table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
     assert table.returncode == 0, table.stderr[-3000:]

@@ -112,6 +112,9 @@ def get_args_parser():
     g.add_argument("--global_crops_scale", nargs=2, default=(0.25, 1.0), type=float, help="Crop scale range.")
     g.add_argument("--synthetic_images", default=2000, type=int, help="Size of the synthetic dataset.")
     g.add_argument("--synthetic_size", default=128, type=int, help="Side of the synthetic scene images.")
+    g.add_argument("--synthetic_grey", default=False, type=bool_flag,
+                   help="Paint the synthetic scenes in one grey palette (data.py --grey), so that only the texture "
+                        "tells two instances apart (default false: random colours per instance).")
     g.add_argument("--num_workers", default=8, type=int, help="Data loading workers per process.")
 
     g = p.add_argument_group("run")

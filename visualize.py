@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clustering
 import data
-from model import IMAGENET_MEAN, IMAGENET_STD, add_backbone_args, load_backbone, torch_load
+from model import IMAGENET_MEAN, IMAGENET_STD, add_backbone_args, bool_flag, load_backbone, torch_load
 
 # --------------------------------------------------------------------------------------------------------------
 # Layout (pixels). tile: side of a view panel; a merge step shows view 1 above view 2 at tile / 2 each.
@@ -317,11 +317,11 @@ def fixed_batch(dataset, n=4, seed=0):
 # Command line
 # --------------------------------------------------------------------------------------------------------------
 FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "global_crops_scale",
-                 "synthetic_size") + clustering.CLUSTER_SETTINGS  # None on the command line: checkpoint, then below
+                 "synthetic_size", "synthetic_grey") + clustering.CLUSTER_SETTINGS  # None on the command line: checkpoint, then below
 # Without a checkpoint: the paper's model and views (train.py's defaults; a test keeps the two equal), and
 # clustering.cluster's own defaults for the clustering.
 VIEW_DEFAULTS = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "which_features": "v",
-                 "global_crops_scale": (0.25, 1.0), "synthetic_size": 128}
+                 "global_crops_scale": (0.25, 1.0), "synthetic_size": 128, "synthetic_grey": False}
 
 
 def default_setting(name):
@@ -439,6 +439,7 @@ def get_args_parser():
                      help="The first N images of the training set of the --weights checkpoint (its --data_path or "
                           "synthetic scenes), cropped with --seed: the fixed batch of train.py --visualize_every.")
     g.add_argument("--synthetic_size", type=int, help="Side of the synthetic scene (train.py default 128).")
+    g.add_argument("--synthetic_grey", type=bool_flag, help="The scene in one grey palette (train.py default false).")
     g = p.add_argument_group("model (one of --weights, --random_init), or --log for training curves")
     w = g.add_mutually_exclusive_group(required=True)
     w.add_argument("--log", help="Draw this train.py log.txt as training curves (losses, teacher entropies against "
@@ -505,7 +506,8 @@ def main(args):
     if args.image:
         original, name = data.load_rgb(args.image), os.path.basename(args.image)
     else:
-        scenes = data.SyntheticScenes(args.synthetic_index + 1, args.synthetic_size, args.seed)  # train.py's scenes
+        scenes = data.SyntheticScenes(args.synthetic_index + 1, args.synthetic_size, args.seed,  # train.py's scenes
+                                      grey=args.synthetic_grey)
         original = scenes[args.synthetic_index][0]
         name = f"synthetic scene {args.synthetic_index}"
     transform = data.TwoViews(args.img_size, args.patch_size, args.global_crops_scale)
