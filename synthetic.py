@@ -7,7 +7,9 @@ nothing a random ViT's features mostly see (colour, brightness, position) tells 
 pattern does, which survives DINO's colour jitter, grayscale, blur and flips (every texture is invariant to a
 horizontal flip). A scene is one background texture covering the image and 1-3 things (disk, square or
 triangle; 2-5 patches across at 64 px) of other textures, in painter's order. Sizes and periods are given for a
-64-px image and scale with the image. Every image is deterministic per (seed, index).
+64-px image and scale with the image. Every image is deterministic per (seed, index). grey=True (data.py --grey,
+train.py --synthetic_grey true) repaints every instance in GREY_PALETTE and changes nothing else, so that only the
+texture tells two instances apart.
 """
 import math
 
