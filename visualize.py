@@ -316,8 +316,9 @@ def fixed_batch(dataset, n=4, seed=0):
 # --------------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------------
-FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "global_crops_scale",
-                 "synthetic_size", "synthetic_grey") + clustering.CLUSTER_SETTINGS  # None on the command line: checkpoint, then below
+# None on the command line: the checkpoint's, then below
+FROM_TRAINING = ("arch", "patch_size", "img_size", "which_features", "global_crops_scale", "synthetic_size",
+                 "synthetic_grey") + clustering.CLUSTER_SETTINGS
 # Without a checkpoint: the paper's model and views (train.py's defaults; a test keeps the two equal), and
 # clustering.cluster's own defaults for the clustering.
 VIEW_DEFAULTS = {"arch": "vit_small", "patch_size": 16, "img_size": 224, "which_features": "v",
