@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import resource
 import runpy
 import shutil
 import signal
@@ -3257,3 +3258,29 @@ def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_proce
     assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     assert left == []
+
+
+def _full_disk():
+    """preexec_fn: this process's files stop at 1 MB, so its first checkpoint fails as on a full disk."""
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails (EFBIG) instead of killing the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2 ** 20, 2 ** 20))
+
+
+@pytest.mark.parametrize("failure", ["eval_every", "full_disk"])
+def test_an_error_with_workers_running_ends_the_run_and_its_workers(tmp_path, failure):
+    """The workers ignore stop signals, and Python's exit waits for its child processes after a SIGTERM: an error
+    raised while they run (a failing --eval_every, a full disk; a non-finite loss alike) must still end the run,
+    with its own message, and leave no process behind."""
+    out = tmp_path / "run"
+    flags = ["--eval_every", "1", "--eval_args=--no_such_flag"] if failure == "eval_every" else []
+    r = run([sys.executable, "train.py"] + STEP_TINY + ["--num_workers", "1", "--epochs", "2", "--output_dir",
+                                                        str(out)] + flags,
+            timeout=180, preexec_fn=_full_disk if failure == "full_disk" else None)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "exited unexpectedly" not in r.stderr  # the workers' end does not hide the error
+    if failure == "eval_every":
+        assert "--eval_every: eval_kmeans.py failed" in r.stderr and "--no_such_flag" in r.stderr
+    else:
+        assert "save_atomic" in r.stderr, r.stderr[-3000:]  # the checkpoint's write failed
+        assert not os.path.exists(out / "checkpoint.pth")
+    assert _processes_mentioning(str(out)) == []

@@ -9,6 +9,7 @@ Re-running the same command resumes from output_dir/checkpoint.pth.
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import shlex
 import signal
@@ -334,6 +335,17 @@ def ignore_stop_signals(worker_id):
         signal.signal(sig, signal.SIG_IGN)
 
 
+def stop_workers():
+    """After an error in main: kill this process's DataLoader workers. They ignore SIGTERM (ignore_stop_signals),
+    and Python's exit stops its child processes with SIGTERM and then waits for them, so an error raised while
+    they run (a full disk, a non-finite loss, a failed --eval_every) would otherwise hang the run forever. They
+    hold nothing to save. PyTorch's SIGCHLD check goes first, or their end would be reported instead of the error."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in multiprocessing.active_children():
+        worker.kill()
+        worker.join()
+
+
 def rng_state(generator):
     """This rank's random streams (drop path, the clustering's seeds) for an exact resume."""
     state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
@@ -608,4 +620,8 @@ if __name__ == "__main__":
         check_args(args)
     except ValueError as e:
         parser.error(str(e))  # usage, the flag, exit status 2
-    main(args)
+    try:
+        main(args)
+    except BaseException:
+        stop_workers()
+        raise
