@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -245,12 +246,51 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, weight)
 
 
+class HeadBatchNorm(nn.BatchNorm1d):
+    """The BatchNorm1d of DINO's `--use_bn_in_head`, with two additions the centroid path needs.
+
+    - `keep`: the rows the batch statistics are taken over. On the centroids (Sec. 3.3) the batch is every slot
+      (V, B, K) of both views, and the pruned and padded slots (zero centroids, weight 0 in Eq. 4) must not move
+      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used.
+    - The statistics are summed over the ranks (differentiably, as SyncBatchNorm, which DINO uses on GPUs), so
+      they are the same with any number of processes, on CPU as on GPU; SyncBatchNorm has neither a mask nor a
+      CPU kernel.
+    With every row kept, in one process, it is nn.BatchNorm1d (a test checks): mean and biased variance of the
+    batch in training mode, the running ones updated with the unbiased variance, and used in eval mode.
+    Computed in fp32, as cuDNN's batch norm does for fp16 inputs."""
+
+    def forward(self, x, keep=None):
+        if not self.training:
+            return super().forward(x)
+        rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
+        w = rows.new_ones(len(rows), 1) if keep is None else keep.reshape(-1, 1).to(rows.dtype)
+        n = _sum_over_ranks(w.sum())
+        mean = _sum_over_ranks((w * rows).sum(0)) / n.clamp(min=1)
+        var = _sum_over_ranks((w * (rows - mean) ** 2).sum(0)) / n.clamp(min=1)  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))  # unbiased, as BatchNorm keeps
+            self.num_batches_tracked.add_(1)
+        y = (rows - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        return y.to(x.dtype).reshape(x.shape)
+
+
+def _sum_over_ranks(t):
+    """Sum over the ranks with a gradient (each rank's loss depends on every rank's rows through the statistics)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        return dist_nn.all_reduce(t)
+    return t
+
+
 class CrOCHead(nn.Module):
     """MLP (in -> 2048 -> 2048 -> 256), L2-normalise, then one of two weight-normalised last layers:
     `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3).
 
-    use_bn: a BatchNorm1d after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
-    runs). Image level only: on the centroids its batch statistics would mix in the pruned (zero) slots."""
+    use_bn: a BatchNorm after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
+    runs). The images and the centroids are normalised as two batches, each over its own rows; on the centroids,
+    over the kept ones only (`keep`, HeadBatchNorm). Not in the paper, which has no BN head: ours, so that CrOC can
+    run at the recipe where DINO learns on the synthetic scenes (BENCHMARKS.md)."""
 
     def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
                  norm_last_layer=False, use_bn=False):
@@ -258,7 +298,7 @@ class CrOCHead(nn.Module):
         dims = [in_dim] + [hidden_dim] * (nlayers - 1)
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
-            layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
+            layers += [nn.Linear(a, b)] + ([HeadBatchNorm(b)] if use_bn else []) + [nn.GELU()]
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO (with BN: mlp.0, 1, 3, 4, 6)
         self.mlp.apply(_init_weights)
@@ -266,11 +306,15 @@ class CrOCHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.last_layer_c = WeightNormLinear(bottleneck_dim, out_dim_c, norm_last_layer)
 
-    def forward(self, x, centroids=False):
-        if centroids and self.use_bn:
-            raise ValueError("use_bn (--use_bn_in_head) is for the image head only (alpha 0): on the centroids the "
-                             "batch statistics would mix in the pruned slots")
-        x = F.normalize(self.mlp(x), dim=-1)
+    def forward(self, x, centroids=False, keep=None):
+        """x: (..., in_dim). keep (bool, x's leading shape): the rows the BatchNorms take their statistics over
+        (default all); with use_bn, the centroids need it."""
+        if centroids and self.use_bn and keep is None:
+            raise ValueError("use_bn (--use_bn_in_head) on the centroids needs `keep`, the kept centroids: the "
+                             "batch statistics must not mix in the pruned slots")
+        for layer in self.mlp:
+            x = layer(x, keep) if isinstance(layer, HeadBatchNorm) else layer(x)
+        x = F.normalize(x, dim=-1)
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
 
@@ -294,14 +338,20 @@ class CrOCModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x, plan=None):
+    def forward(self, x, plan=None, valid=None):
         """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
-        Q* split view-wise (2, B, N, K), centroid logits (2, B, K, L_c) (Eq. 2-3), else None."""
+        Q* split view-wise (2, B, N, K) and its kept centroids valid (B, K), centroid logits (2, B, K, L_c)
+        (Eq. 2-3), else None."""
         f = self.backbone.forward_features(x)
         img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
         if plan is None:
             return img, None
-        return img, self.head(view_centroids(f.patch, f.cls, plan), centroids=True)
+        return img, self.head(view_centroids(f.patch, f.cls, plan), centroids=True, keep=both_views(valid))
+
+
+def both_views(valid):
+    """(B, K) kept centroids -> (2, B, K): a centroid is kept or pruned in both views together (Eq. 16)."""
+    return None if valid is None else valid.expand(2, *valid.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -425,9 +475,10 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
                 with record_function("clustering"):
                     plan, valid, res = clustering.cluster_views(tf.tokens, positions, args, generator)
                 with record_function("teacher centroid head"):
-                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True)  # Eq. 2-3
+                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True,
+                                         keep=both_views(valid))  # Eq. 2-3
         with record_function("student forward"):
-            s_img, s_cen = student(x, plan)  # the same Q* pools the student's tokens (Eq. 2)
+            s_img, s_cen = student(x, plan, valid)  # the same Q* pools the student's tokens (Eq. 2)
     with record_function("loss"):
         loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
                                         None if t_cen is None else t_cen.float(), valid, epoch)

@@ -8,6 +8,9 @@
 #   EPOCHS=200 bash repro.sh OUT (another pretraining length; the schedules stretch with it)
 #   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
 #                                the DINO run and the evaluations already in OUT are reused)
+#   BN=1 bash repro.sh OUT       (part 1's recipe, where DINO learns: DINO's BatchNorm head, train.py --use_bn_in_head
+#                                true, and 300 epochs unless EPOCHS says otherwise. CrOC's centroids go through
+#                                the same head, normalised over the kept ones. Use its own OUT)
 #   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
 #                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
@@ -83,7 +86,9 @@ OUT=${1:-repro}
 SEED=${SEED:-0}
 LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
 CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
-EPOCHS=${EPOCHS:-100}
+BN=${BN:-0}
+EPOCHS=${EPOCHS:-$([ "$BN" = 1 ] && echo 300 || echo 100)}
+HEAD=$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true)
 GREY=${GREY:-0}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0
@@ -96,7 +101,7 @@ COMMON="--arch vit_nano --patch_size 8 --img_size 48 --synthetic_size 64 --synth
         --batch_size_per_gpu $BATCH --epochs $EPOCHS --warmup_epochs 1 --lr 0.002 --clip_grad 3.0
         --momentum_teacher 0.996 --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
         --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --global_crops_scale 0.5 1.0
-        --drop_path_rate 0 --precision fp32 --num_workers 1 --seed $SEED"
+        --drop_path_rate 0 --precision fp32 --num_workers 1 --seed $SEED $HEAD"
 # A command of the recipe: run in turn; with QUICK=1 (seconds each, mostly imports) side by side with the next ones
 # that do not need its output, until steps_done waits for them
 step_pids=""

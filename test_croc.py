@@ -884,9 +884,9 @@ def test_head_last_layers_train_their_norm_by_default_and_norm_last_layer_freeze
     assert M.CrOCHead(192, 8, 4).last_layer.weight_g.requires_grad  # the class default too
 
 
-def test_use_bn_in_head_is_dinos_batchnorm_head_and_image_level_only():
-    """DINO's --use_bn_in_head: a BatchNorm1d after each hidden layer (DINO's keys), which spreads images that the
-    plain head maps to nearly one direction; the centroid path refuses it, and train.py needs --alpha 0."""
+def test_use_bn_in_head_is_dinos_batchnorm_head():
+    """DINO's --use_bn_in_head: a BatchNorm after each hidden layer (DINO's keys), which spreads images that the
+    plain head maps to nearly one direction; with every row kept it is nn.BatchNorm1d, in training and in eval."""
     torch.manual_seed(0)
     plain, bn = M.CrOCHead(32, 16, 8), M.CrOCHead(32, 16, 8, use_bn=True)
     keys = {k.rsplit(".", 1)[0] for k in bn.state_dict() if k.startswith("mlp.")}
@@ -898,11 +898,90 @@ def test_use_bn_in_head_is_dinos_batchnorm_head_and_image_level_only():
         z = F.normalize(head.mlp(x), dim=-1)
         return ((z @ z.T).sum() - len(z)) / (len(z) * (len(z) - 1))
     assert mean_cosine(plain) > 0.99 and mean_cosine(bn) < 0.5
-    with pytest.raises(ValueError, match="use_bn"):
-        bn(torch.randn(2, 2, 3, 32), centroids=True)
-    with pytest.raises(ValueError, match="--use_bn_in_head True: .*--alpha 0"):
-        train.check_args(_args(["--use_bn_in_head", "true"]))
-    train.check_args(_args(["--use_bn_in_head", "true", "--alpha", "0"]))
+
+    ours, ref = M.HeadBatchNorm(6), torch.nn.BatchNorm1d(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2), ours.bias.normal_()
+    ref.load_state_dict(ours.state_dict())
+    for step in range(3):  # training mode: batch statistics, gradients, running statistics
+        x = (3 * torch.randn(10, 6) + 1).requires_grad_()
+        g = torch.randn(10, 6)
+        y, y_ref = ours(x), ref(x)
+        torch.testing.assert_close(y, y_ref)
+        gx, = torch.autograd.grad((y * g).sum(), x)
+        gx_ref, = torch.autograd.grad((y_ref * g).sum(), x)
+        torch.testing.assert_close(gx, gx_ref)
+    for name, t in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], t)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))  # eval mode: the running statistics
+
+
+def test_pruned_centroids_do_not_change_the_batchnorm_head():
+    """With --use_bn_in_head on the centroids, the statistics are over the kept slots only: whatever the pruned
+    slots hold, the kept centroids' logits and gradients are those of the kept ones alone."""
+    torch.manual_seed(0)
+    head = M.CrOCHead(32, 16, 8, use_bn=True)
+    x = torch.randn(2, 4, 5, 32)  # (views, B, K, D)
+    valid = torch.rand(4, 5) < 0.6
+    valid[0, 0] = True
+    keep = M.both_views(valid)
+    with pytest.raises(ValueError, match="keep"):
+        head(x, centroids=True)
+
+    def kept_outputs_and_grad(x):
+        x = x.clone().requires_grad_()
+        y = head(x, centroids=True, keep=keep)[keep]
+        grad, = torch.autograd.grad(y.square().sum(), x)
+        return y, grad[keep], grad[~keep]
+    y, grad, grad_pruned = kept_outputs_and_grad(x)
+    other = torch.where(keep[..., None], x, 100 * torch.randn_like(x))  # the pruned slots: anything
+    y2, grad2, _ = kept_outputs_and_grad(other)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(grad, grad2)
+    assert (grad_pruned == 0).all()  # a pruned slot gets no gradient through the statistics either
+    alone = head(x[keep], centroids=True, keep=torch.ones(int(keep.sum()), dtype=torch.bool))  # kept rows only
+    torch.testing.assert_close(y, alone)
+    # the mask matters: statistics over every slot would give other logits
+    assert not torch.allclose(head(x, centroids=True, keep=torch.ones_like(keep))[keep], y)
+
+
+_BN_RANK = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[3])
+import model as M
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+torch.manual_seed(0)
+bn = M.HeadBatchNorm(6)
+x = torch.randn(2, 10, 6) * 3 + 1
+keep = torch.rand(2, 10) < 0.7
+x = x[rank].requires_grad_()
+y = bn(x, keep[rank])
+g, = torch.autograd.grad((y * torch.arange(6.)).sum(), x)
+torch.save({"y": y.detach(), "g": g, "running_var": bn.running_var}, sys.argv[2] + f".{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_head_batchnorm_statistics_are_summed_over_the_ranks(tmp_path):
+    """Two gloo processes, each with half of the rows, give the outputs, gradients and running statistics of one
+    process with all of them (as DINO's SyncBatchNorm, which has no CPU kernel and no mask)."""
+    init = str(tmp_path / "init")
+    procs = [subprocess.Popen([sys.executable, "-c", _BN_RANK, str(r), init, str(Path(__file__).parent)])
+             for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    ranks = [torch.load(f"{init}.{r}.pt") for r in range(2)]
+    torch.manual_seed(0)
+    bn = M.HeadBatchNorm(6)
+    x = (torch.randn(2, 10, 6) * 3 + 1).requires_grad_()
+    keep = torch.rand(2, 10) < 0.7
+    y = bn(x, keep)
+    g, = torch.autograd.grad((y * torch.arange(6.)).sum(), x)
+    for r in range(2):
+        torch.testing.assert_close(ranks[r]["y"][keep[r]], y[r][keep[r]])
+        torch.testing.assert_close(ranks[r]["g"], g[r])
+        torch.testing.assert_close(ranks[r]["running_var"], bn.running_var)
 
 
 def _one_step():
@@ -2839,16 +2918,18 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     assert subprocess.run(["bash", "-n", path]).returncode == 0
     text = open(path).read()
     common = text.split('COMMON="', 1)[1].split('"', 1)[0]
-    for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32")):
+    for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32"),
+                        ("$HEAD", "--use_bn_in_head true")):
         common = common.replace(name, value)
     args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
     assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
+    assert args.use_bn_in_head is True
 
 
 def _repro_quick(tmp_path, grey):
     out = tmp_path / "repro"
-    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey))}
+    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey))}
     return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
 
 
@@ -2856,8 +2937,8 @@ def _repro_quick(tmp_path, grey):
 @pytest.mark.parametrize("grey", [False, True])
 def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
-    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1: the same in the grey
-    world, trained and evaluated on grey scenes."""
+    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1 BN=1: the same in
+    the grey world, trained and evaluated on grey scenes, with the BatchNorm head (one run tests both modes)."""
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
@@ -2866,6 +2947,7 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
         assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
         config = json.loads((out / name / "config.json").read_text())
         assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
+        assert config["use_bn_in_head"] is grey and config["epochs"] == 1
     assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
     # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
     table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
@@ -2975,10 +3057,13 @@ def _train_here(out, extra=(), sigterm_at=None, monkeypatch=None):
             monkeypatch.setattr(train.StopFlag, "should_stop", should_stop)
 
 
-def test_dino_with_a_batchnorm_head_trains_and_saves_the_statistics(tmp_path):
+@pytest.mark.parametrize("alpha", ["0", "1"])
+def test_a_batchnorm_head_trains_and_saves_the_statistics(tmp_path, alpha):
+    """DINO (--alpha 0) and CrOC (--alpha 1, the centroids' BN over the kept ones) with --use_bn_in_head."""
     out = tmp_path / "bn"
-    _train_here(out, ["--epochs", "1", "--alpha", "0", "--use_bn_in_head", "true"])
-    assert np.isfinite(_log(out)[-1]["loss"])
+    _train_here(out, ["--epochs", "1", "--alpha", alpha, "--use_bn_in_head", "true"])
+    log = _log(out)[-1]
+    assert np.isfinite(log["loss"]) and (alpha == "0" or log["loss_dense"] > 0)
     teacher = M.torch_load(str(out / "checkpoint.pth"))["teacher"]
     assert teacher["head.mlp.1.num_batches_tracked"] > 0  # the teacher's BN ran on batch statistics
 

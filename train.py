@@ -54,9 +54,10 @@ def get_args_parser():
                         "for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for ViT-S, true "
                         "for ViT-B stability. The official CrOC parser defaults to true.")
     g.add_argument("--use_bn_in_head", default=False, type=bool_flag,
-                   help="BatchNorm after each hidden layer of the image head: DINO's --use_bn_in_head (default false "
-                        "there, and off in DINO's and CrOC's runs). DINO only (--alpha 0). Synchronised across GPUs "
-                        "(SyncBatchNorm); on CPU each process normalises over its own batch.")
+                   help="BatchNorm after each hidden layer of the head: DINO's --use_bn_in_head (default false there, "
+                        "and off in DINO's and CrOC's runs). Images and centroids are normalised as two batches, the "
+                        "centroids over the kept ones only (not in the paper: model.HeadBatchNorm). The statistics "
+                        "are summed over all processes, as DINO's SyncBatchNorm, on CPU too.")
     g.add_argument("--momentum_teacher", default=0.996, type=float,
                    help="Teacher EMA momentum, cosine to 1 (DINO). 0.996 for batch 256; with small batches use "
                         "0.9995 or more.")
@@ -162,9 +163,6 @@ def check_args(args):
          f"must lie in [0, --epochs {args.epochs}]; more would stop the lr before it reaches its peak --lr")
     need(args.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs", "must be >= 0")
     need(args.freeze_last_layer >= 0, "freeze_last_layer", "must be >= 0")
-    need(not (args.use_bn_in_head and args.alpha > 0), "use_bn_in_head",
-         f"is DINO's image-head option and needs --alpha 0 (got {args.alpha}): on the centroids the batch statistics "
-         "would mix in the pruned slots")
     need(args.batch_size_per_gpu >= 1, "batch_size_per_gpu", "must be at least 1")
     for flag in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "alpha", "lambda_pos",
                  "drop_path_rate"):
@@ -395,8 +393,6 @@ def main(args):
                          f"{args.batch_size_per_gpu} on {world} process(es)")
 
     student, teacher = build_student_teacher(args)  # same init; the teacher: no stochastic depth, no gradient
-    if args.use_bn_in_head and world > 1 and device.type == "cuda":  # as DINO; SyncBatchNorm has no CPU kernel
-        student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
     student, teacher = student.to(device), teacher.to(device)
     ddp_student = student
     if world > 1:
