@@ -251,7 +251,8 @@ class HeadBatchNorm(nn.BatchNorm1d):
 
     - `keep`: the rows the batch statistics are taken over. On the centroids (Sec. 3.3) the batch is every slot
       (V, B, K) of both views, and the pruned and padded slots (zero centroids, weight 0 in Eq. 4) must not move
-      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used.
+      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used. (The
+      official code indexes the kept centroids out before its head, so its BatchNorm sees only those.)
     - The statistics are summed over the ranks (differentiably, as SyncBatchNorm, which DINO uses on GPUs), so
       they are the same with any number of processes, on CPU as on GPU; SyncBatchNorm has neither a mask nor a
       CPU kernel.
@@ -289,8 +290,8 @@ class CrOCHead(nn.Module):
 
     use_bn: a BatchNorm after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
     runs). The images and the centroids are normalised as two batches, each over its own rows; on the centroids,
-    over the kept ones only (`keep`, HeadBatchNorm). Not in the paper, which has no BN head: ours, so that CrOC can
-    run at the recipe where DINO learns on the synthetic scenes (BENCHMARKS.md)."""
+    over the kept ones only (`keep`, HeadBatchNorm), as the official code's head does. Not in the paper; here so
+    that CrOC can run at the recipe where DINO learns the synthetic scenes (BENCHMARKS.md)."""
 
     def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
                  norm_last_layer=False, use_bn=False):
