@@ -264,16 +264,19 @@ class HeadBatchNorm(nn.BatchNorm1d):
         if not self.training:
             return super().forward(x)
         rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
-        w = rows.new_ones(len(rows), 1) if keep is None else keep.reshape(-1, 1).to(rows.dtype)
+        w = rows.new_ones(1, len(rows)) if keep is None else keep.reshape(1, -1).to(rows.dtype)  # (1, n)
+        # sums over the kept rows as products w @ rows, centred once, scale and shift fused: on CPU a CrOC step of
+        # repro.sh BN=1 takes 2.06 s, against 2.39 s elementwise and 2.02 s for nn.BatchNorm1d (BENCHMARKS.md)
         n = _sum_over_ranks(w.sum())
-        mean = _sum_over_ranks((w * rows).sum(0)) / n.clamp(min=1)
-        var = _sum_over_ranks((w * (rows - mean) ** 2).sum(0)) / n.clamp(min=1)  # biased, as BatchNorm normalises
+        mean = _sum_over_ranks(w @ rows)[0] / n.clamp(min=1)
+        centred = rows - mean
+        var = _sum_over_ranks(w @ centred.square())[0] / n.clamp(min=1)  # biased, as BatchNorm normalises
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean)
             self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))  # unbiased, as BatchNorm keeps
             self.num_batches_tracked.add_(1)
-        y = (rows - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        y = torch.addcmul(self.bias, centred, self.weight / torch.sqrt(var + self.eps))  # centred / std * w + b
         return y.to(x.dtype).reshape(x.shape)
 
 
