@@ -261,8 +261,8 @@ class HeadBatchNorm(nn.BatchNorm1d):
     Computed in fp32, as cuDNN's batch norm does for fp16 inputs."""
 
     def forward(self, x, keep=None):
-        if not self.training:
-            return super().forward(x)
+        if not self.training:  # the running statistics, per row whatever x's leading shape
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
         w = rows.new_ones(1, len(rows)) if keep is None else keep.reshape(1, -1).to(rows.dtype)  # (1, n)
         # sums over the kept rows as products w @ rows, centred once, scale and shift fused: on CPU a CrOC step of

@@ -915,6 +915,7 @@ def test_use_bn_in_head_is_dinos_batchnorm_head():
         torch.testing.assert_close(ours.state_dict()[name], t)
     ours.eval(), ref.eval()
     torch.testing.assert_close(ours(x), ref(x))  # eval mode: the running statistics
+    torch.testing.assert_close(ours(x.expand(2, 10, 6)), ref(x).expand(2, 10, 6))  # per row, e.g. centroids
 
 
 def test_pruned_centroids_do_not_change_the_batchnorm_head():
