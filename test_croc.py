@@ -3290,6 +3290,24 @@ def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers
     assert not (out / "eval" / "epoch0003" / "teacher.pth").exists()  # the weights file is removed after use
 
 
+def _torchrun_bn_head(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = tmp_path / "bn"
+    return out, _run(torchrun + STEP_TINY + ["--epochs", "1", "--alpha", "1", "--use_bn_in_head", "true"], out)
+
+
+@early(_torchrun_bn_head)
+def test_torchrun_two_processes_train_croc_with_the_batchnorm_head(early_run):
+    """BN=1's CrOC on two ranks: the head's BatchNorms sum their statistics over the ranks inside DDP's forward
+    (images and kept centroids), and the ranks' teachers stay identical."""
+    out, r = early_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    log = _log(out)[-1]
+    assert np.isfinite(log["loss"]) and log["loss_dense"] > 0 and log["teacher_sync_error"] == 0.0
+    teacher = M.torch_load(str(out / "checkpoint.pth"))["teacher"]
+    assert teacher["head.mlp.1.num_batches_tracked"] > 0
+
+
 def _processes_mentioning(text):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
