@@ -972,7 +972,7 @@ def test_head_batchnorm_statistics_are_summed_over_the_ranks(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", _BN_RANK, str(r), init, str(Path(__file__).parent)])
              for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    ranks = [torch.load(f"{init}.{r}.pt") for r in range(2)]
+    ranks = [M.torch_load(f"{init}.{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     bn = M.HeadBatchNorm(6)
     x = (torch.randn(2, 10, 6) * 3 + 1).requires_grad_()
