@@ -2831,13 +2831,14 @@ def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
 # ---------------------------------------------------------------------------------------------------------------
 # train.py --visualize_every
 # ---------------------------------------------------------------------------------------------------------------
-def _run_script_here(name, arguments, flag):
+def _run_script_here(name, arguments, flag, stop=None):
     """train.run_script with the script's process replaced by run(in_process=True): the same command line through
     the script's own __main__, its random streams kept apart from training's (train.py's own launch of a process is
     run by --eval_every in the torchrun tests and repro.sh)."""
     proc = run([sys.executable, name, *arguments], in_process=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return True
 
 
 def _vis_train(out, extra=(), monkeypatch=None):
@@ -3308,12 +3309,13 @@ def test_torchrun_two_processes_train_croc_with_the_batchnorm_head(early_run):
     assert teacher["head.mlp.1.num_batches_tracked"] > 0
 
 
-def _processes_mentioning(text):
+def _processes_mentioning(*texts):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if text.encode() in f.read():
+                cmdline = f.read()
+                if all(text.encode() in cmdline for text in texts):
                     found.append(int(pid))
         except OSError:
             pass
@@ -3362,6 +3364,52 @@ def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_proce
     assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     assert left == []
+
+
+def _signal_during_eval_every(tmp_path):
+    """A 1-process run with --eval_every 1, signalled as a job is (SIGTERM to its whole process group) while rank 0's
+    eval_kmeans.py process runs -> (output folder, its command, the run's CompletedProcess)."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "train.py"] + STEP_TINY + [
+        "--epochs", "2", "--eval_every", "1", "--output_dir", str(out),
+        "--eval_args", "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not _processes_mentioning("eval_kmeans.py", str(out)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # until the evaluation after epoch 0 runs (its --weights lie in the output folder)
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return out, cmd, subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@early(_signal_during_eval_every)
+def test_a_stop_signal_during_eval_every_saves_the_epoch_and_resumes_exactly(early_run, tmp_path):
+    """A scheduler signals every process of the job, the --eval_every evaluation too: the ended evaluation is the
+    run's stop, not a failure. The epoch just trained is saved (logged without its reading) and the run exits 0;
+    the same command then resumes to the weights of an uninterrupted run."""
+    out, cmd, r = early_run
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "signal received: saved" in r.stdout and "at the end of epoch 0" in r.stdout, r.stdout[-3000:]
+    assert "ended by a stop signal" in r.stderr and "Traceback" not in r.stderr, r.stderr[-3000:]
+    (row,) = _log(out)
+    assert row["epoch"] == 0 and "eval_kmeans_miou" not in row
+    assert M.torch_load(str(out / "checkpoint.pth"))["epoch"] == 1
+    assert not (out / "eval" / "epoch0001" / "teacher.pth").exists()
+    r = run(cmd, in_process=True)  # the same command: epoch 1 and its evaluation
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    rows = _log(out)
+    assert [e["epoch"] for e in rows] == [0, 1] and np.isfinite(rows[1]["eval_kmeans_miou"])
+    _train_here(tmp_path / "whole", ["--epochs", "2"])  # no evaluation: it leaves training unchanged
+    a, b = (M.torch_load(str(folder / "checkpoint.pth")) for folder in (tmp_path / "whole", out))
+    for key in ("student", "teacher"):
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
 
 
 def _full_disk():

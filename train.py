@@ -465,12 +465,12 @@ def main(args):
             save_atomic(state, ckpt_path)
             return state
 
-    def draw_clusters(epochs_done, weights):
+    def draw_clusters(epochs_done, weights, stop=None):
         """Rank 0: visualize.py, in a process of its own, draws the teacher in weights on a fixed batch (the first 4
         training images, cropped with --seed) to clusters_epochNNNN.png. Training's random streams are untouched."""
         path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
         run_script("visualize.py", ["--weights", weights, "--training_images", "4", "--seed", str(args.seed),
-                                    "--device", str(device), "--output", path], "--visualize_every")
+                                    "--device", str(device), "--output", path], "--visualize_every", stop)
 
     if args.visualize_every > 0 and is_main_process() and start_epoch == 0 and not start_step:
         initial = os.path.join(args.output_dir, f"checkpoint0000.pth.tmp{os.getpid()}")  # a crash: the next start
@@ -547,7 +547,12 @@ def main(args):
                "skipped_files": round(all_reduce(skipped).item()), "teacher_sync_error": teacher_sync_error(teacher)}
         if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
             if is_main_process():
-                log["eval_kmeans_miou"] = dense_eval(teacher, args, epoch + 1)
+                miou = dense_eval(teacher, args, epoch + 1, stop)
+                if miou is None:  # the run's stop signal ended the evaluation: the epoch is saved without it
+                    print(f"--eval_every: the evaluation after epoch {epoch} was ended by a stop signal; the epoch "
+                          "is logged without eval_kmeans_miou", file=sys.stderr)
+                else:
+                    log["eval_kmeans_miou"] = miou
             if dist.is_initialized():
                 dist.barrier(group=stop.group)  # the other ranks wait on the CPU group, not on a device
         history.append(log)
@@ -559,7 +564,7 @@ def main(args):
                 save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
             del state
             if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
-                draw_clusters(epoch + 1, ckpt_path)
+                draw_clusters(epoch + 1, ckpt_path, stop)
             append_line(os.path.join(args.output_dir, "log.txt"), json.dumps(log))
             print(json.dumps(log))
         if epoch + 1 < args.epochs and stop.should_stop():
@@ -567,22 +572,32 @@ def main(args):
     finish(stop)
 
 
-def run_script(name, arguments, flag):
+def run_script(name, arguments, flag, stop=None):
     """Run this repository's script `name` as a process of its own (the scripts do not import each other), out
-    of torchrun's process group; a failure raises with the end of its output."""
+    of torchrun's variables; a failure raises with the end of its output. -> True when it ran to its end.
+
+    With stop (training's StopFlag): a stop signal that ended the script is the run's stop, not a failure. The
+    script runs in this process's process group, and a scheduler signals every process of the job (SLURM's
+    scancel, a killpg, a `pkill -f` on the output folder): the script is ended, this returns False, and the stop
+    flag is set, so the epoch is saved and the run exits as for any stop."""
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
                 "MASTER_PORT")  # torchrun's variables: the script is one process of its own
     env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith("TORCHELASTIC")}
     script = os.path.join(os.path.dirname(os.path.abspath(__file__)), name)
     proc = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env)
+    if stop is not None and -proc.returncode in StopFlag.SIGNALS:
+        stop.requested = True  # its own handler has run too when the signal reached this process
+        return False
     if proc.returncode != 0:
         raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}); the run's checkpoint is intact. Its "
                            f"last output:\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return True
 
 
-def dense_eval(teacher, args, epochs_done):
+def dense_eval(teacher, args, epochs_done, stop):
     """Quick k-means mIoU (%) of the teacher's dense features on a held-out set: eval_kmeans.py run as its own
-    process (the evaluation's exact code and protocol, none of its state in training) on the teacher's weights."""
+    process (the evaluation's exact code and protocol, none of its state in training) on the teacher's weights.
+    None when a stop signal ended it (run_script)."""
     folder = os.path.join(args.output_dir, "eval", f"epoch{epochs_done:04}")
     os.makedirs(folder, exist_ok=True)
     weights = os.path.join(folder, "teacher.pth")
@@ -592,7 +607,8 @@ def dense_eval(teacher, args, epochs_done):
                "--num_workers", "0", "--device", str(next(teacher.parameters()).device)]
     command += (["--data_path", args.eval_data_path] if args.eval_data_path else []) + shlex.split(args.eval_args)
     try:
-        run_script("eval_kmeans.py", command, "--eval_every")
+        if not run_script("eval_kmeans.py", command, "--eval_every", stop):
+            return None
     finally:
         os.remove(weights)
     with open(os.path.join(folder, "results.json")) as f:
