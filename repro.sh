@@ -11,6 +11,9 @@
 #   BN=1 bash repro.sh OUT       (part 1's recipe, where DINO learns: DINO's BatchNorm head, train.py --use_bn_in_head
 #                                true, and 300 epochs unless EPOCHS says otherwise. CrOC's centroids go through
 #                                the same head, normalised over the kept ones. Use its own OUT)
+#   HEAD_HIDDEN=512 bash repro.sh OUT (both heads' hidden width, train.py --head_hidden_dim; default 2048, the paper's.
+#                                With BN=1, the recipe that fits the time budget on 2 CPU cores (BENCHMARKS.md, P43).
+#                                Use its own OUT)
 #   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
 #                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
@@ -88,7 +91,7 @@ LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
 CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
 BN=${BN:-0}
 EPOCHS=${EPOCHS:-$([ "$BN" = 1 ] && echo 300 || echo 100)}
-HEAD=$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true)
+HEAD="$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true) --head_hidden_dim ${HEAD_HIDDEN:-2048}"
 GREY=${GREY:-0}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0

@@ -49,6 +49,10 @@ def get_args_parser():
     g.add_argument("--patch_size", default=16, type=int, help="8 or 16. The paper: 16.")
     g.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (Sec. 4.1: 65,536).")
     g.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (Sec. 4.1: 8,192).")
+    g.add_argument("--head_hidden_dim", default=2048, type=int,
+                   help="Width of the head's two hidden layers (DINO's and the paper's: 2048). Narrower for CPU runs of "
+                        "vit_nano: the centroid head takes 2 x B x 3 K_start rows per view pair, and at 2048 it is most "
+                        "of a CrOC step there (BENCHMARKS.md). Not the paper's.")
     g.add_argument("--norm_last_layer", default=False, type=bool_flag,
                    help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: false "
                         "for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for ViT-S, true "
@@ -192,7 +196,7 @@ def check_args(args):
 
 # Resuming with other flags. These fix the shapes of the saved weights or the optimizer's parameter groups: the
 # checkpoint cannot be loaded under other values.
-STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "norm_last_layer", "use_bn_in_head")
+STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "head_hidden_dim", "norm_last_layer", "use_bn_in_head")
 # These steer where and how the run goes, not what it learns: changed without a word.
 RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize_every", "dist_timeout",
              "dist_backend", "eval_every", "eval_dataset", "eval_data_path", "eval_args")
