@@ -17,12 +17,13 @@
 #   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
 #                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
-#   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in under a minute, the independent ones side by side:
-#                                CI runs it so that the recipe cannot rot; its numbers mean nothing)
+#   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in under a minute, CrOC's evaluations only: CI runs it
+#                                so that the recipe cannot rot; its numbers mean nothing)
 # Re-running resumes: train.py continues from OUT/NAME/checkpoint.pth, and an evaluation whose results exist is
 # skipped. Each pretraining writes OUT/NAME/curves.png (visualize.py --log) with the teacher's k-means mIoU every
 # 20 epochs (--eval_every 20).
-# The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn).
+# The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn); each
+# model is evaluated as soon as its pretraining ends, the random init after DINO.
 # Settings (BENCHMARKS.md, "Pilots" and "A CrOC diagnostic"): 64-px scenes, 48-px views from crops of 0.5-1 of the
 # scene, 640 scenes x 100 epochs of 20 steps of 32 images, a 256-d output for both heads, a sharp teacher (0.02)
 # without warm-up, a trainable last layer, teacher momentum 0.996, no stochastic depth, constant weight decay,
@@ -95,57 +96,56 @@ HEAD="$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true) --head_hidden_dim
 GREY=${GREY:-0}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0
-  RUNS="$CROC" WORKERS=0 EVAL_EVERY=1  # one evaluated model: every command of the recipe runs once
+  WORKERS=0 EVAL_EVERY=1  # CrOC alone is evaluated (below): every command of the recipe runs once
 else
   IMAGES=640 BATCH=32 DATA="--n-train 300 --n-val 100 --n-videos 5" LINEAR_EPOCHS=20 KSEEDS="0 1 2 3 4"
-  RUNS="random dino $CROC" WORKERS=4 EVAL_EVERY=20
+  WORKERS=4 EVAL_EVERY=20
 fi
 COMMON="--arch vit_nano --patch_size 8 --img_size 48 --synthetic_size 64 --synthetic_images $IMAGES
         --batch_size_per_gpu $BATCH --epochs $EPOCHS --warmup_epochs 1 --lr 0.002 --clip_grad 3.0
         --momentum_teacher 0.996 --out_dim 256 --out_dim_c 256 --warmup_teacher_temp 0.02 --teacher_temp 0.02
         --norm_last_layer false --freeze_last_layer 0 --weight_decay_end 0.04 --global_crops_scale 0.5 1.0
         --drop_path_rate 0 --precision fp32 --num_workers 1 --seed $SEED $HEAD"
-# A command of the recipe: run in turn; with QUICK=1 (seconds each, mostly imports) side by side with the next ones
-# that do not need its output, until steps_done waits for them
-step_pids=""
-step() { if [ "${QUICK:-0}" = 1 ]; then "$@" & step_pids="$step_pids $!"; else "$@"; fi; }
-steps_done() {
-  for pid in $step_pids; do wait "$pid" || { echo "a step failed: see the logs in $OUT" >&2; exit 1; }; done
-  step_pids=""
-}
 WORLD=""
 if [ "$GREY" = 1 ]; then  # --eval_every then reads the grey val scenes written below (in-memory ones are colour)
   DATA="$DATA --grey" WORLD="--synthetic_grey true --eval_data_path $OUT/data"
 fi
 mkdir -p "$OUT"
-[ -d "$OUT/data" ] || step $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
-if [ "$GREY" = 1 ]; then steps_done; fi  # the data before the pretrainings, which evaluate on it
-pids=""
-for name in dino $CROC; do
-  if [ $name = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
-  OMP_NUM_THREADS=1 $PY train.py $COMMON $WORLD $flags --eval_every $EVAL_EVERY \
-      --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
-      >> "$OUT/$name.log" 2>&1 &
-  pids="$pids $!"
-done
-for pid in $pids; do wait "$pid" || { echo "a pretraining failed: see $OUT/dino.log and $OUT/$CROC.log" >&2; exit 1; }; done
-steps_done  # the data
-for name in dino $CROC; do
-  step $PY visualize.py --log "$OUT/$name/log.txt" --output "$OUT/$name/curves.png" > /dev/null
-done
-# An evaluation whose results file exists is skipped (delete OUT/RUN/EVAL to redo it)
-for run in $RUNS; do
-  if [ $run = random ]; then W="--random_init"; else W="--weights $OUT/$run/checkpoint.pth"; fi
+[ -d "$OUT/data" ] || $PY data.py --write-synthetic "$OUT/data" $DATA --size 64 > "$OUT/data.log" 2>&1
+
+evaluate() {  # linear, k-means and DAVIS of one run; one whose results file exists is skipped (delete it to redo)
+  local run=$1 W B
+  if [ "$run" = random ]; then W="--random_init"; else W="--weights $OUT/$run/checkpoint.pth"; fi
   B="--arch vit_nano --patch_size 8 --seed $SEED --num_workers $WORKERS $W"  # eval_davis reads no workers
   [ -f "$OUT/$run/linear/results.json" ] ||
-    step $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
+    $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
       --output_dir "$OUT/$run/linear" > "$OUT/$run.linear.log" 2>&1
   [ -f "$OUT/$run/kmeans/results.json" ] ||
-    step $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
+    $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
       --output_dir "$OUT/$run/kmeans" > "$OUT/$run.kmeans.log" 2>&1
   [ -f "$OUT/$run/davis/scores/global_results-val.csv" ] ||
-    step $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
+    $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
       --short_side 96 --output_dir "$OUT/$run/davis" > "$OUT/$run.davis.log" 2>&1
-done
-steps_done
+}
+
+pipeline() {  # pretrain one model (one thread), draw its curves, then evaluate the runs named after it
+  local name=$1 flags run
+  shift
+  if [ "$name" = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
+  OMP_NUM_THREADS=1 $PY train.py $COMMON $WORLD $flags --eval_every $EVAL_EVERY \
+      --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
+      >> "$OUT/$name.log" 2>&1
+  $PY visualize.py --log "$OUT/$name/log.txt" --output "$OUT/$name/curves.png" > /dev/null
+  for run in "$@"; do evaluate "$run"; done
+}
+
+# The two pipelines side by side: DINO ends first, and its and the random init's evaluations then run while CrOC
+# still trains
+DINO_EVALS=$([ "${QUICK:-0}" = 1 ] || echo "dino random")  # QUICK=1 evaluates CrOC only
+pipeline dino $DINO_EVALS & dino_pid=$!
+pipeline "$CROC" "$CROC" & croc_pid=$!
+status=0
+wait $dino_pid || { echo "the DINO pipeline failed: see $OUT/dino*.log and $OUT/random.*.log" >&2; status=1; }
+wait $croc_pid || { echo "the CrOC pipeline failed: see $OUT/$CROC*.log" >&2; status=1; }
+[ $status = 0 ] || exit 1
 bash "$0" --table "$OUT"

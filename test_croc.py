@@ -1410,6 +1410,18 @@ def test_synthetic_pretrain_returns_views_positions_and_no_skips():
     assert views.shape == (2, 3, 64, 64) and positions.shape == (2, 16, 2) and skipped == 0
 
 
+def test_synthetic_pretrain_generates_each_scene_once_and_serves_the_same_pixels():
+    ds, scenes = data.SyntheticPretrain(3, 32, 5), data.SyntheticScenes(3, 32, 5)
+    for _ in range(2):  # generated, then from the kept pixels
+        for i in range(3):
+            img, skipped = ds[i]
+            assert np.array_equal(np.asarray(img), np.asarray(scenes[i][0])) and skipped == 0
+    assert sorted(ds._pixels) == [0, 1, 2]
+    with pytest.raises(IndexError, match="out of range"):
+        ds[3]
+    assert 3 not in ds._pixels
+
+
 def test_synthetic_videos_are_deterministic_move_and_show_every_object_in_frame_0():
     videos = data.SyntheticVideos(4, 6, (48, 64), seed=1)
     for v in range(len(videos)):
@@ -1946,6 +1958,25 @@ def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(syntheti
         assert torch.equal(backbone.state_dict()[k], v), k
     assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
     assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--weights", path)["weights"] == path
+
+
+def test_a_narrow_head_trains_and_its_checkpoint_loads_in_every_eval_script(synthetic_root, tmp_path):
+    out = tmp_path / "narrow"
+    _train_here(out, ["--epochs", "1", "--head_hidden_dim", "24", "--use_bn_in_head", "true"])
+    path = str(out / "checkpoint.pth")
+    saved = M.torch_load(path)["teacher"]
+    assert saved["head.mlp.0.weight"].shape == (24, 96) and saved["head.mlp.3.weight"].shape == (24, 24)
+    teacher = CrOCModel(build_vit("vit_nano", 8), CrOCHead(96, out_dim=64, out_dim_c=64, hidden_dim=24, use_bn=True))
+    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
+    nano = ["--arch", "vit_nano", "--patch_size", "8", "--weights", path]
+    lin = eval_linear.get_args_parser().parse_args(COMMON + ["--data_path", synthetic_root, "--epochs", "1",
+                                                             "--train_mask_size", "32", "--output_dir",
+                                                             str(tmp_path / "lin")] + nano)
+    assert np.isfinite(eval_linear.main(lin)["miou"])
+    assert np.isfinite(run_kmeans(synthetic_root, str(tmp_path / "km"), *nano)["miou_mean"])
+    ed.main(ed.get_args_parser().parse_args(["--data_path", synthetic_root, "--output_dir", str(tmp_path / "davis"),
+                                             "--short_side", "48", "--device", "cpu"] + nano))
+    assert (tmp_path / "davis" / "scores" / "global_results-val.csv").exists()
 
 
 def test_scripts_require_exactly_one_of_weights_and_random_init():
@@ -2921,17 +2952,18 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
     text = open(path).read()
     common = text.split('COMMON="', 1)[1].split('"', 1)[0]
     for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32"),
-                        ("$HEAD", "--use_bn_in_head true")):
+                        ("$HEAD", "--use_bn_in_head true --head_hidden_dim 512")):
         common = common.replace(name, value)
     args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
     assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
     assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
-    assert args.use_bn_in_head is True
+    assert args.use_bn_in_head is True and args.head_hidden_dim == 512
 
 
 def _repro_quick(tmp_path, grey):
     out = tmp_path / "repro"
-    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey))}
+    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey)),
+           "HEAD_HIDDEN": "64" if grey else "2048"}
     return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
 
 
@@ -2940,7 +2972,7 @@ def _repro_quick(tmp_path, grey):
 def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
     one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1 BN=1: the same in
-    the grey world, trained and evaluated on grey scenes, with the BatchNorm head (one run tests both modes)."""
+    the grey world, trained and evaluated on grey scenes, with a narrow BatchNorm head (one run tests all three)."""
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
@@ -2950,6 +2982,7 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
         config = json.loads((out / name / "config.json").read_text())
         assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
         assert config["use_bn_in_head"] is grey and config["epochs"] == 1
+        assert config["head_hidden_dim"] == (64 if grey else 2048)
     assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
     # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
     table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
@@ -3107,6 +3140,12 @@ def test_augmentation_is_seeded_per_sample_and_leaves_the_global_rng_alone():
     state = torch.get_rng_state()
     v1, p1, _ = samples[(1, 2)]
     assert torch.equal(torch.get_rng_state(), state)
+    # the CPU generator alone is seeded: the views are those torch.manual_seed's full seeding draws
+    sample_seed = np.random.SeedSequence([3, 1, 2]).generate_state(2, np.uint32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(sample_seed[0]) << 32 | int(sample_seed[1]))
+        v0, p0, _ = samples.dataset[2]
+    assert torch.equal(v0, v1) and torch.equal(p0, p1)
     samples[(1, 3)]
     v2, p2, _ = samples[(1, 2)]
     assert torch.equal(v1, v2) and torch.equal(p1, p2)
@@ -3151,9 +3190,10 @@ def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_oth
     _train_here(out, ["--epochs", "1"])
     config = (out / "config.json").read_bytes()
     with pytest.raises(ValueError) as e:
-        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small"])
+        _train_here(out, ["--epochs", "2", "--out_dim", "32", "--norm_last_layer", "true", "--arch", "vit_small",
+                          "--head_hidden_dim", "64"])
     assert all(f in str(e.value) for f in ("--out_dim 64 -> 32", "--norm_last_layer False -> True",
-                                           "--arch vit_nano -> vit_small"))
+                                           "--arch vit_nano -> vit_small", "--head_hidden_dim 2048 -> 64"))
     assert "--epochs" not in str(e.value)
     assert (out / "config.json").read_bytes() == config  # the run's config is not overwritten by a refused one
     capsys.readouterr()
