@@ -286,7 +286,8 @@ def _sum_over_ranks(t):
 
 
 class CrOCHead(nn.Module):
-    """MLP (in -> 2048 -> 2048 -> 256; hidden_dim, train.py --head_hidden_dim, sets the 2048), L2-normalise, then one of two weight-normalised last layers:
+    """MLP (in -> 2048 -> 2048 -> 256; hidden_dim, train.py --head_hidden_dim, sets the 2048), L2-normalise, then
+    one of two weight-normalised last layers:
     `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3).
 
     use_bn: a BatchNorm after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
@@ -562,7 +563,8 @@ def pretraining_defaults(**overrides):
     """The paper's pretraining settings (Sec. 4.1, App. B) that the models, the loss and the step read, for code
     that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
     paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, head_hidden_dim=2048,
-                 norm_last_layer=False, use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0, which_features="v",
+                 norm_last_layer=False, use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0,
+                 which_features="v",
                  k_start=12, k_max=None, lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
                  uniform_marginals=False, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
                  student_temp=0.1, center_momentum=0.9, precision="fp16", batch_size_per_gpu=128, epochs=300,
