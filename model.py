@@ -547,10 +547,10 @@ def build_student_teacher(args):
     """Student and teacher with the same initial weights (DINO): the teacher has no stochastic depth and gets no
     gradient. args: arch, patch_size, out_dim, out_dim_c, head_hidden_dim, norm_last_layer, use_bn_in_head,
     drop_path_rate."""
-    hidden = getattr(args, "head_hidden_dim", 2048)  # the args of checkpoints written before the flag: 2048
     def make(drop_path):
         backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
-        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c, hidden_dim=hidden,
+        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
+                                            hidden_dim=args.head_hidden_dim,
                                             norm_last_layer=args.norm_last_layer,
                                             use_bn=args.use_bn_in_head))
     student, teacher = make(args.drop_path_rate), make(0.0)
@@ -564,12 +564,12 @@ def pretraining_defaults(**overrides):
     that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
     paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, head_hidden_dim=2048,
                  norm_last_layer=False, use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0,
-                 which_features="v",
-                 k_start=12, k_max=None, lambda_pos=4.0, sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0,
-                 uniform_marginals=False, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=30,
-                 student_temp=0.1, center_momentum=0.9, precision="fp16", batch_size_per_gpu=128, epochs=300,
-                 lr=5e-4, min_lr=1e-5, warmup_epochs=10, weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0,
-                 freeze_last_layer=1, global_crops_scale=(0.25, 1.0))
+                 which_features="v", k_start=12, k_max=None, lambda_pos=4.0, sinkhorn_lambda=20.0,
+                 sinkhorn_iterations=5, marginal_temp=2.0, uniform_marginals=False, warmup_teacher_temp=0.04,
+                 teacher_temp=0.07, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
+                 precision="fp16", batch_size_per_gpu=128, epochs=300, lr=5e-4, min_lr=1e-5, warmup_epochs=10,
+                 weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0, freeze_last_layer=1,
+                 global_crops_scale=(0.25, 1.0))
     return argparse.Namespace(**{**paper, **overrides})
 
 

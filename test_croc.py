@@ -3227,6 +3227,7 @@ def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_number
     (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
     (["--lambda_pos", "-1"], "--lambda_pos -1.0"), (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10"),
     (["--k_start", "1"], "--k_start 1"), (["--dist_timeout", "0"], "--dist_timeout 0.0"),
+    (["--head_hidden_dim", "0"], "--head_hidden_dim 0"),
     (["--global_crops_scale", "0.8", "0.4"], "--global_crops_scale")])
 def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, flags, named):
     args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)

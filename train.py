@@ -50,9 +50,9 @@ def get_args_parser():
     g.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (Sec. 4.1: 65,536).")
     g.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (Sec. 4.1: 8,192).")
     g.add_argument("--head_hidden_dim", default=2048, type=int,
-                   help="Width of the head's two hidden layers (DINO's and the paper's: 2048). Narrower for CPU "
-                        "runs of vit_nano: the centroid head takes 2 x B x 3 K_start rows per view pair, and at 2048 "
-                        "it is most of a CrOC step there (BENCHMARKS.md, P43). Not the paper's.")
+                   help="Width of the head's two hidden layers (DINO's and the paper's: 2048; other widths are not "
+                        "the paper's). Narrower for CPU runs of vit_nano: the centroid head takes 2 x B x 3 K_start "
+                        "rows per view pair, and at 2048 it is most of a CrOC step there (BENCHMARKS.md, P43).")
     g.add_argument("--norm_last_layer", default=False, type=bool_flag,
                    help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: false "
                         "for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for ViT-S, true "
@@ -161,6 +161,7 @@ def check_args(args):
     def need(ok, flag, why):
         if not ok:
             raise ValueError(f"--{flag} {getattr(args, flag)}: {why}")
+    need(args.head_hidden_dim >= 1, "head_hidden_dim", "must be at least 1")
     need(args.epochs >= 1, "epochs", "must be at least 1 (to train a finished run longer, re-run it with a larger "
                                      "--epochs)")
     need(0 <= args.warmup_epochs <= args.epochs, "warmup_epochs",
