@@ -8,6 +8,8 @@
 #   EPOCHS=200 bash repro.sh OUT (another pretraining length; the schedules stretch with it)
 #   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
 #                                the DINO run and the evaluations already in OUT are reused)
+#   DINO=0 bash repro.sh OUT     (the CrOC pipeline alone: no DINO pretraining and no DINO or random-init evaluation,
+#                                e.g. LAMBDA_POS=1 DINO=0 for the ablation beside a finished OUT of the same seed)
 #   BN=1 bash repro.sh OUT       (part 1's recipe, where DINO learns: DINO's BatchNorm head, train.py --use_bn_in_head
 #                                true, and 300 epochs unless EPOCHS says otherwise. CrOC's centroids go through
 #                                the same head, normalised over the kept ones. Use its own OUT)
@@ -91,6 +93,8 @@ SEED=${SEED:-0}
 LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
 CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
 BN=${BN:-0}
+DINO=${DINO:-1}
+[ "$DINO" = 0 ] || [ "$DINO" = 1 ] || { echo "repro.sh: DINO must be 0 or 1, not '$DINO'" >&2; exit 2; }
 EPOCHS=${EPOCHS:-$([ "$BN" = 1 ] && echo 300 || echo 100)}
 HEAD="$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true) --head_hidden_dim ${HEAD_HIDDEN:-2048}"
 GREY=${GREY:-0}
@@ -142,10 +146,14 @@ pipeline() {  # pretrain one model (one thread), draw its curves, then evaluate 
 # The two pipelines side by side: DINO ends first, and its and the random init's evaluations then run while CrOC
 # still trains
 DINO_EVALS=$([ "${QUICK:-0}" = 1 ] || echo "dino random")  # QUICK=1 evaluates CrOC only
-pipeline dino $DINO_EVALS & dino_pid=$!
-pipeline "$CROC" "$CROC" & croc_pid=$!
 status=0
-wait $dino_pid || { echo "the DINO pipeline failed: see $OUT/dino*.log and $OUT/random.*.log" >&2; status=1; }
+if [ "$DINO" = 1 ]; then
+  pipeline dino $DINO_EVALS & dino_pid=$!
+fi
+pipeline "$CROC" "$CROC" & croc_pid=$!
+if [ "$DINO" = 1 ]; then
+  wait $dino_pid || { echo "the DINO pipeline failed: see $OUT/dino*.log and $OUT/random.*.log" >&2; status=1; }
+fi
 wait $croc_pid || { echo "the CrOC pipeline failed: see $OUT/$CROC*.log" >&2; status=1; }
 [ $status = 0 ] || exit 1
 bash "$0" --table "$OUT"
