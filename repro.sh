@@ -143,8 +143,8 @@ pipeline() {  # pretrain one model (one thread), draw its curves, then evaluate 
   for run in "$@"; do evaluate "$run"; done
 }
 
-# The two pipelines side by side: DINO ends first, and its and the random init's evaluations then run while CrOC
-# still trains
+# The two pipelines side by side (CrOC's alone with DINO=0): DINO ends first, and its and the random init's
+# evaluations then run while CrOC still trains
 DINO_EVALS=$([ "${QUICK:-0}" = 1 ] || echo "dino random")  # QUICK=1 evaluates CrOC only
 status=0
 if [ "$DINO" = 1 ]; then
