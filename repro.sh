@@ -19,7 +19,7 @@
 #   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
 #                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
-#   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in under a minute, CrOC's evaluations only: CI runs it
+#   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in about a minute, CrOC's evaluations only: CI runs it
 #                                so that the recipe cannot rot; its numbers mean nothing)
 # Re-running resumes: train.py continues from OUT/NAME/checkpoint.pth, and an evaluation whose results exist is
 # skipped. Each pretraining writes OUT/NAME/curves.png (visualize.py --log) with the teacher's k-means mIoU every

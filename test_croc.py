@@ -2991,6 +2991,7 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
     last = json.loads((out / "croc" / "log.txt").read_text().splitlines()[-1])
     assert croc_mean[4] == f"{last['mean_k']:.2f} +- 0.00"  # the same run twice: std 0
 
+
 def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
     """DINO=0 bash repro.sh: the CrOC pipeline alone (the declared ablation beside a finished OUT of the same seed).
     Seconds, not a whole QUICK run: a CrOC flag that train.py refuses (--lambda_pos -1) ends it at its start, and
