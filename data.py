@@ -1,16 +1,16 @@
-"""Data for CrOC: position-tracking views, image folders, synthetic scenes/videos, segmentation datasets.
+"""Data for CrOC: two views with the positions of their patches, the pretraining images, the evaluation datasets.
 
 Sections, the paper's part first
-  1. Constants (normalisation, the ignore label, image extensions)
-  2. Two views with patch positions (Sec. 3.3.2, Fig. 4; DINO's augmentations, App. B)
-  3. Image reading (any PIL mode -> RGB, class-index masks)
-  4. Pretraining image folders (and the seeded, resumable sampling of train.py)
-  5. Segmentation datasets: class lists, COCO / ADE20K lookup tables, VOC colour map
-  6. Segmentation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
-  7. Evaluation transforms: the 448x448 protocol of App. C and MMSegmentation's ADE20K 512x512 pipeline
-  8. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
-  9. Synthetic scenes and videos (synthetic.py: the embedded default data and the data of every test)
- 10. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
+  1. Two views with patch positions (Sec. 3.3.2, Fig. 4: the E_1, E_2 of Eq. 17; DINO's augmentations, App. B)
+  2. Pretraining images: image folders (e.g. COCO+), or the built-in synthetic scenes of synthetic.py
+  3. Evaluation datasets: class lists, COCO / ADE20K label maps, the VOC colour map
+  4. Evaluation datasets: PVOC12, COCO-Things, COCO-Stuff, ADE20K, synthetic (Leopart's loaders' label maps)
+  5. Evaluation transforms: App. C's 448x448 protocol (eval_linear.py and eval_kmeans.py)
+  6. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
+  7. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
+  8. Plumbing: seeded, resumable sampling (train.py)
+  9. Plumbing: reading and checking image and mask files
+ 10. Command line
 
 Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1) x [i, i+1), so its centre is
 (j + 0.5, i + 0.5). A patch's position is the mean of its pixels' positions.
@@ -33,26 +33,22 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F2
 from tqdm import tqdm
 
+# the synthetic scenes and videos live in synthetic.py; data.SyntheticScenes etc. are the same objects
 from synthetic import (SYNTHETIC_CLASSES, VAL_FIRST_INDEX, SyntheticPretrain, SyntheticScenes,  # noqa: F401
                        SyntheticVideos)
 
+
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Constants
+# 1. Two views with patch positions (Sec. 3.3.2, Fig. 4: the E_1, E_2 of Eq. 17; DINO's augmentations, App. B)
 # ----------------------------------------------------------------------------------------------------------------
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # same values as model.py
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. Two views with patch positions (Sec. 3.3.2, Fig. 4; augmentations of DINO, App. B)
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def patch_positions(box, flip: bool, img_size: int, patch_size: int) -> torch.Tensor:
-    """(x, y) of each patch of a resized crop in ORIGINAL-image pixels, (N, 2) float32, raster order.
+    """(x, y) of each patch of a resized crop in ORIGINAL-image pixels, (N, 2) float32, raster order: the E_1
+    or E_2 of Sec. 3.3.2 (Fig. 4), from which Eq. 17's positional cost T^(pos) is computed.
 
     box = (top, left, height, width) of the crop in the original image, resized to img_size x img_size.
     Output pixel j has its centre at j + 0.5, i.e. at original x = left + (j + 0.5) * width / img_size (the
@@ -141,78 +137,10 @@ class TwoViews:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. Image reading
+# 2. Pretraining images: image folders (e.g. COCO+), or the built-in synthetic scenes of synthetic.py
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (not clipped) and transparency is composited on white."""
-    if im.mode == "RGB":
-        return im.copy()
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im).astype(np.float64)
-        if im.mode.startswith("I;16"):
-            a = a / 257.0                      # 65535 -> 255
-        elif im.mode == "F" and a.max(initial=0) <= 1.0:
-            a = a * 255.0                      # float images in [0, 1]
-        elif im.mode == "I" and a.max(initial=0) > 255:
-            a = a * (255.0 / max(65535.0, a.max()))  # a 16-bit image stored as 32-bit ints
-        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
-        return grey.convert("RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
-
-
-def load_rgb(path) -> Image.Image:
-    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(im)
-
-
-def read_mask(path) -> np.ndarray:
-    """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
-    with Image.open(path) as im:
-        if im.mode in ("P", "L"):
-            return np.array(im, dtype=np.uint8)
-        if im.mode == "1" or im.mode.startswith("I"):
-            a = np.array(im)
-            if a.max(initial=0) > 255 or a.min(initial=0) < 0:
-                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
-            return a.astype(np.uint8)
-        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
-                         f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 4. Pretraining image folders
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def list_images(root) -> list[str]:
-    """Every image file under root, recursively, sorted; hidden files and folders skipped; symlinks followed, each
-    real folder read once. ValueError if none."""
-    root = os.fspath(root)
-    if not os.path.exists(root):
-        raise ValueError(f"image folder {root!r} does not exist")
-    if not os.path.isdir(root):
-        raise ValueError(f"image folder {root!r} is not a directory")
-    files, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)  # a symlinked folder is followed once: a loop (`ln -s . loop`) or a second link to a
-        if (st.st_dev, st.st_ino) in seen:  # folder already read adds nothing and is not descended into
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
-    if not files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
-    return sorted(files)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
 class PretrainImages(Dataset):
@@ -251,62 +179,21 @@ class PretrainImages(Dataset):
         raise RuntimeError(f"no readable image in {self.roots}")
 
 
-class SeededSamples(Dataset):
-    """dataset[index] for the key (epoch, index), with torch's global RNG seeded from (seed, epoch, index) for the
-    call and restored after it. A sample's augmentation then depends on nothing else: not on the worker that loads
-    it, nor on how many samples that worker drew before. This is what lets a run resumed mid-epoch draw the same
-    views as an uninterrupted one, with any --num_workers."""
-
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        sample_seed = np.random.SeedSequence([self.seed % 2 ** 64, epoch, index]).generate_state(2, np.uint32)
-        with torch.random.fork_rng(devices=[]):  # CPU RNG only: the transforms never touch a device
-            # the CPU generator only: torch.manual_seed would also queue a lazy seeding of every CUDA device, and
-            # that bookkeeping (a stack trace per call while CUDA is not initialised) was ~1 ms of a 5-ms sample
-            torch.default_generator.manual_seed(int(sample_seed[0]) << 32 | int(sample_seed[1]))
-            return self.dataset[index]
-
-
-class EpochSampler(torch.utils.data.DistributedSampler):
-    """DistributedSampler's order (a permutation drawn from seed + epoch, split across ranks) yielding
-    (epoch, index) keys for SeededSamples, and able to start an epoch after its first `skip` samples: a resumed
-    run continues at the next batch of the same order without loading the batches it has already seen."""
-
-    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.skip = 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        super().set_epoch(epoch)
-        self.skip = skip
-
-    def __iter__(self):
-        order = list(super().__iter__())  # this rank's share of the epoch's permutation
-        return iter([(self.epoch, i) for i in order[self.skip:]])
-
-    def __len__(self):
-        return self.num_samples - self.skip
-
-
 def pretraining_dataset(args):
     """The pretraining set of a run (train.py's flags, or a checkpoint's args): its --data_path folders, else the
     built-in synthetic scenes, each image giving TwoViews."""
     transform = TwoViews(args.img_size, args.patch_size, tuple(args.global_crops_scale))
     if args.data_path:
         return PretrainImages(args.data_path, transform)
-    grey = getattr(args, "synthetic_grey", False)  # checkpoints written before the flag: colour
+    grey = getattr(args, "synthetic_grey", False)  # args that lack the flag: colour, its default
     return SyntheticPretrain(args.synthetic_images, args.synthetic_size, args.seed, transform, grey=grey)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 5. Segmentation datasets: class lists and lookup tables
+# 3. Evaluation datasets: class lists and label maps
 # ----------------------------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = 255
 
 VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
@@ -406,35 +293,8 @@ VOC_PALETTE = voc_colormap().flatten().tolist()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 6. Segmentation datasets (layouts of Leopart's loaders and of the official releases)
+# 4. Evaluation datasets (layouts of Leopart's loaders and of the official releases)
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def _image_size(path, what):
-    """(W, H) and mode from the file header only; ValueError naming the file if it cannot be opened."""
-    try:
-        with Image.open(path) as im:
-            return im.size, im.mode
-    except Exception as e:
-        raise ValueError(f"cannot open {what} {path}: {type(e).__name__}: {e}") from e
-
-
-def check_samples(samples, source: str = "", progress: bool = True) -> None:
-    """Every (image, mask) pair exists, the mask is single-channel and has its image's size; else ValueError."""
-    origin = f" (listed in {source})" if source else ""
-    for image, mask in tqdm(samples, desc="checking dataset files", leave=False,
-                            disable=not progress or len(samples) < 2000):
-        if not os.path.isfile(image):
-            raise ValueError(f"image {image}{origin} does not exist")
-        if not os.path.isfile(mask):
-            raise ValueError(f"mask {mask}{origin} does not exist")
-        image_size, _ = _image_size(image, "image")
-        mask_size, mask_mode = _image_size(mask, "mask")
-        if mask_mode not in ("P", "L", "1") and not mask_mode.startswith("I"):
-            raise ValueError(f"mask {mask} is a {mask_mode} image: expected a single-channel PNG of class indices")
-        if image_size != mask_size:
-            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
-                             f"{image_size[0]}x{image_size[1]}")
 
 
 class SegmentationDataset(Dataset):
@@ -629,33 +489,8 @@ def raw_mask_values(dataset, max_files: int = 20) -> str:
     return f"raw mask values in the first {len(samples)} files (e.g. {samples[0][1]}): {shown}"
 
 
-def class_histogram(dataset, progress: bool = True) -> np.ndarray:
-    """(num_classes + 1,) int64 pixel counts of every class after the label map; the last entry counts 255."""
-    hist = np.zeros(dataset.num_classes + 1, dtype=np.int64)
-    for _, mask in tqdm(dataset.samples, desc="class histogram", disable=not progress, leave=False):
-        labels = dataset.lut[read_mask(mask)]
-        hist += np.bincount(np.minimum(labels, dataset.num_classes).ravel(), minlength=dataset.num_classes + 1)
-    return hist
-
-
-def dataset_report(dataset, expected_count: int | None = None) -> str:
-    """Image and mask counts (every pair exists and has matching sizes: checked when the dataset is built) and
-    the class histogram; a count other than the official one is flagged."""
-    hist = class_histogram(dataset)
-    total = max(int(hist.sum()), 1)
-    lines = [f"{dataset.name}: {len(dataset)} images, {len(dataset)} masks, every mask the size of its image"]
-    if expected_count is not None and len(dataset) != expected_count:
-        lines.append(f"WARNING: the official split has {expected_count} images")
-    lines += [f"  {name:<24} {100 * n / total:6.2f}% of pixels" for name, n in zip(dataset.class_names, hist)]
-    lines.append(f"  {'ignore (255)':<24} {100 * hist[-1] / total:6.2f}% of pixels")
-    absent = [n for n, c in zip(dataset.class_names, hist) if c == 0]
-    if absent:
-        lines.append(f"WARNING: classes without any pixel: {', '.join(absent)}")
-    return "\n".join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 7. Evaluation transforms
+# 5. Evaluation transforms: App. C's 448x448 protocol (eval_linear.py and eval_kmeans.py)
 # ----------------------------------------------------------------------------------------------------------------
 # Images are resized with bilinear, masks with nearest only (any other interpolation invents labels and lets 255
 # bleed into class ids).
@@ -689,23 +524,6 @@ class ValTransform:
         return to_input(img), mask
 
 
-class TrainTransform:
-    """Leopart's linear_finetune.py train transform: RandomResizedCrop(img_size, scale 0.8-1, ratio 3/4-4/3) +
-    horizontal flip with the same parameters for image (bilinear) and mask (nearest), then the mask
-    nearest-resized to mask_size."""
-
-    def __init__(self, img_size=448, mask_size=100):
-        self.joint = v2.Compose([
-            v2.RandomResizedCrop((img_size, img_size), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-            v2.RandomHorizontalFlip(p=0.5),
-        ])
-        self.mask_size = mask_size
-
-    def __call__(self, img, mask):
-        img, mask = self.joint(img, tv_tensors.Mask(torch.from_numpy(np.asarray(mask))[None]))
-        return to_input(img), resize_mask(mask, self.mask_size)
-
-
 class Transformed(Dataset):
     """(PIL image, np.uint8 mask) dataset -> whatever the joint transform returns for each pair."""
 
@@ -719,106 +537,37 @@ class Transformed(Dataset):
         return self.transform(*self.dataset[i])
 
 
-# MMSegmentation's ADE20K 512x512 pipeline (configs/_base_/datasets/ade20k.py): RandomResize to scale
-# (2048, 512) x ratio 0.5-2.0 keeping the aspect ratio, RandomCrop 512 with cat_max_ratio 0.75, flip 0.5,
-# PhotoMetricDistortion, padding to 512 (mask 255; the image with 0 after normalisation, i.e. the mean colour,
-# where MMSegmentation's Pad fills raw pixels with 0: only pixels the loss ignores differ); test: Resize to
-# (2048, 512) keeping the ratio. The label map (reduce_zero_label: 0 -> 255, 1..150 -> 0..149) is ADE20K_LUT.
-MMSEG_SCALE = (2048, 512)
-
-
-def rescale_size(width: int, height: int, scale=MMSEG_SCALE) -> tuple[int, int]:
-    """(new_w, new_h) of mmcv's keep-ratio rescale: the largest size with long side <= max(scale) and short side
-    <= min(scale)."""
-    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
-    return int(width * factor + 0.5), int(height * factor + 0.5)
-
-
-def mmseg_test_resize(img: Image.Image, scale=MMSEG_SCALE) -> Image.Image:
-    """The test-time Resize of the ADE20K config: keep ratio, short side 512 unless the long side hits 2048."""
-    return img.resize(rescale_size(*img.size, scale=scale), Image.BILINEAR)
-
-
-def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """MMSegmentation's PhotoMetricDistortion on (H, W, 3) uint8, each step with probability 1/2: brightness
-    +-32, contrast x0.5-1.5 (before or after the HSV steps), saturation x0.5-1.5, hue +-18 of OpenCV's 180."""
-    x = img.astype(np.float32)
-    if rng.random() < 0.5:
-        x = np.clip(x + rng.uniform(-32, 32), 0, 255)
-    contrast_first = rng.random() < 0.5
-    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    if contrast_first and contrast is not None:
-        x = np.clip(x * contrast, 0, 255)
-    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
-    hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else None
-    if saturation is not None or hue is not None:
-        hsv = np.asarray(Image.fromarray(x.round().astype(np.uint8)).convert("HSV")).astype(np.float32)
-        if saturation is not None:
-            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
-        if hue is not None:  # PIL's hue runs over 0..255 where OpenCV's runs over 0..180
-            hsv[..., 0] = (hsv[..., 0] + hue * 256 / 180) % 256
-        x = np.asarray(Image.fromarray(hsv.round().astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
-    if not contrast_first and contrast is not None:
-        x = np.clip(x * contrast, 0, 255)
-    return x.round().astype(np.uint8)
-
-
-def cat_max_ratio_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75,
-                       tries: int = 10) -> tuple[int, int]:
-    """(top, left) of MMSegmentation's RandomCrop: up to 10 random crops until no class (255 aside) covers more
-    than cat_max_ratio of it; the last try is kept otherwise."""
-    h, w = mask.shape
-    for _ in range(tries):
-        top, left = int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
-        labels, counts = np.unique(mask[top:top + crop, left:left + crop], return_counts=True)
-        counts = counts[labels != IGNORE_INDEX]
-        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
-            break
-    return top, left
-
-
-class MMSegTrainTransform:
-    """The ADE20K 512x512 train pipeline of MMSegmentation (see MMSEG_SCALE) on a (PIL image, uint8 mask) pair
-    -> (image (3, crop, crop) normalised, mask (crop, crop) uint8). Randomness comes from torch's generator (so
-    DataLoader workers and --seed control it)."""
-
-    def __init__(self, crop_size=512, scale=MMSEG_SCALE, ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
-        self.crop, self.scale, self.ratio_range, self.cat_max_ratio = crop_size, scale, ratio_range, cat_max_ratio
-
-    def __call__(self, img, mask):
-        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
-        ratio = rng.uniform(*self.ratio_range)
-        size = rescale_size(*img.size, scale=(int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
-        img = np.asarray(img.resize(size, Image.BILINEAR))
-        mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(size, Image.NEAREST))
-        top, left = cat_max_ratio_crop(mask, self.crop, rng, self.cat_max_ratio)
-        img, mask = img[top:top + self.crop, left:left + self.crop], mask[top:top + self.crop, left:left + self.crop]
-        if rng.random() < 0.5:
-            img, mask = img[:, ::-1], mask[:, ::-1]
-        img = photometric_distortion(np.ascontiguousarray(img), rng)
-        pad_h, pad_w = self.crop - img.shape[0], self.crop - img.shape[1]
-        x = torch.nn.functional.pad(to_input(img), (0, pad_w, 0, pad_h), value=0.0)
-        y = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
-        return x, torch.from_numpy(np.ascontiguousarray(y))
-
-
-class OriginalSizeTransform:
-    """ADE20K test: the image resized as MMSegmentation's test Resize, the mask kept at its ORIGINAL size (the
-    prediction is resized back to it before scoring)."""
-
-    def __init__(self, scale=MMSEG_SCALE):
-        self.scale = scale
-
-    def __call__(self, img, mask):
-        return to_input(mmseg_test_resize(img, self.scale)), torch.from_numpy(np.asarray(mask, dtype=np.uint8))
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Preparing the datasets (`python data.py prepare_coco ...`, `python data.py prepare_voc ...`)
+# 6. Preparing the datasets (`python data.py prepare_coco ...`, `python data.py prepare_voc ...`)
 # ----------------------------------------------------------------------------------------------------------------
 
 OFFICIAL_COUNTS = {("coco", "train"): 118287, ("coco", "val"): 5000, ("pvoc", "trainaug"): 10582,
                    ("pvoc", "val"): 1449}
+
+
+def class_histogram(dataset, progress: bool = True) -> np.ndarray:
+    """(num_classes + 1,) int64 pixel counts of every class after the label map; the last entry counts 255."""
+    hist = np.zeros(dataset.num_classes + 1, dtype=np.int64)
+    for _, mask in tqdm(dataset.samples, desc="class histogram", disable=not progress, leave=False):
+        labels = dataset.lut[read_mask(mask)]
+        hist += np.bincount(np.minimum(labels, dataset.num_classes).ravel(), minlength=dataset.num_classes + 1)
+    return hist
+
+
+def dataset_report(dataset, expected_count: int | None = None) -> str:
+    """Image and mask counts (every pair exists and has matching sizes: checked when the dataset is built) and
+    the class histogram; a count other than the official one is flagged."""
+    hist = class_histogram(dataset)
+    total = max(int(hist.sum()), 1)
+    lines = [f"{dataset.name}: {len(dataset)} images, {len(dataset)} masks, every mask the size of its image"]
+    if expected_count is not None and len(dataset) != expected_count:
+        lines.append(f"WARNING: the official split has {expected_count} images")
+    lines += [f"  {name:<24} {100 * n / total:6.2f}% of pixels" for name, n in zip(dataset.class_names, hist)]
+    lines.append(f"  {'ignore (255)':<24} {100 * hist[-1] / total:6.2f}% of pixels")
+    absent = [n for n, c in zip(dataset.class_names, hist) if c == 0]
+    if absent:
+        lines.append(f"WARNING: classes without any pixel: {', '.join(absent)}")
+    return "\n".join(lines)
 
 
 def panoptic_to_semantic(panoptic_rgb: np.ndarray, segments_info) -> np.ndarray:
@@ -919,50 +668,7 @@ def prepare_voc(voc_root, sbd_cls_dir, trainaug_list, progress: bool = True) -> 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Command line
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def get_args_parser():
-    p = argparse.ArgumentParser("CrOC data utilities", add_help=True)
-    p.add_argument("--write-synthetic", metavar="DIR", default=None,
-                   help="write the synthetic scenes as DIR/VOCdevkit/VOC2012 (PVOC12 layout) and the synthetic "
-                        "videos as DIR/DAVIS (DAVIS-2017 layout), for the evaluation scripts")
-    p.add_argument("--n-train", type=int, default=64, help="synthetic train scenes")
-    p.add_argument("--n-val", type=int, default=32, help="synthetic val scenes (indices disjoint from train)")
-    p.add_argument("--n-videos", type=int, default=3, help="synthetic videos")
-    p.add_argument("--n-frames", type=int, default=10, help="frames per synthetic video")
-    p.add_argument("--size", type=int, default=64, help="side of the square synthetic scenes in pixels")
-    p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
-                   help="height and width of the synthetic video frames")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
-    p.add_argument("--grey", action="store_true",
-                   help="paint every instance in one grey palette (the same scenes and videos otherwise): only the "
-                        "texture tells two instances apart")
-    sub = p.add_subparsers(dest="command")
-    coco = sub.add_parser("prepare_coco", help="COCO-Things masks from the panoptic release and COCO-Stuff masks "
-                                               "from the stuff pixel maps, written into --root's layout and checked")
-    coco.add_argument("--root", required=True, help="COCO folder holding images/<split>2017 or <split>2017")
-    coco.add_argument("--split", default="val", choices=("train", "val"))
-    coco.add_argument("--panoptic_json", default=None, help="annotations/panoptic_<split>2017.json")
-    coco.add_argument("--panoptic_dir", default=None, help="the unzipped panoptic_<split>2017/ PNG folder")
-    coco.add_argument("--stuff_pixelmaps", default=None, help="the unzipped stuff_<split>2017_pixelmaps/ folder")
-    voc = sub.add_parser("prepare_voc", help="PVOC12 trainaug masks from SBD's .mat files + trainaug.txt, checked")
-    voc.add_argument("--voc_root", required=True, help="VOCdevkit/VOC2012 (or a folder above it)")
-    voc.add_argument("--sbd_cls", required=True, help="SBD's benchmark_RELEASE/dataset/cls folder of <id>.mat")
-    voc.add_argument("--trainaug_list", required=True, help="trainaug.txt: the 10,582 image ids, one a line")
-    return p
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 9. Synthetic scenes and videos
-# ----------------------------------------------------------------------------------------------------------------
-
-# The generator lives in synthetic.py; its names are imported at the top, so data.SyntheticScenes etc. still work.
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 10. Writing the synthetic data in the PVOC12 and DAVIS-2017 layouts
+# 7. Writing the synthetic data in the PVOC12 and DAVIS-2017 layouts
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -1017,6 +723,187 @@ def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int =
     (davis / "ImageSets" / "2017").mkdir(parents=True, exist_ok=True)
     (davis / "ImageSets" / "2017" / "val.txt").write_text("\n".join(sequences) + "\n")
     return {"root": str(out_dir), "pvoc": str(voc), "davis": str(davis)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 8. Plumbing: seeded, resumable sampling (train.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class SeededSamples(Dataset):
+    """dataset[index] for the key (epoch, index), with torch's global RNG seeded from (seed, epoch, index) for the
+    call and restored after it. A sample's augmentation then depends on nothing else: not on the worker that loads
+    it, nor on how many samples that worker drew before. This is what lets a run resumed mid-epoch draw the same
+    views as an uninterrupted one, with any --num_workers."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        sample_seed = np.random.SeedSequence([self.seed % 2 ** 64, epoch, index]).generate_state(2, np.uint32)
+        with torch.random.fork_rng(devices=[]):  # CPU RNG only: the transforms never touch a device
+            # the CPU generator only: torch.manual_seed would also queue a lazy seeding of every CUDA device, and
+            # that bookkeeping (a stack trace per call while CUDA is not initialised) was ~1 ms of a 5-ms sample
+            torch.default_generator.manual_seed(int(sample_seed[0]) << 32 | int(sample_seed[1]))
+            return self.dataset[index]
+
+
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler's order (a permutation drawn from seed + epoch, split across ranks) yielding
+    (epoch, index) keys for SeededSamples, and able to start an epoch after its first `skip` samples: a resumed
+    run continues at the next batch of the same order without loading the batches it has already seen."""
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        order = list(super().__iter__())  # this rank's share of the epoch's permutation
+        return iter([(self.epoch, i) for i in order[self.skip:]])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 9. Plumbing: reading and checking image and mask files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. 16/32-bit grey is rescaled (not clipped) and transparency is composited on white."""
+    if im.mode == "RGB":
+        return im.copy()
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0                      # 65535 -> 255
+        elif im.mode == "F" and a.max(initial=0) <= 1.0:
+            a = a * 255.0                      # float images in [0, 1]
+        elif im.mode == "I" and a.max(initial=0) > 255:
+            a = a * (255.0 / max(65535.0, a.max()))  # a 16-bit image stored as 32-bit ints
+        grey = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
+        return grey.convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
+
+
+def load_rgb(path) -> Image.Image:
+    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def read_mask(path) -> np.ndarray:
+    """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
+    with Image.open(path) as im:
+        if im.mode in ("P", "L"):
+            return np.array(im, dtype=np.uint8)
+        if im.mode == "1" or im.mode.startswith("I"):
+            a = np.array(im)
+            if a.max(initial=0) > 255 or a.min(initial=0) < 0:
+                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
+            return a.astype(np.uint8)
+        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
+                         f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
+
+
+def list_images(root) -> list[str]:
+    """Every image file under root, recursively, sorted; hidden files and folders skipped; symlinks followed, each
+    real folder read once. ValueError if none."""
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise ValueError(f"image folder {root!r} does not exist")
+    if not os.path.isdir(root):
+        raise ValueError(f"image folder {root!r} is not a directory")
+    files, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)  # a symlinked folder is followed once: a loop (`ln -s . loop`) or a second link to a
+        if (st.st_dev, st.st_ino) in seen:  # folder already read adds nothing and is not descended into
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+    return sorted(files)
+
+
+def _image_size(path, what):
+    """(W, H) and mode from the file header only; ValueError naming the file if it cannot be opened."""
+    try:
+        with Image.open(path) as im:
+            return im.size, im.mode
+    except Exception as e:
+        raise ValueError(f"cannot open {what} {path}: {type(e).__name__}: {e}") from e
+
+
+def check_samples(samples, source: str = "", progress: bool = True) -> None:
+    """Every (image, mask) pair exists, the mask is single-channel and has its image's size; else ValueError."""
+    origin = f" (listed in {source})" if source else ""
+    for image, mask in tqdm(samples, desc="checking dataset files", leave=False,
+                            disable=not progress or len(samples) < 2000):
+        if not os.path.isfile(image):
+            raise ValueError(f"image {image}{origin} does not exist")
+        if not os.path.isfile(mask):
+            raise ValueError(f"mask {mask}{origin} does not exist")
+        image_size, _ = _image_size(image, "image")
+        mask_size, mask_mode = _image_size(mask, "mask")
+        if mask_mode not in ("P", "L", "1") and not mask_mode.startswith("I"):
+            raise ValueError(f"mask {mask} is a {mask_mode} image: expected a single-channel PNG of class indices")
+        if image_size != mask_size:
+            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
+                             f"{image_size[0]}x{image_size[1]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 10. Command line
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser("CrOC data utilities", add_help=True)
+    p.add_argument("--write-synthetic", metavar="DIR", default=None,
+                   help="write the synthetic scenes as DIR/VOCdevkit/VOC2012 (PVOC12 layout) and the synthetic "
+                        "videos as DIR/DAVIS (DAVIS-2017 layout), for the evaluation scripts")
+    p.add_argument("--n-train", type=int, default=64, help="synthetic train scenes")
+    p.add_argument("--n-val", type=int, default=32, help="synthetic val scenes (indices disjoint from train)")
+    p.add_argument("--n-videos", type=int, default=3, help="synthetic videos")
+    p.add_argument("--n-frames", type=int, default=10, help="frames per synthetic video")
+    p.add_argument("--size", type=int, default=64, help="side of the square synthetic scenes in pixels")
+    p.add_argument("--video-size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"),
+                   help="height and width of the synthetic video frames")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    p.add_argument("--grey", action="store_true",
+                   help="paint every instance in one grey palette (the same scenes and videos otherwise): only the "
+                        "texture tells two instances apart")
+    sub = p.add_subparsers(dest="command")
+    coco = sub.add_parser("prepare_coco", help="COCO-Things masks from the panoptic release and COCO-Stuff masks "
+                                               "from the stuff pixel maps, written into --root's layout and checked")
+    coco.add_argument("--root", required=True, help="COCO folder holding images/<split>2017 or <split>2017")
+    coco.add_argument("--split", default="val", choices=("train", "val"))
+    coco.add_argument("--panoptic_json", default=None, help="annotations/panoptic_<split>2017.json")
+    coco.add_argument("--panoptic_dir", default=None, help="the unzipped panoptic_<split>2017/ PNG folder")
+    coco.add_argument("--stuff_pixelmaps", default=None, help="the unzipped stuff_<split>2017_pixelmaps/ folder")
+    voc = sub.add_parser("prepare_voc", help="PVOC12 trainaug masks from SBD's .mat files + trainaug.txt, checked")
+    voc.add_argument("--voc_root", required=True, help="VOCdevkit/VOC2012 (or a folder above it)")
+    voc.add_argument("--sbd_cls", required=True, help="SBD's benchmark_RELEASE/dataset/cls folder of <id>.mat")
+    voc.add_argument("--trainaug_list", required=True, help="trainaug.txt: the 10,582 image ids, one a line")
+    return p
 
 
 if __name__ == "__main__":

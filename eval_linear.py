@@ -34,13 +34,15 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
+from torchvision import tv_tensors
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 import metrics
-from data import (MMSegTrainTransform, OriginalSizeTransform, TrainTransform, Transformed, ValTransform,
-                  build_segmentation_dataset)
+from data import IGNORE_INDEX, Transformed, ValTransform, build_segmentation_dataset, resize_mask, to_input
 from model import backbone_from_args, dense_features, init_distributed
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
@@ -114,6 +116,123 @@ def mmseg_scale(args):
 def run_name(n_blocks, lr):
     """'nb4_lr1e-3': a module name, so no '.' (1.5e-3 -> 'lr1p5e-3')."""
     return f"nb{n_blocks}_lr" + np.format_float_scientific(lr, trim="-", exp_digits=1).replace(".", "p")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The croc protocol's train transform (Leopart's linear_finetune.py)
+
+class TrainTransform:
+    """Leopart's linear_finetune.py train transform: RandomResizedCrop(img_size, scale 0.8-1, ratio 3/4-4/3) +
+    horizontal flip with the same parameters for image (bilinear) and mask (nearest), then the mask
+    nearest-resized to mask_size."""
+
+    def __init__(self, img_size=448, mask_size=100):
+        self.joint = v2.Compose([
+            v2.RandomResizedCrop((img_size, img_size), scale=(0.8, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+            v2.RandomHorizontalFlip(p=0.5),
+        ])
+        self.mask_size = mask_size
+
+    def __call__(self, img, mask):
+        img, mask = self.joint(img, tv_tensors.Mask(torch.from_numpy(np.asarray(mask))[None]))
+        return to_input(img), resize_mask(mask, self.mask_size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MMSegmentation's ADE20K 512x512 pipeline (mmseg protocol) in plain numpy, PIL and torch
+
+# open-mmlab/mmsegmentation, configs/_base_/datasets/ade20k.py: RandomResize to scale (2048, 512) x ratio 0.5-2.0
+# keeping the aspect ratio, RandomCrop 512 with cat_max_ratio 0.75, flip 0.5, PhotoMetricDistortion, padding to
+# 512 (mask 255; the image with 0 after normalisation, i.e. the mean colour, where MMSegmentation's Pad fills raw
+# pixels with 0: only pixels the loss ignores differ); test: Resize to (2048, 512) keeping the ratio. The label
+# map (reduce_zero_label: 0 -> 255, 1..150 -> 0..149) is data.ADE20K_LUT.
+MMSEG_SCALE = (2048, 512)
+
+
+def rescale_size(width: int, height: int, scale=MMSEG_SCALE) -> tuple[int, int]:
+    """(new_w, new_h) of mmcv's keep-ratio rescale: the largest size with long side <= max(scale) and short side
+    <= min(scale)."""
+    factor = min(max(scale) / max(width, height), min(scale) / min(width, height))
+    return int(width * factor + 0.5), int(height * factor + 0.5)
+
+
+def mmseg_test_resize(img: Image.Image, scale=MMSEG_SCALE) -> Image.Image:
+    """The test-time Resize of the ADE20K config: keep ratio, short side 512 unless the long side hits 2048."""
+    return img.resize(rescale_size(*img.size, scale=scale), Image.BILINEAR)
+
+
+def photometric_distortion(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """MMSegmentation's PhotoMetricDistortion on (H, W, 3) uint8, each step with probability 1/2: brightness
+    +-32, contrast x0.5-1.5 (before or after the HSV steps), saturation x0.5-1.5, hue +-18 of OpenCV's 180."""
+    x = img.astype(np.float32)
+    if rng.random() < 0.5:
+        x = np.clip(x + rng.uniform(-32, 32), 0, 255)
+    contrast_first = rng.random() < 0.5
+    contrast = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    if contrast_first and contrast is not None:
+        x = np.clip(x * contrast, 0, 255)
+    saturation = rng.uniform(0.5, 1.5) if rng.random() < 0.5 else None
+    hue = int(rng.integers(-18, 19)) if rng.random() < 0.5 else None
+    if saturation is not None or hue is not None:
+        hsv = np.asarray(Image.fromarray(x.round().astype(np.uint8)).convert("HSV")).astype(np.float32)
+        if saturation is not None:
+            hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
+        if hue is not None:  # PIL's hue runs over 0..255 where OpenCV's runs over 0..180
+            hsv[..., 0] = (hsv[..., 0] + hue * 256 / 180) % 256
+        x = np.asarray(Image.fromarray(hsv.round().astype(np.uint8), "HSV").convert("RGB")).astype(np.float32)
+    if not contrast_first and contrast is not None:
+        x = np.clip(x * contrast, 0, 255)
+    return x.round().astype(np.uint8)
+
+
+def cat_max_ratio_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75,
+                       tries: int = 10) -> tuple[int, int]:
+    """(top, left) of MMSegmentation's RandomCrop: up to 10 random crops until no class (255 aside) covers more
+    than cat_max_ratio of it; the last try is kept otherwise."""
+    h, w = mask.shape
+    for _ in range(tries):
+        top, left = int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+        labels, counts = np.unique(mask[top:top + crop, left:left + crop], return_counts=True)
+        counts = counts[labels != IGNORE_INDEX]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return top, left
+
+
+class MMSegTrainTransform:
+    """The ADE20K 512x512 train pipeline of MMSegmentation (see MMSEG_SCALE) on a (PIL image, uint8 mask) pair
+    -> (image (3, crop, crop) normalised, mask (crop, crop) uint8). Randomness comes from torch's generator (so
+    DataLoader workers and --seed control it)."""
+
+    def __init__(self, crop_size=512, scale=MMSEG_SCALE, ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
+        self.crop, self.scale, self.ratio_range, self.cat_max_ratio = crop_size, scale, ratio_range, cat_max_ratio
+
+    def __call__(self, img, mask):
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        ratio = rng.uniform(*self.ratio_range)
+        size = rescale_size(*img.size, scale=(int(self.scale[0] * ratio), int(self.scale[1] * ratio)))
+        img = np.asarray(img.resize(size, Image.BILINEAR))
+        mask = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8)).resize(size, Image.NEAREST))
+        top, left = cat_max_ratio_crop(mask, self.crop, rng, self.cat_max_ratio)
+        img, mask = img[top:top + self.crop, left:left + self.crop], mask[top:top + self.crop, left:left + self.crop]
+        if rng.random() < 0.5:
+            img, mask = img[:, ::-1], mask[:, ::-1]
+        img = photometric_distortion(np.ascontiguousarray(img), rng)
+        pad_h, pad_w = self.crop - img.shape[0], self.crop - img.shape[1]
+        x = torch.nn.functional.pad(to_input(img), (0, pad_w, 0, pad_h), value=0.0)
+        y = np.pad(mask, ((0, pad_h), (0, pad_w)), constant_values=IGNORE_INDEX)
+        return x, torch.from_numpy(np.ascontiguousarray(y))
+
+
+class OriginalSizeTransform:
+    """ADE20K test: the image resized as MMSegmentation's test Resize, the mask kept at its ORIGINAL size (the
+    prediction is resized back to it before scoring)."""
+
+    def __init__(self, scale=MMSEG_SCALE):
+        self.scale = scale
+
+    def __call__(self, img, mask):
+        return to_input(mmseg_test_resize(img, self.scale)), torch.from_numpy(np.asarray(mask, dtype=np.uint8))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1824,7 +1824,7 @@ def test_train_transform_crops_and_flips_image_and_mask_together():
     img[:, 40:, 2] = 255
     mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
     mask[10] = 255
-    transform = data.TrainTransform(img_size=32, mask_size=32)
+    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
     for _ in range(10):
         x, m = transform(Image.fromarray(img), mask)
         assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
@@ -1998,10 +1998,10 @@ def test_poly_lr_follows_mmsegs_40k_schedule_down_to_one_percent_of_the_rate():
 
 
 def test_rescale_size_keeps_the_ratio_inside_2048_by_512():
-    assert data.rescale_size(683, 512) == (683, 512)
-    assert data.rescale_size(300, 200) == (768, 512)     # short side up to 512
-    assert data.rescale_size(3000, 500) == (2048, 341)   # long side capped at 2048
-    assert data.rescale_size(400, 800, scale=(1024, 256)) == (256, 512)  # ratio 0.5 of the config's scale
+    assert eval_linear.rescale_size(683, 512) == (683, 512)
+    assert eval_linear.rescale_size(300, 200) == (768, 512)     # short side up to 512
+    assert eval_linear.rescale_size(3000, 500) == (2048, 341)   # long side capped at 2048
+    assert eval_linear.rescale_size(400, 800, scale=(1024, 256)) == (256, 512)  # ratio 0.5 of the config's scale
 
 
 def test_mmseg_train_transform_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
@@ -2010,7 +2010,7 @@ def test_mmseg_train_transform_crops_pads_with_ignore_and_keeps_image_and_mask_a
     img[:, :30, 0] = 255  # left red = class 1, right blue = class 2
     img[:, 30:, 2] = 255
     mask = np.where(np.arange(60)[None, :] < 30, 1, 2).repeat(40, 0).astype(np.uint8)
-    transform = data.MMSegTrainTransform(crop_size=48, scale=(64, 16), ratio_range=(0.5, 2.0))
+    transform = eval_linear.MMSegTrainTransform(crop_size=48, scale=(64, 16), ratio_range=(0.5, 2.0))
     padded = 0
     for _ in range(10):
         x, m = transform(Image.fromarray(img), mask)
@@ -2029,7 +2029,7 @@ def test_cat_max_ratio_crop_prefers_crops_no_class_dominates():
     mask = np.zeros((10, 100), np.uint8)
     mask[:, 90:] = 1  # class 0 dominates every crop except those reaching the right end
     rng = np.random.default_rng(0)
-    tops_lefts = [data.cat_max_ratio_crop(mask, 10, rng, cat_max_ratio=0.75, tries=1000) for _ in range(20)]
+    tops_lefts = [eval_linear.cat_max_ratio_crop(mask, 10, rng, cat_max_ratio=0.75, tries=1000) for _ in range(20)]
     for top, left in tops_lefts:
         _, counts = np.unique(mask[top:top + 10, left:left + 10], return_counts=True)
         assert len(counts) > 1 and counts.max() / counts.sum() < 0.75
