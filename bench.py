@@ -76,6 +76,10 @@ def get_args_parser():
                         "one repeat, no warm-up: runs in seconds; the numbers mean nothing.")
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     p.add_argument("--seed", default=0, type=int, help="Seed of the synthetic inputs, weights and clusterer draws.")
+    p.add_argument("--differences", action="store_true",
+                   help="Instead of the benchmark, print the measured differences from the official clusterer "
+                        "(selected K, kept centroids, hard-assignment rule) on an initial ViT's and on random tokens, "
+                        "--batch images (default 16) at vit_small/16 224 and vit_nano/8 48; seconds on CPU.")
     g = p.add_argument_group("GPU check (gpu_check.sh runs these parts; see BENCHMARKS.md, 'GPU check')")
     g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "ddp", "summary"],
                    help="Run these parts of the GPU check instead of the benchmark, writing PART.json to --out.")
@@ -398,18 +402,9 @@ def bench_compiled(bench, fns, args):
 # identity and arange copied to the device). Checked against the official class on CPU (same seeds): identical
 # kept clusters and K, centroids within 3e-5. Layout differences, none changing the arithmetic: tokens (P, 2N, d)
 # with each view's CLS apart (P, 2, d); positions arrive per patch and per head (the official per-pixel maps,
-# their patch average and the per-head repeat are skipped); non-uniform marginals only.
-def _official_sinkhorn(cost, row_marginal, col_marginal, lam, iterations):
-    """Official entropic OT: exp, global normalisation, `iterations` row/column rescalings, nan_to_num."""
-    plan = torch.exp(-lam * cost)
-    plan /= reduce(plan, 'p n k -> p 1 1', reduction='sum')
-    for _ in range(iterations):
-        plan *= row_marginal / reduce(plan, 'p n k -> p n 1', reduction='sum')
-        plan *= col_marginal / reduce(plan, 'p n k -> p 1 k', reduction='sum')
-    plan = torch.nan_to_num(plan, nan=1e-8)
-    return plan, torch.sum(plan * cost, dim=[1, 2])
-
-
+# their patch average and the per-head repeat are skipped); non-uniform marginals only. Its Sinkhorn is the
+# official one, which is `clustering.sinkhorn` (exp, division by the sum, row and column rescalings); the official
+# nan_to_num after it is left out: no NaN arises for a lambda that `clustering.sinkhorn` accepts.
 def _official_distances(centre_pos, positions):
     """(P, 2N, K) Euclidean distances token -> centroid position, divided by their max per problem."""
     dist = torch.sqrt(torch.sum((centre_pos[:, None, :, :] - positions[:, :, None, :]) ** 2, dim=-1))
@@ -417,20 +412,9 @@ def _official_distances(centre_pos, positions):
     return dist
 
 
-@torch.no_grad()
-def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=12, lambda_pos=4.0,
-                     sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0, heads=6):
-    """tokens (P, 2N, d) last-block q/k/v of both views (view 1's N tokens then view 2's), P = B * heads, image-major
-    (problem p = b * heads + h); positions (P, 2N, 2) patch positions in the original image; cls (P, 2, d) each view's
-    CLS token in the same space; last_tokens (2B, 1 + N, D) the final tokens (CLS first), view 1's B images then
-    view 2's. Returns (centroids_v1, centroids_v2, valid_centroids, region_count) as the official code does."""
-    device = tokens.device
-
-    # Scale of the output centroids: mean CLS norm; final patch tokens split per view and repeated per head
-    cls_norm = last_tokens[:, 0, :].norm(dim=-1).mean()
-    final = rearrange(last_tokens[:, 1:], '(m b) n e -> m b n e', m=2)
-    final = repeat(final, 'm b n e -> m (b h) n e', h=heads)
-
+def _official_start(tokens, positions, cls, k_start, marginal_temp):
+    """Normalised tokens, the marginals and the seeds: (joint, row_marg (P, 2N, 1), col_marg (P, 1, K), onehot Y^T
+    (P, K, 2N), dist (P, 2N, K), centres (P, K, d))."""
     # L2-normalised tokens and CLS (official: one call on the CLS-first tensor)
     joint = F.normalize(tokens, dim=-1)
     cls_unit = F.normalize(cls, dim=-1)
@@ -444,7 +428,7 @@ def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=1
     # Seeds: multinomial draw without replacement, one-hot rows of a CPU identity copied to the device
     picks = draw.multinomial(num_samples=k_start, replacement=False)
     picks = rearrange(picks, 'p k -> (p k)')
-    onehot = torch.eye(n_joint).to(device)[picks].to(device)
+    onehot = torch.eye(n_joint).to(tokens.device)[picks].to(tokens.device)
     onehot = rearrange(onehot, '(p k) n -> p k n', p=n_problems)
 
     # Marginals: c = softmax(Y^T s / temp), r = softmax(s / temp)
@@ -458,19 +442,72 @@ def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=1
     dist = _official_distances(centre_pos, positions)
 
     centres = torch.einsum('p n d, p k n -> p k d', joint, onehot)
+    return joint, row_marg, col_marg, onehot, dist, centres
 
+
+def _official_merge(joint, positions, row_marg, plan, onehot):
+    """The most similar pair of the step's soft centroids, merged as the official code does: the pair's plan
+    columns summed and appended after the kept ones; centroids, their positions, distances and c recomputed from
+    the merged plan. -> (plan, onehot, centres, dist, col_marg) with one column fewer."""
+    n_problems, _, k = plan.shape
+
+    # Soft centroids of this step (unnormalised), and the most similar pair of distinct ones
+    weights = plan / plan.sum(dim=1, keepdim=True)
+    centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
+    pair_sim = torch.einsum('p i d, p j d -> p i j', centres, centres)
+    pair_sim -= 2 * torch.eye(k).to(pair_sim.device)
+    pair_sim = rearrange(pair_sim, 'p i j -> p (i j)')
+    flat = torch.argmax(pair_sim, dim=-1)
+    first = torch.div(flat, k, rounding_mode='floor')
+    second = flat % k
+
+    # Python index tuples (host sync) for the two merged columns
+    rows = torch.arange(0, n_problems).to(first.device)
+    at_first = tuple(torch.stack([rows, first]).tolist())
+    at_second = tuple(torch.stack([rows, second]).tolist())
+    merged_onehot = (onehot[at_first] + onehot[at_second])[:, None, :]
+
+    # Boolean mask of the untouched columns (CPU arange copied over), applied by masked indexing
+    col_ids = repeat(torch.arange(0, k), 'k -> p k', p=n_problems).to(first.device)
+    first_rep = repeat(first, 'p -> p k', k=k).to(first.device)
+    second_rep = repeat(second, 'p -> p k', k=k).to(first.device)
+    keep = torch.logical_and(col_ids != first_rep, col_ids != second_rep)
+    onehot = rearrange(onehot[keep], '(p k) n -> p k n', p=n_problems)
+    onehot = torch.cat([onehot, merged_onehot], dim=1)
+
+    # Merge the plan: sum of the two columns appended after the kept ones
+    plan = rearrange(plan, 'p n k -> p k n')
+    merged_plan = (plan[at_first] + plan[at_second])[:, None, :]
+    kept_plan = rearrange(plan[keep], '(p k) n -> p k n', p=n_problems)
+    plan = torch.cat([kept_plan, merged_plan], dim=1)
+    plan = rearrange(plan, 'p k n -> p n k')
+
+    # Centroids, centroid positions, distances and centroid marginal from the merged plan
+    weights = plan / plan.sum(dim=1, keepdim=True)
+    centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
+    centre_pos = torch.einsum('p n c, p n k -> p k c', positions, weights)
+    dist = _official_distances(centre_pos, positions)
+    col_marg = torch.einsum('p n, p n k -> p k', row_marg.squeeze(), weights).unsqueeze(1)
+    col_marg /= col_marg.sum(dim=-1, keepdim=True)
+    return plan, onehot, centres, dist, col_marg
+
+
+def _official_steps(joint, positions, row_marg, col_marg, onehot, dist, centres, *, k_start, lambda_pos,
+                    sinkhorn_lambda, sinkhorn_iterations):
+    """Sinkhorn at K = k_start, ..., 2, merging in between -> (step_costs (P, k_start - 1), step_plans: each
+    step's plan with each view's columns normalised)."""
     n_regions = k_start
-    step_costs, step_plans, step_onehots = [], [], []
+    step_costs, step_plans = [], []
     while n_regions >= 2:
         centres = F.normalize(centres, dim=-1)
         affinity = torch.einsum('p n d, p k d -> p n k', joint, centres)
-        _, _, k = affinity.shape
 
         # Cost, min-max normalised over the whole batch (as official)
         cost = -affinity + lambda_pos * dist
         cost = (cost - cost.min()) / (cost.max() - cost.min())
 
-        plan, ot_cost = _official_sinkhorn(cost, row_marg, col_marg, sinkhorn_lambda, sinkhorn_iterations)
+        plan, ot_cost = clustering.sinkhorn(cost, row_marg[:, :, 0], col_marg[:, 0], sinkhorn_lambda,
+                                            sinkhorn_iterations)
         step_costs.append(ot_cost)
 
         # Keep this step's plan, columns normalised per view
@@ -479,55 +516,22 @@ def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=1
         view_a = view_a / view_a.sum(dim=-2, keepdim=True)
         view_b = view_b / view_b.sum(dim=-2, keepdim=True)
         step_plans.append(torch.cat([view_a, view_b], dim=1))
-        step_onehots.append(onehot)
 
         if n_regions == 2:
             break
-
-        # Soft centroids of this step (unnormalised), and the most similar pair of distinct ones
-        weights = plan / plan.sum(dim=1, keepdim=True)
-        centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
-        pair_sim = torch.einsum('p i d, p j d -> p i j', centres, centres)
-        pair_sim -= 2 * torch.eye(n_regions).to(pair_sim.device)
-        pair_sim = rearrange(pair_sim, 'p i j -> p (i j)')
-        flat = torch.argmax(pair_sim, dim=-1)
-        first = torch.div(flat, n_regions, rounding_mode='floor')
-        second = flat % n_regions
-
-        # Python index tuples (host sync) for the two merged columns
-        rows = torch.arange(0, n_problems).to(first.device)
-        at_first = tuple(torch.stack([rows, first]).tolist())
-        at_second = tuple(torch.stack([rows, second]).tolist())
-        merged_onehot = (onehot[at_first] + onehot[at_second])[:, None, :]
-
-        # Boolean mask of the untouched columns (CPU arange copied over), applied by masked indexing
-        col_ids = repeat(torch.arange(0, k), 'k -> p k', p=n_problems).to(first.device)
-        first_rep = repeat(first, 'p -> p k', k=k).to(first.device)
-        second_rep = repeat(second, 'p -> p k', k=k).to(first.device)
-        keep = torch.logical_and(col_ids != first_rep, col_ids != second_rep)
-        onehot = rearrange(onehot[keep], '(p k) n -> p k n', p=n_problems)
-        onehot = torch.cat([onehot, merged_onehot], dim=1)
-
-        # Merge the plan: sum of the two columns appended after the kept ones
-        plan = rearrange(plan, 'p n k -> p k n')
-        merged_plan = (plan[at_first] + plan[at_second])[:, None, :]
-        kept_plan = rearrange(plan[keep], '(p k) n -> p k n', p=n_problems)
-        plan = torch.cat([kept_plan, merged_plan], dim=1)
-        plan = rearrange(plan, 'p k n -> p n k')
-
-        # Centroids, centroid positions, distances and centroid marginal from the merged plan
-        weights = plan / plan.sum(dim=1, keepdim=True)
-        centres = torch.einsum('p n d, p n k -> p k d', joint, weights)
-        centre_pos = torch.einsum('p n c, p n k -> p k c', positions, weights)
-        dist = _official_distances(centre_pos, positions)
-
+        plan, onehot, centres, dist, col_marg = _official_merge(joint, positions, row_marg, plan, onehot)
         n_regions -= 1
+    return torch.stack(step_costs, dim=-1), step_plans
 
-        col_marg = torch.einsum('p n, p n k -> p k', row_marg.squeeze(), weights).unsqueeze(1)
-        col_marg /= col_marg.sum(dim=-1, keepdim=True)
+
+def _official_pool(step_costs, step_plans, last_tokens, *, k_start, k_max, heads):
+    """Selection of K, hard assignment, the view centroids of the final tokens and the kept ones, as official."""
+    # Scale of the output centroids: mean CLS norm; final patch tokens split per view and repeated per head
+    cls_norm = last_tokens[:, 0, :].norm(dim=-1).mean()
+    final = rearrange(last_tokens[:, 1:], '(m b) n e -> m b n e', m=2)
+    final = repeat(final, 'm b n e -> m (b h) n e', h=heads)
 
     # Selection among the last k_max - 1 steps (official indexing and offset)
-    step_costs = torch.stack(step_costs, dim=-1)
     step_costs = step_costs[:, -(k_max - 1):]
     chosen = step_costs.argmin(dim=-1)
     chosen = chosen + (k_start - k_max)
@@ -561,6 +565,22 @@ def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=1
 
     region_count = k_start - chosen.float().mean().item()
     return centroids_v1, centroids_v2, valid_centroids, region_count
+
+
+@torch.no_grad()
+def official_cluster(tokens, positions, cls, last_tokens, *, k_start=12, k_max=12, lambda_pos=4.0,
+                     sinkhorn_lambda=20.0, sinkhorn_iterations=5, marginal_temp=2.0, heads=6):
+    """tokens (P, 2N, d) last-block q/k/v of both views (view 1's N tokens then view 2's), P = B * heads, image-major
+    (problem p = b * heads + h); positions (P, 2N, 2) patch positions in the original image; cls (P, 2, d) each view's
+    CLS token in the same space; last_tokens (2B, 1 + N, D) the final tokens (CLS first), view 1's B images then
+    view 2's. Returns (centroids_v1, centroids_v2, valid_centroids, region_count) as the official code does:
+    region_count is the mean selected K, valid_centroids indexes the (problem, cluster) slots, K padded to the
+    largest selected one."""
+    joint, row_marg, col_marg, onehot, dist, centres = _official_start(tokens, positions, cls, k_start, marginal_temp)
+    step_costs, step_plans = _official_steps(joint, positions, row_marg, col_marg, onehot, dist, centres,
+                                             k_start=k_start, lambda_pos=lambda_pos, sinkhorn_lambda=sinkhorn_lambda,
+                                             sinkhorn_iterations=sinkhorn_iterations)
+    return _official_pool(step_costs, step_plans, last_tokens, k_start=k_start, k_max=k_max, heads=heads)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -599,7 +619,7 @@ def bench_clusterer(args, step_rows):
             return clustering.cluster(tokens, positions, cls, generator=generator, **settings)
 
         def call_with_centroids():
-            plan = rearrange(call().plan, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)
+            plan = rearrange(call().q_star, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)
             return view_centroids(final[:, 1:], final[:, 0], plan)
 
         def official():
@@ -618,6 +638,96 @@ def bench_clusterer(args, step_rows):
                      "speedup_over_official": official_ms / with_centroids,
                      "official_top_level_aten_ops": official_ops["top_level_aten_ops"],
                      "official_host_syncs": count_syncs(official, args.device)})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The differences from the official code that change what the clusterer outputs, measured (--differences)
+# --------------------------------------------------------------------------------------------------------------
+DIFFERENCE_SHAPES = (("vit_small", 16, 224), ("vit_nano", 8, 48))  # the paper's backbone; repro.sh's, 48-px views
+DIFFERENCE_SETTINGS = ((12, 12, "paper"), (5, 4, "official"))  # (K_start, K_max, whose defaults)
+
+
+def initial_vit_inputs(batch, arch, patch, img, device, seed):
+    """cluster_inputs' four tensors, from a randomly initialised ViT on two views of synthetic scenes as
+    train.py makes them (its last-block tokens of model.pretraining_defaults' which_features)."""
+    a = pretraining_defaults()
+    torch.manual_seed(seed)
+    backbone = build_vit(arch, patch).to(device).eval()
+    scenes = data.SyntheticPretrain(batch, img, seed, data.TwoViews(img, patch, tuple(a.global_crops_scale)))
+    views, positions, _ = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
+    with torch.no_grad():
+        x = rearrange(views.to(device), "b v c h w -> (v b) c h w")  # as model.train_step
+        tf = backbone.forward_features(x, which=a.which_features)
+    tokens = rearrange(tf.tokens[:, :, 1:], "(v b) h n d -> (b h) (v n) d", v=2)  # as clustering.cluster_views
+    cls = rearrange(tf.tokens[:, :, 0], "(v b) h d -> (b h) v d", v=2)
+    positions = repeat(positions.to(device).float(), "b v n c -> (b h) (v n) c", h=backbone.num_heads)
+    return tokens, positions, cls, torch.cat([tf.cls[:, None], tf.patch], dim=1)
+
+
+def official_hard_labels(plan, k):
+    """(P, 2N) the official hard assignment: each token's largest entry of the selected plan (P, 2N, k_max) after
+    normalising each view's columns to sum 1, among its first k (P,) columns (Eq. 15 reads it after the rows)."""
+    per_view = rearrange(plan, "p (v n) k -> p v n k", v=2)
+    columns = per_view / per_view.sum(dim=2, keepdim=True).clamp_min(torch.finfo(plan.dtype).tiny)
+    padding = torch.arange(plan.shape[-1], device=plan.device) >= rearrange(k, "p -> p 1 1")
+    return rearrange(columns, "p v n k -> p (v n) k").masked_fill(padding, float("-inf")).argmax(dim=-1)
+
+
+def measure_differences(inputs, batch, k_start, k_max, seed):
+    """Both clusterers on the same inputs (cluster_inputs' four tensors), train.py's other settings (which are
+    clustering.cluster's defaults): the selected K, the kept centroids per image over all heads, and the share
+    of tokens whose hard assignment the official rule moves on the same selected plan."""
+    tokens, positions, cls, final = inputs
+    heads = tokens.shape[0] // batch
+    res = clustering.cluster(tokens, positions, cls, k_start=k_start, k_max=k_max,
+                             generator=torch.Generator(device=tokens.device).manual_seed(seed))
+    paper = clustering.hard_assignment(res.plan, res.k).argmax(dim=-1)  # (P, 2N) Eq. 15: the row argmax
+    moved = (paper != official_hard_labels(res.plan, res.k)).float().mean()
+    kept = rearrange(res.valid, "(b h) k -> b (h k)", h=heads).sum(dim=1).float()  # (B,)
+    torch.manual_seed(seed)  # the official seeds come from torch.multinomial
+    _, _, valid, mean_k = official_cluster(tokens, positions, cls, final, k_start=k_start, k_max=k_max, heads=heads)
+    return {"images": batch, "problems": tokens.shape[0], "tokens": tokens.shape[1], "k_start": k_start,
+            "k_max": k_max, "k_share": {int(k): float((res.k == k).float().mean()) for k in res.k.unique()},
+            "mean_k": float(res.k.float().mean()), "kept_per_image": float(kept.mean()),
+            "kept_min": float(kept.min()), "kept_max": float(kept.max()), "moved_tokens": float(moved),
+            "official_mean_k": mean_k, "official_kept_per_image": len(valid) / batch}
+
+
+def differences_table(rows):
+    def k_cell(share):
+        top = sorted(share.items(), key=lambda kv: -kv[1])[:3]
+        rest = 1 - sum(s for _, s in top)
+        return ", ".join(f"{k}: {100 * s:.0f}%" for k, s in top) + (f", other {100 * rest:.0f}%" if len(share) > 3 else "")
+    body = [[r["tokens_of"], r["shape"], f"{r['k_start']}/{r['k_max']} ({r['whose']})", k_cell(r["k_share"]),
+             f"{r['mean_k']:.1f} / {r['official_mean_k']:.1f}",
+             f"{r['kept_per_image']:.1f} [{r['kept_min']:.0f}, {r['kept_max']:.0f}] / "
+             f"{r['official_kept_per_image']:.1f}", f"{100 * r['moved_tokens']:.1f}%"] for r in rows]
+    return "\n".join([table(["tokens", "shape", "K_start/K_max", "selected K: share", "mean K",
+                             "kept per image [min, max]", "moved"], body),
+                      f"{rows[0]['images']} images x heads problems. tokens: a randomly initialised ViT's on two views "
+                      "of synthetic scenes (initial ViT), or Gaussian at its shapes (bench.cluster_inputs). mean K, "
+                      "kept: clustering.cluster / bench.official_cluster on the same inputs; selected K: "
+                      "clustering.cluster's, the 3 commonest. kept per image: centroids kept (Eq. 16), all heads. "
+                      "moved: share of all tokens whose hard assignment of our selected plan changes when each view's "
+                      "columns, not the rows (Eq. 15), are normalised before the argmax (the official rule)."])
+
+
+def differences(args):
+    """Print the measured differences (python bench.py --differences): seconds on CPU."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    shapes, batch = (((("vit_tiny", 8, 32),), 2) if args.quick else (DIFFERENCE_SHAPES, 16))
+    batch = args.batch or batch
+    rows = []
+    for shape in shapes:
+        for tokens_of, make in (("initial ViT", initial_vit_inputs), ("Gaussian", cluster_inputs)):
+            inputs = make(batch, *shape, device, args.seed)
+            rows += [{**measure_differences(inputs, batch, k_start, k_max, args.seed), "tokens_of": tokens_of,
+                      "shape": f"{shape[0]}/{shape[1]} {shape[2]}", "whose": whose}
+                     for k_start, k_max, whose in DIFFERENCE_SETTINGS]
+    print(differences_table(rows), flush=True)
     return rows
 
 
@@ -1132,4 +1242,4 @@ def main(args):
 
 if __name__ == "__main__":
     cli = get_args_parser().parse_args()
-    gpu_check(cli) if cli.gpu else main(cli)
+    differences(cli) if cli.differences else gpu_check(cli) if cli.gpu else main(cli)

@@ -13,7 +13,8 @@ two disagree we follow the paper. The differences from the official code, each n
     Sec. 3.3.2); the official code sums the pair's plan columns and recomputes the centroids, their
     (assignment-weighted) positions and c (mean token mass per cluster) from that merged plan (`merge_closest`);
   - the hard assignment is the plain row argmax (Eq. 15 after the paper's row normalisation); the official code
-    takes it after normalising each view's columns, which can move a few tokens (`hard_assignment`);
+    takes it after normalising each view's columns, which moves about a tenth of an initial ViT's tokens at
+    K_start = 12 (`hard_assignment`; `python bench.py --differences` measures it);
   - the centroids pool the tokens with the soft Q* (Eq. 2: the selected plan, rows normalised, pruned columns
     dropped); the official code pools with Q* * M, each view's columns normalised (`soft_assignment`);
   - seeds are drawn by an exponential race instead of torch.multinomial, which checks r on the host
@@ -22,7 +23,8 @@ Kept from the official code although the paper's equations say otherwise, each b
 degenerate or unspecified: r is the softmax of the tokens' cosine similarity to the [CLS] token (the paper: "the
 attention map of the [CLS] token"); c = softmax(Y^T s) on those raw similarities s, not on r (Eq. 10 on r is
 uniform: `centroid_marginal`); the temperature 2.0 in both marginals (Eq. 10 has none); d_c measured on the
-normalised total cost (Eq. 13 writes T_sem).
+normalised total cost (Eq. 13 writes T_sem). Also kept: Sinkhorn's division of the plan by its sum before the
+rescalings, which the first row rescaling undoes (`sinkhorn`).
 """
 import math
 from typing import NamedTuple, Optional
@@ -34,11 +36,12 @@ from torch import Tensor
 
 
 class ClusterResult(NamedTuple):
-    plan: Tensor  # (P, 2N, k_max) Q*: the selected plan, rows normalised, pruned (Eq. 16) and padded columns zero
+    plan: Tensor  # (P, 2N, k_max) the Sinkhorn plan of the selected K, as `sinkhorn` gave it; columns >= k zero
+    q_star: Tensor  # (P, 2N, k_max) Q*: that plan, rows normalised, pruned (Eq. 16) and padded columns zero
     assignment: Tensor  # (P, 2N, k_max) M, hard 0/1 (Eq. 15); pruned columns and columns >= k are zero
     valid: Tensor  # (P, k_max) bool: the cluster has a token in both views (Eq. 16)
     k: Tensor  # (P,) long: the selected number of clusters, before pruning
-    cost: Tensor  # (P, k_start - 1) d_c (Eq. 13) for K = k_start, k_start - 1, ..., 2
+    d_c: Tensor  # (P, k_start - 1) the transport cost d_c (Eq. 13) for K = k_start, k_start - 1, ..., 2
     steps: Tensor  # (P, k_start - 1, 2N) long with return_steps (`step_labels` per K), else (P, 0, 2N)
 
 
@@ -54,12 +57,12 @@ def max_sinkhorn_lambda(dtype: torch.dtype) -> float:
 def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int = 5):
     """Sinkhorn-Knopp (Eq. 11-12): plan (P, n, k) and transport cost d_c = <plan, cost> (P,) (Eq. 13).
 
-    cost (P, n, k) in [0, 1], as `cluster` gives it (min-max normalised); r (P, n) and c (P, k) the marginals.
-    As the paper writes it: P = exp(-lam * cost), P /= sum(P), then `n_iter` rounds of scaling the rows to r and
-    the columns to c. Every scaling keeps P = diag(u) exp(-lam * cost) diag(v), so the rounds update only u and
-    v (two batched matrix-vector products per round) and P is formed once at the end: the same numbers as
-    scaling the whole matrix, which a test checks. It converges to the entropic OT plan for regularisation
-    1 / lam (POT's `ot.sinkhorn` with reg = 1 / lam).
+    cost (P, n, k) the matrix T in [0, 1], as `cluster` gives it (min-max normalised); r (P, n) and c (P, k) the
+    marginals. The algorithm the paper cites (Cuturi 2013, its [10]): plan = exp(-lam * cost), then `n_iter`
+    rounds of rescaling the plan's rows to sum to r and its columns to sum to c (the polytope of Eq. 12). It
+    converges to Eq. 11's entropic OT plan for regularisation 1 / lam (POT's `ot.sinkhorn` with reg = 1 / lam).
+    The division by the plan's sum first is the official code's, not the paper's: the first row rescaling undoes
+    it, so it only makes the plan of n_iter = 0 sum to 1.
     """
     if cost.dim() != 3 or not cost.is_floating_point():
         raise ValueError(f"sinkhorn: cost must be a float (P, n, k) tensor, got {cost.dtype} {tuple(cost.shape)}")
@@ -72,13 +75,11 @@ def sinkhorn(cost: Tensor, r: Tensor, c: Tensor, lam: float = 20.0, n_iter: int 
         raise ValueError(f"sinkhorn: lambda must lie in (0, {max_sinkhorn_lambda(cost.dtype):.1f}] for a "
                          f"{cost.dtype} cost in [0, 1] (exp(-lambda) would underflow), got {lam}")
     r, c = r.to(cost.dtype), c.to(cost.dtype)
-    kernel = torch.exp(-lam * cost)  # Eq. 11: entries in [exp(-lam), 1]
-    u = 1.0 / kernel.sum(dim=(1, 2))[:, None].expand(-1, n)  # P /= sum(P)
-    v = torch.ones_like(c)
+    plan = torch.exp(-lam * cost)  # Eq. 11: entries in [exp(-lam), 1]
+    plan = plan / plan.sum(dim=(1, 2), keepdim=True)  # the official code's P /= sum(P)
     for _ in range(n_iter):  # Eq. 12
-        u = r / (kernel @ rearrange(v, "p k -> p k 1")).squeeze(2)  # rows sum to r: u_i (K v)_i = r_i
-        v = c / (rearrange(u, "p n -> p 1 n") @ kernel).squeeze(1)  # columns sum to c: v_j (K^T u)_j = c_j
-    plan = rearrange(u, "p n -> p n 1") * kernel * rearrange(v, "p k -> p 1 k")
+        plan = plan * rearrange(r / plan.sum(dim=2), "p n -> p n 1")  # rows sum to r: Q 1_K = r
+        plan = plan * rearrange(c / plan.sum(dim=1), "p k -> p 1 k")  # columns sum to c: Q^T 1_2N = c
     return plan, (plan * cost).sum(dim=(1, 2))  # Eq. 13
 
 
@@ -157,33 +158,29 @@ def update_centroids(joint: Tensor, plan: Tensor) -> Tensor:
     return torch.einsum("pnk,pnd->pkd", plan, joint) / mass[..., None]
 
 
-def merge_matrix(i: Tensor, j: Tensor, k: int, dtype: torch.dtype) -> Tensor:
-    """(P, K - 1, K): the linear map of a merge (Eq. 14), for pairs i < j (each (P,)).
-
-    Row i averages old rows i and j; every other new row copies one old row, in order, skipping j. Left-multiply
-    C (P, K, d) by it, right-multiply Y (P, 2N, K) by its transpose: one batched product each, no gather/scatter.
-    """
-    new, old = torch.arange(k - 1, device=i.device), torch.arange(k, device=i.device)
-    source = new + (new >= j[:, None])  # (P, K - 1): the old row each new row copies
-    copy = (source[:, :, None] == old).to(dtype)  # (P, K - 1, K) one-hot
-    pair = ((old == i[:, None]) | (old == j[:, None])).to(dtype) / 2  # (P, K): (e_i + e_j) / 2
-    return torch.where((new == i[:, None])[:, :, None], pair[:, None, :], copy)
-
-
-def merge_closest(centroids: Tensor, seeds: Tensor):
+def merge_closest(centroids: Tensor, y: Tensor):
     """Eq. 14: merge the two centroids with the highest cosine similarity, per problem.
 
-    centroids (P, K, d), seeds Y (P, 2N, K) -> (P, K - 1, d), (P, 2N, K - 1): the pair's C rows and Y columns
-    are averaged, the obsolete ones removed. The official code instead picks the pair by the dot product of the
-    unnormalised means and sums the pair's plan columns (see the module docstring).
+    centroids C (P, K, d), Y (P, 2N, K) -> (P, K - 1, d), (P, 2N, K - 1): the pair i < j's rows of C and
+    columns of Y are averaged into i, and the obsolete row and column j are removed. The official code instead
+    picks the pair by the dot product of the unnormalised means and sums the pair's plan columns (see the module
+    docstring).
     """
-    k = centroids.shape[1]
+    (_, k, d), n = centroids.shape, y.shape[1]
     unit = F.normalize(centroids, dim=-1)
     similarity = torch.einsum("pkd,pld->pkl", unit, unit)  # (P, K, K) cosine
     not_a_pair = torch.ones(k, k, dtype=torch.bool, device=centroids.device).tril()  # keep i < j only
     pair = similarity.masked_fill(not_a_pair, float("-inf")).flatten(1).argmax(dim=1)  # (P,); ties: the first
-    mix = merge_matrix(torch.div(pair, k, rounding_mode="floor"), pair % k, k, centroids.dtype)  # (P, K - 1, K)
-    return torch.einsum("pmk,pkd->pmd", mix, centroids), torch.einsum("pnk,pmk->pnm", seeds, mix)
+    i, j = torch.div(pair, k, rounding_mode="floor"), pair % k  # (P,) each, i < j
+    row_i, row_j = repeat(i, "p -> p 1 d", d=d), repeat(j, "p -> p 1 d", d=d)
+    col_i, col_j = repeat(i, "p -> p n 1", n=n), repeat(j, "p -> p n 1", n=n)
+    mean_c = (centroids.gather(1, row_i) + centroids.gather(1, row_j)) / 2  # (P, 1, d)
+    mean_y = (y.gather(2, col_i) + y.gather(2, col_j)) / 2  # (P, 2N, 1)
+    centroids, y = centroids.scatter(1, row_i, mean_c), y.scatter(2, col_i, mean_y)  # into row / column i
+    new = torch.arange(k - 1, device=centroids.device)
+    kept = new + (new >= j[:, None])  # (P, K - 1): the old index of each new row / column, j skipped
+    return (centroids.gather(1, repeat(kept, "p m -> p m d", d=d)),
+            y.gather(2, repeat(kept, "p m -> p n m", n=n)))
 
 
 def step_labels(labels: Tensor, y: Tensor, seeds: Tensor) -> Tensor:
@@ -201,27 +198,28 @@ def step_labels(labels: Tensor, y: Tensor, seeds: Tensor) -> Tensor:
 
 class _Selection(NamedTuple):
     plan: Tensor  # (P, 2N, k_max) best plan so far, zero-padded beyond its K
-    cost: Tensor  # (P,) its d_c
+    d_c: Tensor  # (P,) its transport cost
     k: Tensor  # (P,) long, its K
 
 
-def select_k(best: _Selection, plan: Tensor, cost: Tensor) -> _Selection:
+def select_k(best: _Selection, plan: Tensor, d_c: Tensor) -> _Selection:
     """A-posteriori K (Sec. 3.3): keep, per problem, the plan with the smallest d_c seen so far.
 
-    Called for K = k_max, ..., 2 only; ties keep the larger K (the first seen).
+    plan (P, 2N, K) and d_c (P,) of one step. Called for K = k_max, ..., 2 only; ties keep the larger K (the
+    first seen).
     """
     k, k_max = plan.shape[-1], best.plan.shape[-1]
-    better = cost < best.cost  # (P,)
+    better = d_c < best.d_c  # (P,)
     padded = F.pad(plan, (0, k_max - k))  # (P, 2N, k_max)
     return _Selection(plan=torch.where(rearrange(better, "p -> p 1 1"), padded, best.plan),
-                      cost=torch.where(better, cost, best.cost), k=torch.where(better, k, best.k))
+                      d_c=torch.where(better, d_c, best.d_c), k=torch.where(better, k, best.k))
 
 
 def hard_assignment(plan: Tensor, k: Tensor) -> Tensor:
     """M (P, 2N, k_max): one-hot of each token's largest plan entry among the first k[p] columns (Eq. 15).
 
     The paper normalises rows first, which does not move a row's argmax. The official code normalises each
-    view's columns instead, which can move a few tokens.
+    view's columns instead, which moves some tokens (`python bench.py --differences` prints the share).
     """
     columns = torch.arange(plan.shape[-1], device=plan.device)
     padding = columns >= rearrange(k, "p -> p 1 1")  # (P, 1, k_max)
@@ -251,16 +249,16 @@ def soft_assignment(plan: Tensor, valid: Tensor) -> Tensor:
     return rows * rearrange(valid, "p k -> p 1 k").to(plan.dtype)
 
 
-def centroids(tokens: Tensor, plan: Tensor) -> Tensor:
+def centroids(tokens: Tensor, q_star: Tensor) -> Tensor:
     """(P, K, d): C^T = Z^T Q* (Eq. 1-2), each cluster's tokens weighted by their assignment; the caller
     normalises (the scale does not survive the L2 normalisation before the head).
 
-    tokens (P, n, d), plan (P, n, K): pass one view's rows of both (Q*_1 or Q*_2) for that view's centroids.
+    tokens (P, n, d), q_star (P, n, K): pass one view's rows of both (Q*_1 or Q*_2) for that view's centroids.
     """
-    if tokens.dim() != 3 or plan.dim() != 3 or tokens.shape[:2] != plan.shape[:2]:
-        raise ValueError(f"centroids: tokens (P, n, d) and plan (P, n, K) must agree on P and n, got "
-                         f"{tuple(tokens.shape)} and {tuple(plan.shape)}")
-    return torch.einsum("pnk,pnd->pkd", plan.to(tokens.dtype), tokens)
+    if tokens.dim() != 3 or q_star.dim() != 3 or tokens.shape[:2] != q_star.shape[:2]:
+        raise ValueError(f"centroids: tokens (P, n, d) and Q* (P, n, K) must agree on P and n, got "
+                         f"{tuple(tokens.shape)} and {tuple(q_star.shape)}")
+    return torch.einsum("pnk,pnd->pkd", q_star.to(tokens.dtype), tokens)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -308,9 +306,10 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
     tokens (P, 2N, d): view 1's tokens then view 2's (Z_cat, Eq. 8); positions (P, 2N, 2): their (x, y) in the
     original image (E_cat, Sec. 3.3.2); cls (P, d), or (P, 2, d) with each view's own: the CLS token in the same
     space, for the marginals r and c (uniform when None or `uniform_marginals`). seeds (P, k_start): token
-    indices of the initial centroids, otherwise drawn from r with `generator`. k_max (default k_start): the
-    largest K the selection may pick. return_steps: also return every step's hard assignment
-    (`ClusterResult.steps`, Fig. 3); it adds work, no sync. Computed in at least float32, without gradients.
+    indices of the initial centroids, otherwise drawn from r with `generator`. k_max (default k_start, as in the
+    paper; the official code's defaults are K_start 5 and K_max 4): the largest K the selection may pick.
+    return_steps: also return every step's hard assignment (`ClusterResult.steps`, Fig. 3); it adds work, no
+    sync. Computed in at least float32, without gradients.
     """
     k_max = k_start if k_max is None else k_max
     _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp, sinkhorn_lambda)
@@ -329,15 +328,15 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
         y = seed_matrix(seeds, n, dtype)  # (P, 2N, K) Y
         cents = torch.einsum("pnk,pnd->pkd", y, joint)  # (P, K, d) Eq. 8: C = Y^T Z_cat
 
-        best = _Selection(plan=joint.new_zeros(n_problems, n, k_max), cost=joint.new_full((n_problems,), torch.inf),
+        best = _Selection(plan=joint.new_zeros(n_problems, n, k_max), d_c=joint.new_full((n_problems,), torch.inf),
                           k=torch.full((n_problems,), k_max, dtype=torch.long, device=tokens.device))
-        costs, steps = [], []
+        d_cs, steps = [], []
         for k in range(k_start, 1, -1):
             cent_positions = torch.einsum("pnk,pnc->pkc", y, positions)  # (P, K, 2) E_cen = Y^T E_cat (Sec. 3.3.2)
             c = centroid_marginal(y, s, marginal_temp)  # (P, K) Eq. 10
-            cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # Eq. 9, 17, 18
+            cost = transport_cost_matrix(joint, cents, positions, cent_positions, lambda_pos)  # T: Eq. 9, 17, 18
             plan, d_c = sinkhorn(cost, r, c, sinkhorn_lambda, sinkhorn_iterations)  # Eq. 11-13
-            costs.append(d_c)
+            d_cs.append(d_c)
             if return_steps:
                 steps.append(step_labels(plan.argmax(dim=-1), y, seeds))
             if k <= k_max:
@@ -348,10 +347,11 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
 
         assignment = hard_assignment(best.plan, best.k)  # Eq. 15
         assignment, valid = prune_single_view(assignment)  # Eq. 16
-        plan = soft_assignment(best.plan, valid)  # Q*: rows normalised, pruned (end of Sec. 3.3, Eq. 16)
+        q_star = soft_assignment(best.plan, valid)  # Q*: rows normalised, pruned (end of Sec. 3.3, Eq. 16)
         steps = torch.stack(steps, dim=1) if return_steps else joint.new_empty(n_problems, 0, n, dtype=torch.long)
-    return ClusterResult(plan=plan.to(tokens.dtype), assignment=assignment.to(tokens.dtype), valid=valid,
-                         k=best.k, cost=torch.stack(costs, dim=1), steps=steps)
+    return ClusterResult(plan=best.plan.to(tokens.dtype), q_star=q_star.to(tokens.dtype),
+                         assignment=assignment.to(tokens.dtype), valid=valid, k=best.k, d_c=torch.stack(d_cs, dim=1),
+                         steps=steps)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -379,6 +379,6 @@ def cluster_views(tokens: Tensor, positions: Tensor, settings, generator: Option
     pos = repeat(positions.float(), "b v n c -> (b h) (v n) c", h=heads)  # E_cat (P, 2N, 2)
     res = cluster(joint, pos, cls, generator=generator, return_steps=return_steps,
                   **{name: getattr(settings, name) for name in CLUSTER_SETTINGS})  # locate (Sec. 3.3)
-    plan = rearrange(res.plan, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)  # split: Q*_1, Q*_2
+    q_star = rearrange(res.q_star, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)  # split: Q*_1, Q*_2
     valid = rearrange(res.valid, "(b h) k -> b (h k)", h=heads)
-    return plan, valid, res
+    return q_star, valid, res

@@ -395,8 +395,8 @@ def world_size():
 
 
 def teacher_distribution(logits, center, temp):
-    """P_t = softmax((logits - center) / temp) (Eq. 3, 5: DINO's centring and sharpening) and its entropy per row
-    (nats), for the collapse diagnostics."""
+    """P_t = softmax((logits - center) / temp): Eq. 3 and 5's tempered softmax after DINO's centring (Caron et al.
+    2021; the paper does not write it), and its entropy per row (nats), for the collapse diagnostics."""
     log_p = F.log_softmax((logits - center) / temp, dim=-1)
     p = log_p.exp()
     return p, -(p * log_p).sum(-1)

@@ -369,8 +369,8 @@ def assert_valid_result(result, n_problems, n, k_start, k_max):
     assert result.assignment.shape == (n_problems, n, k_max)
     assert result.valid.shape == (n_problems, k_max) and result.valid.dtype == torch.bool
     assert result.k.shape == (n_problems,) and result.k.dtype == torch.long
-    assert result.cost.shape == (n_problems, k_start - 1)
-    assert torch.isfinite(result.assignment).all() and torch.isfinite(result.cost).all()
+    assert result.d_c.shape == (n_problems, k_start - 1)
+    assert torch.isfinite(result.assignment).all() and torch.isfinite(result.d_c).all()
     assert ((result.assignment == 0) | (result.assignment == 1)).all()
     assert (result.assignment.sum(-1) <= 1).all()  # one cluster per token at most (pruned: none)
     assert ((2 <= result.k) & (result.k <= k_max)).all()
@@ -403,21 +403,39 @@ def test_sinkhorn_plan_equals_entropic_ot_solution():
         torch.testing.assert_close(plan, entropic_ot_reference(cost, r, c, lam), atol=1e-10, rtol=1e-7)
 
 
-def test_sinkhorn_equals_plain_scaling_in_normal_range():
-    """The numerically guarded version gives the textbook iteration's numbers (official defaults: 5 rounds)."""
+def sinkhorn_scaling_vectors(cost, r, c, lam, n_iter):
+    """Sinkhorn in its scaling-vector form: every rescaling of the whole matrix keeps P = diag(u) K diag(v),
+    K = exp(-lam * cost), so a round updates only u and v (two matrix-vector products) and P is formed at the end."""
+    kernel = torch.exp(-lam * cost)
+    u = 1.0 / kernel.sum(dim=(1, 2))[:, None].expand(-1, cost.shape[1])  # P /= sum(P)
+    v = torch.ones_like(c)
+    for _ in range(n_iter):
+        u = r / (kernel @ v[:, :, None]).squeeze(2)  # rows sum to r: u_i (K v)_i = r_i
+        v = c / (u[:, None, :] @ kernel).squeeze(1)  # columns sum to c: v_j (K^T u)_j = c_j
+    plan = u[:, :, None] * kernel * v[:, None, :]
+    return plan, (plan * cost).sum((1, 2))
+
+
+def test_sinkhorn_rescaling_the_whole_matrix_equals_its_scaling_vector_form():
+    """The literal rescaling of rows and columns (Eq. 11-12) gives the numbers of the diag(u) K diag(v) form, plan
+    and d_c (official defaults: 5 rounds), also at the largest lambda a float32 cost allows."""
     gen = torch.Generator().manual_seed(2)
     cost = torch.rand(4, 30, 5, generator=gen)
     r = torch.softmax(torch.randn(4, 30, generator=gen), -1)
     c = torch.softmax(torch.randn(4, 5, generator=gen), -1)
-    for n_iter in (0, 1, 5):
-        plain = torch.exp(-20.0 * cost)
-        plain = plain / plain.sum((1, 2), keepdim=True)
-        for _ in range(n_iter):
-            plain = plain * (r / plain.sum(2))[:, :, None]
-            plain = plain * (c / plain.sum(1))[:, None, :]
-        plan, transport = sinkhorn(cost, r, c, lam=20.0, n_iter=n_iter)
-        torch.testing.assert_close(plan, plain, atol=1e-7, rtol=1e-4)
-        torch.testing.assert_close(transport, (plain * cost).sum((1, 2)), atol=1e-6, rtol=1e-4)
+    for lam in (20.0, clustering.max_sinkhorn_lambda(torch.float32)):
+        for n_iter in (0, 1, 5):
+            plain = torch.exp(-lam * cost)  # the textbook iteration, written out
+            plain = plain / plain.sum((1, 2), keepdim=True)
+            for _ in range(n_iter):
+                plain = plain * (r / plain.sum(2))[:, :, None]
+                plain = plain * (c / plain.sum(1))[:, None, :]
+            want_plan, want_d_c = sinkhorn_scaling_vectors(cost, r, c, lam, n_iter)
+            plan, d_c = sinkhorn(cost, r, c, lam=lam, n_iter=n_iter)
+            torch.testing.assert_close(plan, plain, atol=1e-7, rtol=1e-4)
+            torch.testing.assert_close(d_c, (plain * cost).sum((1, 2)), atol=1e-6, rtol=1e-4)
+            torch.testing.assert_close(plan, want_plan, atol=1e-7, rtol=1e-4)
+            torch.testing.assert_close(d_c, want_d_c, atol=1e-6, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -500,6 +518,50 @@ def test_merge_closest_averages_the_most_similar_pair_and_removes_the_second():
             ref_c[i], ref_y[:, i] = (cents[p, i] + cents[p, j]) / 2, (y[p, :, i] + y[p, :, j]) / 2
             torch.testing.assert_close(merged_c[p], ref_c[keep], atol=1e-15, rtol=0)
             torch.testing.assert_close(merged_y[p], ref_y[:, keep], atol=1e-15, rtol=0)
+
+
+def merge_by_matrix(cents, y):
+    """Eq. 14 as one linear map (P, K - 1, K): row i averages old rows i and j, every other new row copies one old
+    row in order, skipping j; left-multiply C by it, right-multiply Y by its transpose. The pair as merge_closest."""
+    k = cents.shape[1]
+    unit = F.normalize(cents, dim=-1)
+    similarity = torch.einsum("pkd,pld->pkl", unit, unit).masked_fill(torch.ones(k, k, dtype=torch.bool).tril(),
+                                                                      float("-inf"))
+    pair = similarity.flatten(1).argmax(dim=1)
+    i, j = torch.div(pair, k, rounding_mode="floor"), pair % k
+    new, old = torch.arange(k - 1), torch.arange(k)
+    copy = ((new + (new >= j[:, None]))[:, :, None] == old).to(cents.dtype)  # (P, K - 1, K) one-hot
+    mean = ((old == i[:, None]) | (old == j[:, None])).to(cents.dtype) / 2  # (P, K): (e_i + e_j) / 2
+    mix = torch.where((new == i[:, None])[:, :, None], mean[:, None, :], copy)
+    return torch.einsum("pmk,pkd->pmd", mix, cents), torch.einsum("pnk,pmk->pnm", y, mix)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_merge_closest_equals_its_merge_matrix_form_with_ties(dtype):
+    """The literal merge (average two rows of C and two columns of Y, remove row and column j) gives exactly the
+    numbers of the one-hot merge matrix, for every K, with tied pairs (repeated centroids: the first pair in i < j
+    order wins in both) and with pairs at the first and last columns."""
+    gen = torch.Generator().manual_seed(7)
+    for k in (2, 3, 5, 12):
+        cents = torch.randn(9, k, 6, generator=gen, dtype=dtype)
+        y = torch.rand(9, 30, k, generator=gen, dtype=dtype)
+        cents[0, -1] = 3 * cents[0, 0]  # the pair (0, K - 1)
+        if k >= 3:
+            cents[1, 1], cents[1, 2] = cents[1, 0], cents[1, 0]  # tied pairs (0, 1), (0, 2), (1, 2): (0, 1) wins
+            cents[2, k - 1] = cents[2, k - 2]  # the pair (K - 2, K - 1)
+        if k >= 5:
+            cents[3, 4], cents[3, 2], cents[3, 3] = cents[3, 1], -cents[3, 1], -cents[3, 1]  # tied (1, 4), (2, 3)
+        merged_c, merged_y = clustering.merge_closest(cents, y)
+        want_c, want_y = merge_by_matrix(cents, y)
+        assert merged_c.dtype == dtype and merged_c.shape == (9, k - 1, 6) and merged_y.shape == (9, 30, k - 1)
+        torch.testing.assert_close(merged_c, want_c, atol=0, rtol=0)
+        torch.testing.assert_close(merged_y, want_y, atol=0, rtol=0)
+        torch.testing.assert_close(merged_c[0, 0], 2 * cents[0, 0], atol=1e-6, rtol=1e-6)  # (c_0 + 3 c_0) / 2
+        if k >= 3:
+            torch.testing.assert_close(merged_y[1, :, 0], (y[1, :, 0] + y[1, :, 1]) / 2, atol=0, rtol=0)
+            torch.testing.assert_close(merged_y[2, :, :k - 2], y[2, :, :k - 2], atol=0, rtol=0)
+        if k >= 5:
+            torch.testing.assert_close(merged_y[3, :, 1], (y[3, :, 1] + y[3, :, 4]) / 2, atol=0, rtol=0)
 
 
 def test_sinkhorn_rejects_mismatched_marginals():
@@ -587,7 +649,7 @@ def test_cluster_of_p_problems_equals_p_separate_calls():
     for p in range(n_problems):
         single = cluster(tokens[p:p + 1], positions[p:p + 1], cls[p:p + 1], k_start=k_start, k_max=4,
                          seeds=seeds[p:p + 1])
-        torch.testing.assert_close(single.cost, batched.cost[p:p + 1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(single.d_c, batched.d_c[p:p + 1], atol=1e-5, rtol=1e-5)
         assert torch.equal(single.assignment, batched.assignment[p:p + 1])
         assert torch.equal(single.valid, batched.valid[p:p + 1])
         assert torch.equal(single.k, batched.k[p:p + 1])
@@ -791,13 +853,13 @@ def test_cluster_uses_the_cls_similarity_for_c_and_uniform_marginals_without_it(
         torch.testing.assert_close(c, torch.full_like(c, 1 / c.shape[1]))
 
 
-def test_plan_is_the_row_normalised_selected_plan_with_pruned_and_padded_columns_zero():
-    """ClusterResult.plan is Q* (end of Sec. 3.3, Eq. 16): rows sum to at most 1 (exactly 1 where no cluster was
+def test_q_star_is_the_row_normalised_selected_plan_with_pruned_and_padded_columns_zero():
+    """ClusterResult.q_star is Q* (end of Sec. 3.3, Eq. 16): rows sum to at most 1 (exactly 1 where no cluster was
     pruned), pruned and padded columns are zero, and its row argmax is the hard assignment M."""
     tokens, positions, _ = grouped_tokens(6, torch.tensor([0] * 8 + [1] * 8 + [2] * 4),
                                           torch.tensor([0] * 10 + [1] * 10), noise=0.3)
     res = cluster(tokens, positions, k_start=8, k_max=6, generator=torch.Generator().manual_seed(0))
-    plan, m = res.plan, res.assignment
+    plan, m = res.q_star, res.assignment
     assert plan.shape == m.shape and (plan >= 0).all()
     assert (plan.sum(-1) <= 1 + 1e-6).all()
     assert (~res.valid).any()  # the setting prunes some clusters: the zero columns are tested
@@ -809,6 +871,10 @@ def test_plan_is_the_row_normalised_selected_plan_with_pruned_and_padded_columns
     assert torch.equal(plan.argmax(-1)[kept], m.argmax(-1)[kept])
     # Q* is the soft version of M: not one-hot
     assert ((plan[kept] > 0) & (plan[kept] < 0.99)).any()
+    # ... and the selected Sinkhorn plan (ClusterResult.plan), rows normalised, pruned columns dropped
+    beyond_k = torch.arange(6) >= res.k[:, None, None]
+    assert (res.plan > 0).any() and (res.plan.masked_select(beyond_k) == 0).all()
+    torch.testing.assert_close(plan, res.plan / res.plan.sum(-1, keepdim=True) * res.valid[:, None, :])
 
 
 def test_centroids_from_a_one_hot_plan_equal_the_hard_pooled_ones():
@@ -1147,7 +1213,7 @@ def test_cluster_on_device_equals_cluster_on_cpu(device):
     assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
     for name in ("assignment", "valid", "k", "steps"):
         assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
-    torch.testing.assert_close(on_device.cost.cpu(), on_cpu.cost, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(on_device.d_c.cpu(), on_cpu.d_c, rtol=1e-4, atol=1e-5)
 
 
 def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
@@ -2704,7 +2770,7 @@ def test_cluster_return_steps_leaves_the_result_unchanged_and_is_empty_by_defaul
     plain = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1))
     steps = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1),
                     return_steps=True)
-    for name in ("assignment", "valid", "k", "cost"):
+    for name in ("assignment", "valid", "k", "d_c"):
         assert torch.equal(getattr(plain, name), getattr(steps, name)), name
     assert plain.steps.shape == (5, 0, 40) and plain.steps.dtype == torch.long
     assert steps.steps.shape == (5, 6, 40) and steps.steps.dtype == torch.long
@@ -2943,6 +3009,36 @@ def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
     counts = bench.count_ops(call, device)
     assert 0 < counts["top_level_view_ops"] < counts["top_level_aten_ops"] <= counts["all_aten_ops"]
     assert bench.count_syncs(call, device) == 0
+
+
+def test_bench_differences_prints_shares_k_and_kept_centroids_in_range(capsys):
+    """bench.py --differences on tiny inputs, in seconds: every row's shares lie in [0, 1], the selected K in
+    [2, K_max], the kept centroids per image in [0, heads x K_max], for both clusterers."""
+    args = bench.get_args_parser().parse_args(["--differences", "--quick", "--device", "cpu"])
+    rows = bench.differences(args)
+    out = capsys.readouterr().out
+    assert "selected K: share" in out and "kept per image" in out and "moved" in out
+    assert [(r["tokens_of"], r["k_start"], r["k_max"]) for r in rows] == [
+        ("initial ViT", 12, 12), ("initial ViT", 5, 4), ("Gaussian", 12, 12), ("Gaussian", 5, 4)]
+    heads = 3  # vit_tiny
+    for r in rows:
+        assert r["images"] == 2 and r["problems"] == 2 * heads and r["tokens"] == 32
+        assert 0 <= r["moved_tokens"] <= 1
+        assert abs(sum(r["k_share"].values()) - 1) < 1e-6 and all(2 <= k <= r["k_max"] for k in r["k_share"])
+        for mean_k in (r["mean_k"], r["official_mean_k"]):
+            assert 2 <= mean_k <= r["k_max"]
+        assert 0 <= r["kept_min"] <= r["kept_per_image"] <= r["kept_max"] <= heads * r["k_max"]
+        assert 0 <= r["official_kept_per_image"] <= heads * r["k_max"]
+
+
+def test_official_hard_rule_normalises_each_views_columns_before_the_argmax():
+    """A token whose row argmax is a column heavy in its view moves to a light one once columns are normalised."""
+    plan = torch.tensor([[[0.5, 0.3, 0.0], [0.4, 0.1, 0.0], [0.2, 0.1, 0.0], [0.1, 0.3, 0.0]]])  # (1, 2N = 4, 3)
+    k = torch.tensor([2])  # the third column is padding
+    paper = clustering.hard_assignment(plan, k).argmax(-1)
+    assert paper.tolist() == [[0, 0, 0, 1]]
+    # view 1 columns sum to 0.9 and 0.4, view 2's to 0.3 and 0.4: token 0 moves to column 1 (0.75 > 0.56)
+    assert bench.official_hard_labels(plan, k).tolist() == [[1, 0, 0, 1]]
 
 
 def test_repro_script_is_valid_bash_and_its_training_flags_parse():

@@ -102,7 +102,7 @@ def compute(backbone, views, positions, args, seed=0):
     mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 1, 3, 1, 1)
     images = ((views * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
-    return {"labels": labels.cpu().numpy(), "cost": rearrange(res.cost, "(b hd) s -> b hd s", b=B).cpu().numpy(),
+    return {"labels": labels.cpu().numpy(), "cost": rearrange(res.d_c, "(b hd) s -> b hd s", b=B).cpu().numpy(),
             "k": rearrange(res.k, "(b hd) -> b hd", b=B).cpu().numpy(),
             "attention": attention.float().cpu().numpy(),
             "images": rearrange(images, "b v c s t -> b v s t c").cpu().numpy(), "positions": positions.cpu().numpy()}
