@@ -2,9 +2,20 @@
 
     python -m pytest -q test_croc.py
 
-In the paper's order: the model, the clustering (Sec. 3.3), the objective and the step (Sec. 3.2), the same on
-a GPU; then the data, the evaluations (App. C), the scripts, and last the reliability of training (DDP,
-checkpoints, resume, signals, bad input).
+The paper's tests come first, in the paper's order:
+  1. the clusterer (Sec. 3.3): seeds and marginals (Eq. 8, 10), Sinkhorn (Eq. 11-13), the merge (Eq. 14), the
+     choice of K, the hard assignment and the pruning (Eq. 15-16), `cluster` as a whole, the positional cost
+     (Eq. 17-18);
+  2. the views with positions (Sec. 3.3.2, data.TwoViews);
+  3. the objective and the training step (Sec. 3.2, Eq. 1-7): view centroids, CrOCLoss, train_step, the head;
+  4. the ViT (Sec. 3.3.3, Eq. 19-21): timm names, the last block's q/k/v.
+Then the machinery that the rest uses (TINY, the one tiny training configuration; `run`, the script runner;
+`early`, the end-to-end runs started in the background), and the rest: 5. the evaluations (metrics, eval_linear,
+eval_kmeans, eval_davis), 6. visualize.py, 7. bench.py and repro.sh, 8. checkpoint loading, 9. data plumbing,
+10. the repository's imports and defaults, 11. training reliability (resume, signals, torchrun, bad input),
+12. CUDA. A reference implementation or a fixture writer sits beside the tests that use it; the few that several
+sections use sit beside most of their users (the folder writers `_write_image`, `_voc_fixture` in 9, the
+in-process training run `_train_here` in 11).
 """
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext, redirect_stderr, redirect_stdout
@@ -50,295 +61,13 @@ import bench
 import train
 import visualize
 
+
 ROOT = Path(__file__).resolve().parent  # the repository: scripts run from here
-# The one tiny training configuration (ViT-Ti/16 at 64 px, 16 synthetic scenes); a test that needs other shapes
-# appends the flags it changes (argparse keeps the last value).
-TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
-        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "16", "--synthetic_size", "64",
-        "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
-        "--lr", "1e-3"]
-
-
-def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
-    """Run a command in the repository root -> CompletedProcess with text output (the one script runner).
-
-    in_process=True runs `python SCRIPT.py ARGS` as SCRIPT's __main__ in this process, as its own process would
-    see it (argv, working folder, environment, one thread, output, exit status, warnings and the traceback of an
-    uncaught exception on stderr), and restores what a process would not have shared (random states, threads,
-    signal handlers): ~5 s of imports saved, for a test of what the script does rather than of its process."""
-    env_extra = dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
-    if not in_process:
-        return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env_extra), capture_output=True, text=True,
-                              timeout=timeout, **kw)
-    assert cmd[0] == sys.executable and str(cmd[1]).endswith(".py") and not kw, cmd
-    out, err = io.StringIO(), io.StringIO()
-    saved = (sys.argv, os.getcwd(), {k: os.environ.get(k) for k in env_extra}, torch.get_num_threads(),
-             torch.get_rng_state(), np.random.get_state(), random.getstate(),
-             {s: signal.getsignal(s) for s in train.StopFlag.SIGNALS})
-
-    def show(message, category, filename, lineno, file=None, line=None):  # a process's default warning output
-        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
-    code = 0
-    try:
-        sys.argv = [str(ROOT / cmd[1])] + [str(a) for a in cmd[2:]]
-        os.chdir(ROOT)
-        os.environ.update(env_extra)
-        torch.set_num_threads(1)
-        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
-            warnings.resetwarnings()
-            warnings.simplefilter("default")
-            warnings.showwarning = show
-            try:
-                runpy.run_path(sys.argv[0], run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-                if not isinstance(e.code, (int, type(None))):
-                    print(e.code, file=sys.stderr)
-            except Exception:
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = saved[0]
-        os.chdir(saved[1])
-        for k, v in saved[2].items():  # key by key: the early runs' threads read os.environ meanwhile
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        torch.set_num_threads(saved[3])
-        torch.set_rng_state(saved[4])
-        np.random.set_state(saved[5])
-        random.setstate(saved[6])
-        for sig, handler in saved[7].items():
-            signal.signal(sig, handler)
-    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
-
-
-# End-to-end runs started early. Most of an end-to-end test's seconds are its processes' start-ups (imports, one
-# core each): its run starts in a background thread when the module's first test starts (two runs at a time, in the
-# file's order, only the selected tests' runs) and goes on alongside the in-process tests; the test then waits for
-# its run's result and checks it.
-EARLY = {}  # test function name -> run(folder, **the test's parameters) -> what the test checks
-
-
-def early(job):
-    """Decorator of a test whose end-to-end part is job(folder, **parameters): the test's `early_run` fixture is
-    job's result (its exception, if it raised)."""
-    def register(test):
-        EARLY[test.__name__] = job
-        return test
-    return register
-
-
-@pytest.fixture(scope="module", autouse=True)
-def early_runs(request, tmp_path_factory):
-    items = [item for item in request.session.items if getattr(item, "originalname", None) in EARLY]
-    if not items:
-        yield {}
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the runs take the other core: two threads here would wait on each other
-    pool = ThreadPoolExecutor(max_workers=2)
-    try:
-        yield {item.nodeid: pool.submit(EARLY[item.originalname], tmp_path_factory.mktemp("early"),
-                                        **(item.callspec.params if hasattr(item, "callspec") else {}))
-               for item in items}
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # no process outlives the module
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def early_run(request, early_runs):
-    return early_runs[request.node.nodeid].result()
 
 
 # ==============================================================================================================
-# model.py: the ViT, the head, checkpoint loading
+# 1. The clusterer (Sec. 3.3, clustering.py)
 # ==============================================================================================================
-@pytest.mark.parametrize("patch,size", [(16, (224, 224)), (8, (64, 96)), (16, (48, 80))])
-def test_vit_shapes_at_square_and_non_square_sizes(patch, size):
-    vit = M.vit_tiny(patch)
-    x = torch.randn(2, 3, *size)
-    h, w = size[0] // patch, size[1] // patch
-    f = vit.forward_features(x, which="k")
-    assert f.cls.shape == (2, 192) and f.patch.shape == (2, h * w, 192) and f.grid == (h, w)
-    assert f.tokens.shape == (2, 3, 1 + h * w, 64)
-    assert vit.forward_features(x, which="last").tokens.shape == (2, 1, 1 + h * w, 192)
-    assert vit.forward_features(x).tokens is None
-    assert vit.get_last_selfattention(x).shape == (2, 3, 1 + h * w, 1 + h * w)
-    assert M.dense_features(vit, x, n_last_blocks=2).shape == (2, 2 * 192, h, w)
-
-
-def test_vit_nano_has_four_blocks_of_96_dims_and_three_heads():
-    vit = M.build_vit("vit_nano", 8)  # a CPU size for the synthetic scenes, not the paper's
-    assert len(vit.blocks) == 4 and vit.embed_dim == 96 and vit.blocks[0].attn.num_heads == 3
-    assert M.dense_features(vit, torch.randn(1, 3, 64, 64), n_last_blocks=4).shape == (1, 4 * 96, 8, 8)
-
-
-def test_vit_rejects_input_not_multiple_of_patch():
-    with pytest.raises(ValueError, match="multiple of the patch"):
-        M.vit_tiny(16)(torch.randn(1, 3, 50, 64))
-
-
-def test_forward_features_exposes_last_block_qkv_and_final_tokens_in_one_pass():
-    torch.manual_seed(0)
-    vit = M.vit_tiny(16).eval()
-    x = torch.randn(2, 3, 32, 48)
-    feats = {w: vit.forward_features(x, which=w) for w in ("q", "k", "v", "last")}
-    # recompute the last block's input independently and project it
-    t = vit.prepare_tokens(x)
-    for blk in vit.blocks[:-1]:
-        t, _ = blk(t)
-    q, k, v = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
-    for name, ref in zip("qkv", (q, k, v)):
-        torch.testing.assert_close(feats[name].tokens, ref)
-    final = vit.get_intermediate_layers(x, 1)[0]
-    torch.testing.assert_close(feats["last"].tokens[:, 0], final)
-    torch.testing.assert_close(feats["k"].patch, final[:, 1:])
-    torch.testing.assert_close(feats["k"].cls, vit(x))
-
-
-def test_last_selfattention_matches_the_attention_used_in_the_forward_pass():
-    torch.manual_seed(0)
-    vit = M.vit_tiny(16).eval()
-    x = torch.randn(1, 3, 32, 32)
-    attn = vit.get_last_selfattention(x)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
-    v = vit.forward_features(x, which="v").tokens
-    t = vit.prepare_tokens(x)
-    for blk in vit.blocks[:-1]:
-        t, _ = blk(t)
-    _, (_, _, _) = vit.blocks[-1].attn(vit.blocks[-1].norm1(t))
-    q, k, _ = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
-    torch.testing.assert_close(attn @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v))
-
-
-def test_positional_embedding_is_unchanged_at_224_and_resized_for_other_grids():
-    vit = M.vit_tiny(16)
-    assert vit.interpolate_pos_encoding(14, 14) is vit.pos_embed
-    assert vit.interpolate_pos_encoding(3, 5).shape == (1, 16, 192)
-
-
-def test_head_parameter_names_match_dino_and_croc():
-    head = M.CrOCHead(192, out_dim=64, out_dim_c=32)
-    assert set(head.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
-                                      "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v",
-                                      "last_layer_c.weight_g", "last_layer_c.weight_v"}
-    x = torch.randn(5, 192)
-    assert head(x).shape == (5, 64) and head(x, centroids=True).shape == (5, 32)
-
-
-def test_backbone_parameter_names_match_dino_and_timm():
-    keys = set(M.vit_tiny(16).state_dict())
-    for k in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
-              "blocks.0.attn.qkv.bias", "blocks.11.attn.proj.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
-              "blocks.0.mlp.fc2.bias", "norm.weight"]:
-        assert k in keys, k
-
-
-def _official_croc_checkpoint(path, arch="vit_tiny", patch=16, new_weight_norm_api=False):
-    """A checkpoint in the official CrOC layout: DDP-prefixed student, `backbone.`/`head.` prefixes, old
-    weight-norm keys, an argparse.Namespace under `args`, plus optimizer and loss states."""
-    torch.manual_seed(1)
-    student = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
-    teacher = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
-    def fmt(sd, prefix):
-        out = {}
-        for k, v in sd.items():
-            if new_weight_norm_api:
-                k = k.replace(".weight_g", ".parametrizations.weight.original0")
-                k = k.replace(".weight_v", ".parametrizations.weight.original1")
-            out[prefix + k] = v
-        return out
-    opt = torch.optim.AdamW(student.parameters())
-    torch.save({"student": fmt(student.state_dict(), "module."), "teacher": fmt(teacher.state_dict(), ""),
-                "optimizer": opt.state_dict(), "epoch": 7, "croc_loss": {"center": torch.zeros(1, 64)},
-                "args": argparse.Namespace(arch=arch, patch_size=patch, lr=5e-4, global_crops_scale=(0.25, 1.0))},
-               path)
-    return student, teacher
-
-
-@pytest.mark.parametrize("new_api", [False, True])
-def test_load_pretrained_reads_official_croc_checkpoint_and_reproduces_outputs(tmp_path, new_api):
-    path = tmp_path / "croc.pth"
-    student, teacher = _official_croc_checkpoint(path, new_weight_norm_api=new_api)
-    x = torch.randn(2, 3, 32, 32)
-    for key, src in (("teacher", teacher), ("student", student)):
-        vit = M.vit_tiny(16)
-        res = M.load_pretrained(vit, str(path), key=key)
-        assert res == {"missing": [], "unexpected": []}
-        src.eval(), vit.eval()
-        torch.testing.assert_close(vit(x), src.backbone(x))
-        full = M.CrOCModel(M.vit_tiny(16), M.CrOCHead(192, 64, 32)).eval()
-        assert M.load_pretrained(full, str(path), key=key) == {"missing": [], "unexpected": []}
-        torch.testing.assert_close(full.head(full.backbone(x), centroids=True),
-                                   src.head(src.backbone(x), centroids=True))
-
-
-def test_load_pretrained_reads_bare_backbone_weights(tmp_path):
-    src = M.vit_tiny(8).eval()
-    torch.save(src.state_dict(), tmp_path / "dino_deitsmall8.pth")
-    vit = M.vit_tiny(8).eval()
-    assert M.load_pretrained(vit, str(tmp_path / "dino_deitsmall8.pth")) == {"missing": [], "unexpected": []}
-    x = torch.randn(1, 3, 16, 24)
-    torch.testing.assert_close(vit(x), src(x))
-    full = M.CrOCModel(M.vit_tiny(8), M.CrOCHead(192, 64, 32))
-    res = M.load_pretrained(full, str(tmp_path / "dino_deitsmall8.pth"))
-    assert res["unexpected"] == [] and all(k.startswith("head.") for k in res["missing"])
-
-
-def test_load_pretrained_shape_mismatch_names_key_and_shapes(tmp_path):
-    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
-    with pytest.raises(ValueError, match=r"pos_embed: checkpoint \(1, 197, 192\), model \(1, 785, 192\)"):
-        M.load_pretrained(M.vit_tiny(8), str(tmp_path / "w.pth"))
-
-
-def test_load_pretrained_names_missing_file_and_missing_key(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "nope.pth"))
-    _official_croc_checkpoint(tmp_path / "c.pth")
-    with pytest.raises(KeyError, match=r"'ema'.*\['student', 'teacher'"):
-        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "c.pth"), key="ema")
-
-
-class _Evil:
-    def __reduce__(self):
-        return (print, ("this would have run arbitrary code",))
-
-
-def test_load_pretrained_refuses_checkpoints_that_execute_code(tmp_path):
-    torch.save({"teacher": M.vit_tiny(16).state_dict(), "payload": _Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(RuntimeError, match="weights_only=True"):
-        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "evil.pth"))
-
-
-def test_load_backbone_is_frozen_and_in_eval_mode(tmp_path):
-    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
-    vit = M.load_backbone("vit_tiny", 16, str(tmp_path / "w.pth"))
-    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
-    with pytest.raises(ValueError, match="--arch"):
-        M.load_backbone("vit_huge", 16)
-
-
-
-# ==============================================================================================================
-# clustering.py: Sinkhorn and the joint clustering (Sec. 3.3)
-# ==============================================================================================================
-# --------------------------------------------------------------------------------------------------------------
-# helpers
-# --------------------------------------------------------------------------------------------------------------
-def entropic_ot_reference(cost, r, c, lam, n_iter=5000):
-    """Entropic OT plan argmin <Q, cost> - H(Q) / lam over U(r, c), by dual (log-domain) iteration in float64."""
-    cost, r, c = cost.double(), r.double(), c.double()
-    f = torch.zeros_like(r)
-    g = torch.zeros_like(c)
-    for _ in range(n_iter):
-        f = r.log() - torch.logsumexp(g[:, None, :] - lam * cost, dim=2)
-        g = c.log() - torch.logsumexp(f[:, :, None] - lam * cost, dim=1)
-    return (f[:, :, None] + g[:, None, :] - lam * cost).exp()
-
-
 def grouped_tokens(n_problems, groups_view1, groups_view2, d=16, noise=0.05, seed=0):
     """Tokens of orthogonal groups with small noise: view 1 holds `groups_view1` labels, view 2 `groups_view2`.
 
@@ -380,8 +109,106 @@ def assert_valid_result(result, n_problems, n, k_start, k_max):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# seeds and the marginals r, c (Eq. 8, 10)
+# --------------------------------------------------------------------------------------------------------------
+def test_sample_seeds_draws_distinct_tokens_following_the_cls_marginal():
+    """Seeds follow r: tokens the CLS token points at are picked far more often; never twice in one problem."""
+    d, n = 8, 40
+    cls = torch.zeros(1, d)
+    cls[0, 0] = 1.0
+    tokens = torch.randn(1, n, d, generator=torch.Generator().manual_seed(0))
+    tokens[0, :10, 0] = 50.0  # cos ~ 1 with the CLS token; the rest ~ 0
+    s = clustering.cls_similarity(torch.nn.functional.normalize(tokens, dim=-1), cls)
+    r = clustering.token_marginal(s, 0.05)
+    picks = clustering.sample_seeds(r.expand(200, -1), 5, torch.Generator().manual_seed(0))  # (200, 5)
+    assert (picks.sort(1).values.diff(dim=1) > 0).all()
+    assert (picks < 10).float().mean() > 0.95
+
+
+def test_token_marginal_with_per_view_cls_compares_each_view_with_its_own_cls():
+    torch.manual_seed(0)
+    joint = torch.nn.functional.normalize(torch.randn(3, 10, 8), dim=-1)
+    cls = torch.randn(3, 2, 8)
+    r = clustering.token_marginal(clustering.cls_similarity(joint, cls), temperature=2.0)
+    c1, c2 = torch.nn.functional.normalize(cls, dim=-1).unbind(1)
+    sim = torch.cat([joint[:, :5] @ c1.unsqueeze(-1), joint[:, 5:] @ c2.unsqueeze(-1)], 1).squeeze(-1)
+    torch.testing.assert_close(r, torch.softmax(sim / 2.0, dim=-1))
+    # one CLS shared by both views is the special case of identical per-view CLS tokens
+    same = clustering.cls_similarity(joint, cls[:, :1].expand(3, 2, 8))
+    torch.testing.assert_close(same, clustering.cls_similarity(joint, cls[:, 0]))
+
+
+def test_centroid_marginal_is_the_softmax_of_the_seeds_raw_cls_similarity():
+    """Eq. 10 as the official code computes it: c = softmax(Y^T s / T) on the raw similarities s, far from uniform
+    when they differ (softmax(Y^T r) on the softmaxed r would be uniform to four decimals); uniform marginals
+    are s = 0."""
+    gen = torch.Generator().manual_seed(15)
+    joint = torch.nn.functional.normalize(torch.randn(4, 392, 16, generator=gen), dim=-1)  # 2N of ViT-S/16 224
+    cls = torch.randn(4, 2, 16, generator=gen)
+    joint[:, :5] = torch.nn.functional.normalize(cls[:, :1], dim=-1)  # 5 tokens identical to view 1's CLS: s = 1
+    s = clustering.cls_similarity(joint, cls)
+    seeds = torch.stack([torch.tensor([0, 70, 140, 210, 280, 350])] * 4)  # token 0 has s = 1, the others ~ 0
+    y = clustering.seed_matrix(seeds, 392, torch.float32)
+    c = clustering.centroid_marginal(y, s, 2.0)
+    torch.testing.assert_close(c, torch.softmax(torch.gather(s, 1, seeds) / 2.0, -1))
+    assert (c.amax(1) / c.amin(1) > 1.3).all()  # s spans ~1: max/min ~ e^(1/2)
+    literal = clustering.centroid_marginal(y, clustering.token_marginal(s, 2.0), 2.0)  # Eq. 10 read on r
+    assert (literal.amax(1) / literal.amin(1) < 1.001).all()  # uniform to three decimals: it would do nothing
+    merged = torch.cat([(y[:, :, :1] + y[:, :, 1:2]) / 2, y[:, :, 2:]], -1)  # Eq. 14 averages Y's columns
+    want = torch.softmax(torch.cat([(s[:, :1] + s[:, 70:71]) / 2, s[:, 140::70]], 1) / 2.0, -1)
+    torch.testing.assert_close(clustering.centroid_marginal(merged, s, 2.0), want)
+    uniform = clustering.centroid_marginal(y, torch.zeros_like(s), 2.0)
+    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 6))
+
+
+def test_cluster_uses_the_cls_similarity_for_c_and_uniform_marginals_without_it():
+    """`cluster` feeds Sinkhorn c = softmax(Y^T s / T); with --uniform_marginals every Sinkhorn sees uniform r, c."""
+    gen = torch.Generator().manual_seed(16)
+    tokens, positions = torch.randn(2, 30, 8, generator=gen), 50 * torch.rand(2, 30, 2, generator=gen)
+    cls = torch.randn(2, 8, generator=gen)
+    seen = []
+    original = clustering.sinkhorn
+    clustering.sinkhorn = lambda cost, r, c, *a: (seen.append((r, c)), original(cost, r, c, *a))[1]
+    try:
+        cluster(tokens, positions, cls, k_start=5, seeds=torch.tensor([[0, 1, 2, 3, 4]] * 2))
+        cluster(tokens, positions, cls, k_start=5, seeds=torch.tensor([[0, 1, 2, 3, 4]] * 2), uniform_marginals=True)
+    finally:
+        clustering.sinkhorn = original
+    s = clustering.cls_similarity(torch.nn.functional.normalize(tokens, dim=-1), cls)
+    r, c = seen[0]
+    torch.testing.assert_close(r, torch.softmax(s / 2.0, -1))
+    torch.testing.assert_close(c, torch.softmax(s[:, :5] / 2.0, -1))
+    for r, c in seen[4:]:
+        torch.testing.assert_close(r, torch.full_like(r, 1 / 30))
+        torch.testing.assert_close(c, torch.full_like(c, 1 / c.shape[1]))
+
+
+def test_cluster_uniform_marginals_ignore_cls():
+    gen = torch.Generator().manual_seed(9)
+    tokens = torch.randn(3, 30, 8, generator=gen)
+    positions = 50 * torch.rand(3, 30, 2, generator=gen)
+    seeds = torch.randint(0, 30, (3, 5), generator=gen)
+    with_cls = cluster(tokens, positions, torch.randn(3, 8, generator=gen), k_start=5, seeds=seeds,
+                       uniform_marginals=True)
+    without = cluster(tokens, positions, None, k_start=5, seeds=seeds)
+    for a, b in zip(with_cls, without):
+        assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # sinkhorn (Eq. 11-13)
 # --------------------------------------------------------------------------------------------------------------
+def entropic_ot_reference(cost, r, c, lam, n_iter=5000):
+    """Entropic OT plan argmin <Q, cost> - H(Q) / lam over U(r, c), by dual (log-domain) iteration in float64."""
+    cost, r, c = cost.double(), r.double(), c.double()
+    f = torch.zeros_like(r)
+    g = torch.zeros_like(c)
+    for _ in range(n_iter):
+        f = r.log() - torch.logsumexp(g[:, None, :] - lam * cost, dim=2)
+        g = c.log() - torch.logsumexp(f[:, :, None] - lam * cost, dim=1)
+    return (f[:, :, None] + g[:, None, :] - lam * cost).exp()
+
+
 def test_sinkhorn_plan_has_requested_marginals_after_many_iterations():
     gen = torch.Generator().manual_seed(0)
     cost = torch.rand(3, 40, 6, generator=gen, dtype=torch.float64)
@@ -469,6 +296,13 @@ def test_sinkhorn_rejects_a_lambda_whose_kernel_underflows():
         cluster(torch.randn(1, 10, 4), torch.rand(1, 10, 2), k_start=3, sinkhorn_lambda=50.0)
 
 
+def test_sinkhorn_rejects_mismatched_marginals():
+    with pytest.raises(ValueError, match="r must be"):
+        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 9), torch.rand(2, 3))
+    with pytest.raises(ValueError, match="c must be"):
+        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 10), torch.rand(1, 3))
+
+
 def pot_sinkhorn_knopp(a, b, cost, reg, n_iter=2000):
     """POT's `ot.sinkhorn(a, b, M, reg)` (method 'sinkhorn', `sinkhorn_knopp`) for one problem, as that library
     writes it: u, v start at 1/n and 1/k; each round scales v to b, then u to a; plan = diag(u) K diag(v)."""
@@ -500,6 +334,9 @@ def test_sinkhorn_equals_pot_sinkhorn_at_convergence():
             torch.testing.assert_close(plan[p], torch.from_numpy(want), atol=1e-4, rtol=0)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# merge_closest (Eq. 14)
+# --------------------------------------------------------------------------------------------------------------
 def test_merge_closest_averages_the_most_similar_pair_and_removes_the_second():
     """Against a direct per-problem reference: rows/columns i and j (i < j, the highest cosine) are averaged
     into i, j is removed, the other rows keep their order."""
@@ -564,15 +401,8 @@ def test_merge_closest_equals_its_merge_matrix_form_with_ties(dtype):
             torch.testing.assert_close(merged_y[3, :, 1], (y[3, :, 1] + y[3, :, 4]) / 2, atol=0, rtol=0)
 
 
-def test_sinkhorn_rejects_mismatched_marginals():
-    with pytest.raises(ValueError, match="r must be"):
-        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 9), torch.rand(2, 3))
-    with pytest.raises(ValueError, match="c must be"):
-        sinkhorn(torch.rand(2, 10, 3), torch.rand(2, 10), torch.rand(1, 3))
-
-
 # --------------------------------------------------------------------------------------------------------------
-# cluster (Sec. 3.3)
+# selecting K by d_c, the hard assignment M (Eq. 15), the pruning (Eq. 16), Q*
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("n_groups", [2, 3, 4, 5])
 def test_cluster_recovers_well_separated_groups_spanning_both_views(n_groups):
@@ -617,26 +447,33 @@ def test_cluster_pruning_drops_clusters_absent_from_one_view():
         assert kept[p][truth[p] == 0][0] != kept[p][truth[p] == 1][0]
 
 
-def test_cluster_large_lambda_pos_makes_clusters_spatially_compact():
-    gen = torch.Generator().manual_seed(5)
-    n_problems, side = 4, 8
-    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
-    positions = torch.cat([16.0 * grid + 8, 12.0 * grid + 40]).expand(n_problems, -1, -1)  # overlapping views
-    tokens = torch.randn(n_problems, 2 * side * side, 32, generator=gen)
+def test_q_star_is_the_row_normalised_selected_plan_with_pruned_and_padded_columns_zero():
+    """ClusterResult.q_star is Q* (end of Sec. 3.3, Eq. 16): rows sum to at most 1 (exactly 1 where no cluster was
+    pruned), pruned and padded columns are zero, and its row argmax is the hard assignment M."""
+    tokens, positions, _ = grouped_tokens(6, torch.tensor([0] * 8 + [1] * 8 + [2] * 4),
+                                          torch.tensor([0] * 10 + [1] * 10), noise=0.3)
+    res = cluster(tokens, positions, k_start=8, k_max=6, generator=torch.Generator().manual_seed(0))
+    plan, m = res.q_star, res.assignment
+    assert plan.shape == m.shape and (plan >= 0).all()
+    assert (plan.sum(-1) <= 1 + 1e-6).all()
+    assert (~res.valid).any()  # the setting prunes some clusters: the zero columns are tested
+    assert (plan.sum(1)[~res.valid] == 0).all()  # pruned and beyond-K columns
+    nothing_pruned = res.valid.sum(1) == res.k  # problems that keep every cluster: rows sum to exactly 1
+    assert nothing_pruned.any() and (~nothing_pruned).any()
+    torch.testing.assert_close(plan[nothing_pruned].sum(-1), torch.ones(int(nothing_pruned.sum()), 40))
+    kept = m.sum(-1) > 0  # tokens whose cluster is kept
+    assert torch.equal(plan.argmax(-1)[kept], m.argmax(-1)[kept])
+    # Q* is the soft version of M: not one-hot
+    assert ((plan[kept] > 0) & (plan[kept] < 0.99)).any()
+    # ... and the selected Sinkhorn plan (ClusterResult.plan), rows normalised, pruned columns dropped
+    beyond_k = torch.arange(6) >= res.k[:, None, None]
+    assert (res.plan > 0).any() and (res.plan.masked_select(beyond_k) == 0).all()
+    torch.testing.assert_close(plan, res.plan / res.plan.sum(-1, keepdim=True) * res.valid[:, None, :])
 
-    def mean_spread(lambda_pos):
-        result = cluster(tokens, positions, k_start=12, lambda_pos=lambda_pos,
-                         generator=torch.Generator().manual_seed(0))
-        m = result.assignment  # (P, 2N, K)
-        size = m.sum(1).clamp_min(1)  # (P, K)
-        mean = torch.einsum("pnk,pnc->pkc", m, positions) / size[..., None]
-        spread = (torch.einsum("pnk,pnk->pk", m, torch.cdist(positions, mean)) / size)[result.valid]
-        return spread.mean()
 
-    compact, free = mean_spread(lambda_pos=10.0), mean_spread(lambda_pos=0.0)
-    assert compact < 0.5 * free, (compact, free)  # measured: 18 vs 43 pixels
-
-
+# --------------------------------------------------------------------------------------------------------------
+# cluster as a whole: batched problems, determinism, dtypes, bad arguments, centroids, no host syncs
+# --------------------------------------------------------------------------------------------------------------
 def test_cluster_of_p_problems_equals_p_separate_calls():
     gen = torch.Generator().manual_seed(6)
     n_problems, n, d, k_start = 5, 40, 8, 6
@@ -669,32 +506,6 @@ def test_cluster_is_deterministic_for_the_same_generator_seed_or_seeds():
         assert torch.equal(a, b)
 
 
-def test_sample_seeds_draws_distinct_tokens_following_the_cls_marginal():
-    """Seeds follow r: tokens the CLS token points at are picked far more often; never twice in one problem."""
-    d, n = 8, 40
-    cls = torch.zeros(1, d)
-    cls[0, 0] = 1.0
-    tokens = torch.randn(1, n, d, generator=torch.Generator().manual_seed(0))
-    tokens[0, :10, 0] = 50.0  # cos ~ 1 with the CLS token; the rest ~ 0
-    s = clustering.cls_similarity(torch.nn.functional.normalize(tokens, dim=-1), cls)
-    r = clustering.token_marginal(s, 0.05)
-    picks = clustering.sample_seeds(r.expand(200, -1), 5, torch.Generator().manual_seed(0))  # (200, 5)
-    assert (picks.sort(1).values.diff(dim=1) > 0).all()
-    assert (picks < 10).float().mean() > 0.95
-
-
-def test_cluster_uniform_marginals_ignore_cls():
-    gen = torch.Generator().manual_seed(9)
-    tokens = torch.randn(3, 30, 8, generator=gen)
-    positions = 50 * torch.rand(3, 30, 2, generator=gen)
-    seeds = torch.randint(0, 30, (3, 5), generator=gen)
-    with_cls = cluster(tokens, positions, torch.randn(3, 8, generator=gen), k_start=5, seeds=seeds,
-                       uniform_marginals=True)
-    without = cluster(tokens, positions, None, k_start=5, seeds=seeds)
-    for a, b in zip(with_cls, without):
-        assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("same_positions", [False, True])
 def test_cluster_identical_tokens_give_a_valid_result_without_nan(same_positions):
     n_problems, n, d = 3, 20, 8
@@ -705,28 +516,6 @@ def test_cluster_identical_tokens_give_a_valid_result_without_nan(same_positions
                      generator=torch.Generator().manual_seed(0))
     assert_valid_result(result, n_problems, n, 5, 5)
     assert (result.valid.sum(1) >= 1).all()
-
-
-def test_cluster_rejects_bad_arguments_with_clear_errors():
-    tokens, positions = torch.randn(2, 10, 4), torch.rand(2, 10, 2)
-    with pytest.raises(ValueError, match="k_start"):
-        cluster(tokens, positions, k_start=11)
-    with pytest.raises(ValueError, match="k_start"):
-        cluster(tokens, positions, k_start=1)
-    with pytest.raises(ValueError, match="k_max"):
-        cluster(tokens, positions, k_start=6, k_max=7)
-    with pytest.raises(ValueError, match="k_max"):
-        cluster(tokens, positions, k_start=6, k_max=1)
-    with pytest.raises(ValueError, match="positions"):
-        cluster(tokens, positions[:, :8], k_start=4)
-    with pytest.raises(ValueError, match="cls"):
-        cluster(tokens, positions, torch.randn(2, 5), k_start=4)
-    with pytest.raises(ValueError, match="tokens"):
-        cluster(tokens[:, :9], positions[:, :9], k_start=4)  # odd number of joint tokens
-    with pytest.raises(ValueError, match="seeds"):
-        cluster(tokens, positions, k_start=4, seeds=torch.zeros(2, 3, dtype=torch.long))
-    with pytest.raises(ValueError, match="seeds"):
-        cluster(tokens, positions, k_start=4, seeds=torch.full((2, 4), 10))
 
 
 def test_cluster_k_start_equal_to_token_count_is_valid():
@@ -758,6 +547,28 @@ def test_cluster_inside_autocast_equals_cluster_outside():
         assert torch.equal(a, b)
 
 
+def test_cluster_rejects_bad_arguments_with_clear_errors():
+    tokens, positions = torch.randn(2, 10, 4), torch.rand(2, 10, 2)
+    with pytest.raises(ValueError, match="k_start"):
+        cluster(tokens, positions, k_start=11)
+    with pytest.raises(ValueError, match="k_start"):
+        cluster(tokens, positions, k_start=1)
+    with pytest.raises(ValueError, match="k_max"):
+        cluster(tokens, positions, k_start=6, k_max=7)
+    with pytest.raises(ValueError, match="k_max"):
+        cluster(tokens, positions, k_start=6, k_max=1)
+    with pytest.raises(ValueError, match="positions"):
+        cluster(tokens, positions[:, :8], k_start=4)
+    with pytest.raises(ValueError, match="cls"):
+        cluster(tokens, positions, torch.randn(2, 5), k_start=4)
+    with pytest.raises(ValueError, match="tokens"):
+        cluster(tokens[:, :9], positions[:, :9], k_start=4)  # odd number of joint tokens
+    with pytest.raises(ValueError, match="seeds"):
+        cluster(tokens, positions, k_start=4, seeds=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="seeds"):
+        cluster(tokens, positions, k_start=4, seeds=torch.full((2, 4), 10))
+
+
 def test_centroids_sum_each_clusters_tokens():
     tokens = torch.arange(12.0).reshape(1, 4, 3)
     assignment = torch.tensor([[[1.0, 0], [0, 1], [1, 0], [0, 0]]])
@@ -765,6 +576,15 @@ def test_centroids_sum_each_clusters_tokens():
     torch.testing.assert_close(centroids(tokens, assignment), expected)
     with pytest.raises(ValueError, match="centroids"):
         centroids(tokens, assignment[:, :3])
+
+
+def test_centroids_from_a_one_hot_plan_equal_the_hard_pooled_ones():
+    gen = torch.Generator().manual_seed(17)
+    tokens = torch.randn(3, 12, 5, generator=gen)
+    labels = torch.randint(0, 4, (3, 12), generator=gen)
+    one_hot = torch.nn.functional.one_hot(labels, 4).float()
+    hard = torch.stack([torch.stack([tokens[p][labels[p] == k].sum(0) for k in range(4)]) for p in range(3)])
+    torch.testing.assert_close(centroids(tokens, one_hot), hard)
 
 
 def test_clustering_source_has_no_host_device_synchronisation():
@@ -795,102 +615,112 @@ def test_cluster_time_per_call_at_training_size():
           f"1 thread); chosen K histogram {torch.bincount(result.k, minlength=13)[2:].tolist()} for K = 2..12")
 
 
-def test_token_marginal_with_per_view_cls_compares_each_view_with_its_own_cls():
+# --------------------------------------------------------------------------------------------------------------
+# the positional cost (Sec. 3.3.2, Eq. 17-18)
+# --------------------------------------------------------------------------------------------------------------
+def test_cluster_large_lambda_pos_makes_clusters_spatially_compact():
+    gen = torch.Generator().manual_seed(5)
+    n_problems, side = 4, 8
+    grid = torch.stack(torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy"), -1).reshape(-1, 2)
+    positions = torch.cat([16.0 * grid + 8, 12.0 * grid + 40]).expand(n_problems, -1, -1)  # overlapping views
+    tokens = torch.randn(n_problems, 2 * side * side, 32, generator=gen)
+
+    def mean_spread(lambda_pos):
+        result = cluster(tokens, positions, k_start=12, lambda_pos=lambda_pos,
+                         generator=torch.Generator().manual_seed(0))
+        m = result.assignment  # (P, 2N, K)
+        size = m.sum(1).clamp_min(1)  # (P, K)
+        mean = torch.einsum("pnk,pnc->pkc", m, positions) / size[..., None]
+        spread = (torch.einsum("pnk,pnk->pk", m, torch.cdist(positions, mean)) / size)[result.valid]
+        return spread.mean()
+
+    compact, free = mean_spread(lambda_pos=10.0), mean_spread(lambda_pos=0.0)
+    assert compact < 0.5 * free, (compact, free)  # measured: 18 vs 43 pixels
+
+
+# ==============================================================================================================
+# 2. The views with positions (Sec. 3.3.2, data.TwoViews): patch positions in original-image pixels
+# ==============================================================================================================
+def _decode_patch_means(view, patch):
+    """(C, S, S) coordinate image -> (N, C) mean per patch, raster order."""
+    return reduce(view, "c (h p) (w q) -> (h w) c", "mean", p=patch, q=patch)
+
+
+@pytest.mark.parametrize("interpolation", [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
+@pytest.mark.parametrize("flip", [False, True])
+def test_patch_positions_equal_decoded_coordinates_of_a_coordinate_image(interpolation, flip):
+    H, W = 150, 200
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    coords = torch.stack([xs, ys]).float()  # (2, H, W): each pixel holds its own centre (x, y)
+    views = data.TwoViews(img_size=96, patch_size=16, scale=(0.05, 1.0), interpolation=interpolation)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        view, positions = views.geometric(coords, flip=flip)
+        assert positions.shape == (36, 2) and positions.dtype == torch.float32
+        decoded = _decode_patch_means(view, 16)
+        assert torch.allclose(decoded, positions, atol=0.05), (decoded - positions).abs().max()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_patch_positions_equal_decoded_coordinates_of_an_8bit_rgb_image(flip):
+    # The training path: a PIL RGB image, R = x and G = y (integer column/row, centre = value + 0.5).
+    H, W = 180, 240
+    ys, xs = np.mgrid[0:H, 0:W]
+    img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
+    views = data.TwoViews(img_size=64, patch_size=16)  # bicubic, as in training
+    for seed in range(20):
+        torch.manual_seed(seed)
+        view, positions = views.geometric(img, flip=flip)
+        arr = torch.from_numpy(np.asarray(view, dtype=np.float32)).permute(2, 0, 1)[:2] + 0.5
+        decoded = _decode_patch_means(arr, 16)
+        assert (decoded - positions).abs().max() < 0.6  # 8-bit rounding of each pixel
+
+
+def test_patch_positions_flip_mirrors_x_inside_the_crop_box():
+    box = (10, 20, 50, 80)  # top, left, height, width
+    plain = data.patch_positions(box, False, 64, 16)
+    flipped = data.patch_positions(box, True, 64, 16)
+    assert torch.allclose(flipped[:, 0], 2 * 20 + 80 - plain[:, 0])
+    assert torch.allclose(flipped[:, 1], plain[:, 1])
+    # raster order: x grows along a row, y along a column; first patch centre at 1/8 of the box
+    assert torch.allclose(plain[0], torch.tensor([20 + 80 / 8, 10 + 50 / 8]))
+    assert plain[1, 0] > plain[0, 0] and plain[4, 1] > plain[0, 1] and plain[1, 1] == plain[0, 1]
+
+
+def test_two_views_returns_normalised_views_and_positions_inside_the_image():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8))
     torch.manual_seed(0)
-    joint = torch.nn.functional.normalize(torch.randn(3, 10, 8), dim=-1)
-    cls = torch.randn(3, 2, 8)
-    r = clustering.token_marginal(clustering.cls_similarity(joint, cls), temperature=2.0)
-    c1, c2 = torch.nn.functional.normalize(cls, dim=-1).unbind(1)
-    sim = torch.cat([joint[:, :5] @ c1.unsqueeze(-1), joint[:, 5:] @ c2.unsqueeze(-1)], 1).squeeze(-1)
-    torch.testing.assert_close(r, torch.softmax(sim / 2.0, dim=-1))
-    # one CLS shared by both views is the special case of identical per-view CLS tokens
-    same = clustering.cls_similarity(joint, cls[:, :1].expand(3, 2, 8))
-    torch.testing.assert_close(same, clustering.cls_similarity(joint, cls[:, 0]))
+    views, positions = data.TwoViews(img_size=64, patch_size=16)(img)
+    assert views.shape == (2, 3, 64, 64) and views.dtype == torch.float32
+    assert positions.shape == (2, 16, 2) and positions.dtype == torch.float32
+    assert (positions[..., 0] > 0).all() and (positions[..., 0] < 90).all()
+    assert (positions[..., 1] > 0).all() and (positions[..., 1] < 70).all()
+    assert views.min() < -0.5 and views.max() > 0.5  # normalised, not in [0, 1]
 
 
-def test_centroid_marginal_is_the_softmax_of_the_seeds_raw_cls_similarity():
-    """Eq. 10 as the official code computes it: c = softmax(Y^T s / T) on the raw similarities s, far from uniform
-    when they differ (softmax(Y^T r) on the softmaxed r would be uniform to four decimals); uniform marginals
-    are s = 0."""
-    gen = torch.Generator().manual_seed(15)
-    joint = torch.nn.functional.normalize(torch.randn(4, 392, 16, generator=gen), dim=-1)  # 2N of ViT-S/16 224
-    cls = torch.randn(4, 2, 16, generator=gen)
-    joint[:, :5] = torch.nn.functional.normalize(cls[:, :1], dim=-1)  # 5 tokens identical to view 1's CLS: s = 1
-    s = clustering.cls_similarity(joint, cls)
-    seeds = torch.stack([torch.tensor([0, 70, 140, 210, 280, 350])] * 4)  # token 0 has s = 1, the others ~ 0
-    y = clustering.seed_matrix(seeds, 392, torch.float32)
-    c = clustering.centroid_marginal(y, s, 2.0)
-    torch.testing.assert_close(c, torch.softmax(torch.gather(s, 1, seeds) / 2.0, -1))
-    assert (c.amax(1) / c.amin(1) > 1.3).all()  # s spans ~1: max/min ~ e^(1/2)
-    literal = clustering.centroid_marginal(y, clustering.token_marginal(s, 2.0), 2.0)  # Eq. 10 read on r
-    assert (literal.amax(1) / literal.amin(1) < 1.001).all()  # uniform to three decimals: it would do nothing
-    merged = torch.cat([(y[:, :, :1] + y[:, :, 1:2]) / 2, y[:, :, 2:]], -1)  # Eq. 14 averages Y's columns
-    want = torch.softmax(torch.cat([(s[:, :1] + s[:, 70:71]) / 2, s[:, 140::70]], 1) / 2.0, -1)
-    torch.testing.assert_close(clustering.centroid_marginal(merged, s, 2.0), want)
-    uniform = clustering.centroid_marginal(y, torch.zeros_like(s), 2.0)
-    torch.testing.assert_close(uniform, torch.full_like(uniform, 1 / 6))
+def test_two_views_blur_radius_scales_with_the_view_size():
+    def blurs(views):
+        return [t for compose in views.photometric for t in compose.transforms
+                if isinstance(t, data.RandomGaussianBlurPIL)]
+    at_224 = blurs(data.TwoViews(img_size=224, patch_size=16))
+    assert [(b.p, b.radius_min, b.radius_max) for b in at_224] == [(1.0, 0.1, 2.0), (0.1, 0.1, 2.0)]  # DINO's
+    at_48 = blurs(data.TwoViews(img_size=48, patch_size=8))
+    assert [(b.radius_min, b.radius_max) for b in at_48] == [pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))] * 2
+    row = np.tile(np.array([0, 255], dtype=np.uint8).repeat(3), 8)  # (48,): vertical stripes, period 6 px
+    img = Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (48, 48, 3))))
+    torch.manual_seed(0)
+    blurred = np.asarray(at_48[0](img), dtype=np.float64)
+    assert blurred.max() - blurred.min() > 240  # 6-px stripes keep their contrast (unscaled radius 2: 191 of 255)
 
 
-def test_cluster_uses_the_cls_similarity_for_c_and_uniform_marginals_without_it():
-    """`cluster` feeds Sinkhorn c = softmax(Y^T s / T); with --uniform_marginals every Sinkhorn sees uniform r, c."""
-    gen = torch.Generator().manual_seed(16)
-    tokens, positions = torch.randn(2, 30, 8, generator=gen), 50 * torch.rand(2, 30, 2, generator=gen)
-    cls = torch.randn(2, 8, generator=gen)
-    seen = []
-    original = clustering.sinkhorn
-    clustering.sinkhorn = lambda cost, r, c, *a: (seen.append((r, c)), original(cost, r, c, *a))[1]
-    try:
-        cluster(tokens, positions, cls, k_start=5, seeds=torch.tensor([[0, 1, 2, 3, 4]] * 2))
-        cluster(tokens, positions, cls, k_start=5, seeds=torch.tensor([[0, 1, 2, 3, 4]] * 2), uniform_marginals=True)
-    finally:
-        clustering.sinkhorn = original
-    s = clustering.cls_similarity(torch.nn.functional.normalize(tokens, dim=-1), cls)
-    r, c = seen[0]
-    torch.testing.assert_close(r, torch.softmax(s / 2.0, -1))
-    torch.testing.assert_close(c, torch.softmax(s[:, :5] / 2.0, -1))
-    for r, c in seen[4:]:
-        torch.testing.assert_close(r, torch.full_like(r, 1 / 30))
-        torch.testing.assert_close(c, torch.full_like(c, 1 / c.shape[1]))
-
-
-def test_q_star_is_the_row_normalised_selected_plan_with_pruned_and_padded_columns_zero():
-    """ClusterResult.q_star is Q* (end of Sec. 3.3, Eq. 16): rows sum to at most 1 (exactly 1 where no cluster was
-    pruned), pruned and padded columns are zero, and its row argmax is the hard assignment M."""
-    tokens, positions, _ = grouped_tokens(6, torch.tensor([0] * 8 + [1] * 8 + [2] * 4),
-                                          torch.tensor([0] * 10 + [1] * 10), noise=0.3)
-    res = cluster(tokens, positions, k_start=8, k_max=6, generator=torch.Generator().manual_seed(0))
-    plan, m = res.q_star, res.assignment
-    assert plan.shape == m.shape and (plan >= 0).all()
-    assert (plan.sum(-1) <= 1 + 1e-6).all()
-    assert (~res.valid).any()  # the setting prunes some clusters: the zero columns are tested
-    assert (plan.sum(1)[~res.valid] == 0).all()  # pruned and beyond-K columns
-    nothing_pruned = res.valid.sum(1) == res.k  # problems that keep every cluster: rows sum to exactly 1
-    assert nothing_pruned.any() and (~nothing_pruned).any()
-    torch.testing.assert_close(plan[nothing_pruned].sum(-1), torch.ones(int(nothing_pruned.sum()), 40))
-    kept = m.sum(-1) > 0  # tokens whose cluster is kept
-    assert torch.equal(plan.argmax(-1)[kept], m.argmax(-1)[kept])
-    # Q* is the soft version of M: not one-hot
-    assert ((plan[kept] > 0) & (plan[kept] < 0.99)).any()
-    # ... and the selected Sinkhorn plan (ClusterResult.plan), rows normalised, pruned columns dropped
-    beyond_k = torch.arange(6) >= res.k[:, None, None]
-    assert (res.plan > 0).any() and (res.plan.masked_select(beyond_k) == 0).all()
-    torch.testing.assert_close(plan, res.plan / res.plan.sum(-1, keepdim=True) * res.valid[:, None, :])
-
-
-def test_centroids_from_a_one_hot_plan_equal_the_hard_pooled_ones():
-    gen = torch.Generator().manual_seed(17)
-    tokens = torch.randn(3, 12, 5, generator=gen)
-    labels = torch.randint(0, 4, (3, 12), generator=gen)
-    one_hot = torch.nn.functional.one_hot(labels, 4).float()
-    hard = torch.stack([torch.stack([tokens[p][labels[p] == k].sum(0) for k in range(4)]) for p in range(3)])
-    torch.testing.assert_close(centroids(tokens, one_hot), hard)
+def test_two_views_rejects_img_size_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple"):
+        data.TwoViews(img_size=100, patch_size=16)
 
 
 # ==============================================================================================================
-# model.py: the CrOC objective and the training step (Sec. 3.2, Eq. 3-7)
+# 3. The objective and the training step (Sec. 3.2, Eq. 1-7, model.py)
 # ==============================================================================================================
-
-
 def _args(extra=()):
     parser = train.get_args_parser()
     return parser.parse_args(TINY + ["--epochs", "2"] + list(extra))
@@ -911,6 +741,9 @@ def _batch(B=2, size=64, patch=16):
     return views, positions
 
 
+# --------------------------------------------------------------------------------------------------------------
+# view centroids (Eq. 1-2)
+# --------------------------------------------------------------------------------------------------------------
 def test_teacher_and_student_centroids_pool_with_the_same_plan():
     """Eq. 2: the teacher's Q* pools the teacher's and the student's final tokens; the heads see exactly those."""
     args = _args()
@@ -938,6 +771,160 @@ def test_teacher_and_student_centroids_pool_with_the_same_plan():
                                            positions, args, torch.Generator().manual_seed(0))
     torch.testing.assert_close(teacher_plan, plan)
     assert ((plan > 0) & (plan < 0.99)).any()  # soft, not the hard M
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CrOCLoss (Eq. 3-7)
+# --------------------------------------------------------------------------------------------------------------
+def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
+    gen = torch.Generator().manual_seed(1)
+    logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
+    p, h = M.teacher_distribution(logits, center, 0.04)
+    want = torch.softmax((logits - center) / 0.04, -1)
+    torch.testing.assert_close(p, want)
+    torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+class _ClosedFormCrossViewEntropy(torch.autograd.Function):
+    """The previous implementation of Eq. 4/6, kept here as the reference: H(p_2, q_1) + H(p_1, q_2) per row with
+    the closed-form gradient d/d logits_v = (q_v - p_other) / temp."""
+
+    @staticmethod
+    def forward(ctx, logits, p, temp):
+        log_q = torch.log_softmax(logits / temp, dim=-1)
+        ctx.save_for_backward(log_q, p)
+        ctx.temp = temp
+        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        log_q, p = ctx.saved_tensors
+        out = log_q.exp()
+        out[0].sub_(p[1])
+        out[1].sub_(p[0])
+        return out.mul_((grad / ctx.temp)[..., None]), None, None
+
+
+def test_cross_view_entropy_values_and_gradients_equal_the_closed_form_in_fp64():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64)
+    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
+    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
+    plain = logits.clone().requires_grad_()
+    value = M.cross_view_entropy(plain, p, 0.1)
+    (value * weights).sum().backward()
+    closed = logits.clone().requires_grad_()
+    reference = _ClosedFormCrossViewEntropy.apply(closed, p, 0.1)
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(value, reference, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(plain.grad, closed.grad, atol=1e-12, rtol=1e-12)
+    # and each view's student is paired with the other view's teacher
+    torch.testing.assert_close(value, -(p[1] * torch.log_softmax(logits[0] / 0.1, -1)).sum(-1)
+                               - (p[0] * torch.log_softmax(logits[1] / 0.1, -1)).sum(-1))
+
+
+def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_fp64():
+    """The whole CrOCLoss (Eq. 4, 6, 7) against the same loss built on the previous closed-form cross-entropy."""
+    args = _args()
+    gen = torch.Generator().manual_seed(1)
+    s_img, t_img = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen,
+                                                                                          dtype=torch.float64)
+    s_cen, t_cen = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=gen,
+                                                                                             dtype=torch.float64)
+    valid = torch.rand(3, 5, generator=gen) > 0.4
+    results = []
+    for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
+        loss_fn = M.CrOCLoss(8, 4, args).double()
+        si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
+        original, M.cross_view_entropy = M.cross_view_entropy, ce
+        try:
+            glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
+        finally:
+            M.cross_view_entropy = original
+        (glob + dense).backward()
+        results.append((glob.detach(), dense.detach(), si.grad, sc.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
+def test_dense_loss_averages_over_kept_centroids_only():
+    args = _args()
+    loss_fn = M.CrOCLoss(8, 4, args)
+    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
+    valid = torch.tensor([[True, False, False], [True, True, False]])
+    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
+    t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
+    s = torch.log_softmax(s_cen / args.student_temp, -1)
+    ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
+    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+
+
+def test_dense_loss_without_kept_centroids_is_zero_not_nan():
+    args = _args()
+    loss_fn = M.CrOCLoss(8, 4, args)
+    s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
+    center_before = loss_fn.center_c.clone()
+    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
+    assert torch.isfinite(glob) and dense.item() == 0.0
+    dense.backward()
+    assert torch.isfinite(s_cen.grad).all()
+    assert torch.equal(loss_fn.center_c, center_before)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train_step and the schedules
+# --------------------------------------------------------------------------------------------------------------
+def _one_step():
+    """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
+    args = _args()
+    args.k_max = args.k_start
+    student, teacher = _models(args)
+    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    views, positions = _batch()
+    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
+                                   nullcontext())
+    return loss, stats, student, teacher, loss_fn, args
+
+
+def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
+    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
+    _, stats, _, _, loss_fn, args = _one_step()
+    assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
+    assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
+    assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
+    loss_fn.center.fill_(0)
+    uniform = torch.zeros(2, 3, args.out_dim)
+    loss_fn(uniform, uniform, None, None, None, 0)
+    torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
+
+
+def test_croc_loss_is_finite_with_gradients_in_the_student_only():
+    loss, stats, student, teacher, _, _ = _one_step()
+    assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
+    loss.backward()
+    grads = [p.grad for p in student.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_schedules_follow_dino():
+    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
+    assert np.all(np.diff(s[5:]) <= 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the head: DINO's, with a second last layer for the centroids
+# --------------------------------------------------------------------------------------------------------------
+def test_head_parameter_names_match_dino_and_croc():
+    head = M.CrOCHead(192, out_dim=64, out_dim_c=32)
+    assert set(head.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight",
+                                      "mlp.4.bias", "last_layer.weight_g", "last_layer.weight_v",
+                                      "last_layer_c.weight_g", "last_layer_c.weight_v"}
+    x = torch.randn(5, 192)
+    assert head(x).shape == (5, 64) and head(x, centroids=True).shape == (5, 32)
 
 
 def test_head_last_layers_train_their_norm_by_default_and_norm_last_layer_freezes_it():
@@ -1051,253 +1038,1511 @@ def test_head_batchnorm_statistics_are_summed_over_the_ranks(tmp_path):
         torch.testing.assert_close(ranks[r]["running_var"], bn.running_var)
 
 
-def _one_step():
-    """A tiny CrOC train_step at init -> (loss, stats, student, teacher, loss_fn, args)."""
-    args = _args()
-    args.k_max = args.k_start
-    student, teacher = _models(args)
-    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
-    views, positions = _batch()
-    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
-                                   nullcontext())
-    return loss, stats, student, teacher, loss_fn, args
+# ==============================================================================================================
+# 4. The ViT (Sec. 3.3.3, Eq. 19-21, model.py): timm names, the last block's q/k/v
+# ==============================================================================================================
+@pytest.mark.parametrize("patch,size", [(16, (224, 224)), (8, (64, 96)), (16, (48, 80))])
+def test_vit_shapes_at_square_and_non_square_sizes(patch, size):
+    vit = M.vit_tiny(patch)
+    x = torch.randn(2, 3, *size)
+    h, w = size[0] // patch, size[1] // patch
+    f = vit.forward_features(x, which="k")
+    assert f.cls.shape == (2, 192) and f.patch.shape == (2, h * w, 192) and f.grid == (h, w)
+    assert f.tokens.shape == (2, 3, 1 + h * w, 64)
+    assert vit.forward_features(x, which="last").tokens.shape == (2, 1, 1 + h * w, 192)
+    assert vit.forward_features(x).tokens is None
+    assert vit.get_last_selfattention(x).shape == (2, 3, 1 + h * w, 1 + h * w)
+    assert M.dense_features(vit, x, n_last_blocks=2).shape == (2, 2 * 192, h, w)
 
 
-def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
-    """H(P_t) lies in [0, log L]; the loss is H(P_t) + KL >= H(P_t) (the log's collapse diagnostics)."""
-    _, stats, _, _, loss_fn, args = _one_step()
-    assert 0 < stats["teacher_entropy"] <= math.log(args.out_dim) + 1e-5
-    assert 0 < stats["teacher_entropy_c"] <= math.log(args.out_dim_c) + 1e-5
-    assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
-    loss_fn.center.fill_(0)
-    uniform = torch.zeros(2, 3, args.out_dim)
-    loss_fn(uniform, uniform, None, None, None, 0)
-    torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
+def test_vit_nano_has_four_blocks_of_96_dims_and_three_heads():
+    vit = M.build_vit("vit_nano", 8)  # a CPU size for the synthetic scenes, not the paper's
+    assert len(vit.blocks) == 4 and vit.embed_dim == 96 and vit.blocks[0].attn.num_heads == 3
+    assert M.dense_features(vit, torch.randn(1, 3, 64, 64), n_last_blocks=4).shape == (1, 4 * 96, 8, 8)
 
 
-def test_croc_loss_is_finite_with_gradients_in_the_student_only():
-    loss, stats, student, teacher, _, _ = _one_step()
-    assert torch.isfinite(loss) and stats["loss_dense"] > 0 and stats["kept_centroids"] > 0
-    loss.backward()
-    grads = [p.grad for p in student.parameters() if p.requires_grad]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
-    assert all(p.grad is None for p in teacher.parameters())
+def test_vit_rejects_input_not_multiple_of_patch():
+    with pytest.raises(ValueError, match="multiple of the patch"):
+        M.vit_tiny(16)(torch.randn(1, 3, 50, 64))
 
 
-def test_dense_loss_without_kept_centroids_is_zero_not_nan():
-    args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
-    s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
-    center_before = loss_fn.center_c.clone()
-    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
-    assert torch.isfinite(glob) and dense.item() == 0.0
-    dense.backward()
-    assert torch.isfinite(s_cen.grad).all()
-    assert torch.equal(loss_fn.center_c, center_before)
+def test_forward_features_exposes_last_block_qkv_and_final_tokens_in_one_pass():
+    torch.manual_seed(0)
+    vit = M.vit_tiny(16).eval()
+    x = torch.randn(2, 3, 32, 48)
+    feats = {w: vit.forward_features(x, which=w) for w in ("q", "k", "v", "last")}
+    # recompute the last block's input independently and project it
+    t = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        t, _ = blk(t)
+    q, k, v = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
+    for name, ref in zip("qkv", (q, k, v)):
+        torch.testing.assert_close(feats[name].tokens, ref)
+    final = vit.get_intermediate_layers(x, 1)[0]
+    torch.testing.assert_close(feats["last"].tokens[:, 0], final)
+    torch.testing.assert_close(feats["k"].patch, final[:, 1:])
+    torch.testing.assert_close(feats["k"].cls, vit(x))
 
 
-def test_dense_loss_averages_over_kept_centroids_only():
-    args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
-    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    valid = torch.tensor([[True, False, False], [True, True, False]])
-    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
-    t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
-    s = torch.log_softmax(s_cen / args.student_temp, -1)
-    ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
-    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+def test_last_selfattention_matches_the_attention_used_in_the_forward_pass():
+    torch.manual_seed(0)
+    vit = M.vit_tiny(16).eval()
+    x = torch.randn(1, 3, 32, 32)
+    attn = vit.get_last_selfattention(x)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(attn.shape[:-1]))
+    v = vit.forward_features(x, which="v").tokens
+    t = vit.prepare_tokens(x)
+    for blk in vit.blocks[:-1]:
+        t, _ = blk(t)
+    _, (_, _, _) = vit.blocks[-1].attn(vit.blocks[-1].norm1(t))
+    q, k, _ = vit.blocks[-1].attn.qkv_heads(vit.blocks[-1].norm1(t))
+    torch.testing.assert_close(attn @ v, torch.nn.functional.scaled_dot_product_attention(q, k, v))
 
 
-class _ClosedFormCrossViewEntropy(torch.autograd.Function):
-    """The previous implementation of Eq. 4/6, kept here as the reference: H(p_2, q_1) + H(p_1, q_2) per row with
-    the closed-form gradient d/d logits_v = (q_v - p_other) / temp."""
-
-    @staticmethod
-    def forward(ctx, logits, p, temp):
-        log_q = torch.log_softmax(logits / temp, dim=-1)
-        ctx.save_for_backward(log_q, p)
-        ctx.temp = temp
-        return -(p[1] * log_q[0]).sum(-1) - (p[0] * log_q[1]).sum(-1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        log_q, p = ctx.saved_tensors
-        out = log_q.exp()
-        out[0].sub_(p[1])
-        out[1].sub_(p[0])
-        return out.mul_((grad / ctx.temp)[..., None]), None, None
+def test_positional_embedding_is_unchanged_at_224_and_resized_for_other_grids():
+    vit = M.vit_tiny(16)
+    assert vit.interpolate_pos_encoding(14, 14) is vit.pos_embed
+    assert vit.interpolate_pos_encoding(3, 5).shape == (1, 16, 192)
 
 
-def test_cross_view_entropy_values_and_gradients_equal_the_closed_form_in_fp64():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64)
-    p = torch.softmax(torch.randn(2, 3, 4, 11, generator=gen, dtype=torch.float64) / 0.3, -1)
-    weights = torch.rand(3, 4, generator=gen, dtype=torch.float64)  # an arbitrary upstream gradient
-    plain = logits.clone().requires_grad_()
-    value = M.cross_view_entropy(plain, p, 0.1)
-    (value * weights).sum().backward()
-    closed = logits.clone().requires_grad_()
-    reference = _ClosedFormCrossViewEntropy.apply(closed, p, 0.1)
-    (reference * weights).sum().backward()
-    torch.testing.assert_close(value, reference, atol=1e-12, rtol=1e-12)
-    torch.testing.assert_close(plain.grad, closed.grad, atol=1e-12, rtol=1e-12)
-    # and each view's student is paired with the other view's teacher
-    torch.testing.assert_close(value, -(p[1] * torch.log_softmax(logits[0] / 0.1, -1)).sum(-1)
-                               - (p[0] * torch.log_softmax(logits[1] / 0.1, -1)).sum(-1))
-
-
-def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_fp64():
-    """The whole CrOCLoss (Eq. 4, 6, 7) against the same loss built on the previous closed-form cross-entropy."""
-    args = _args()
-    gen = torch.Generator().manual_seed(1)
-    s_img, t_img = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen,
-                                                                                          dtype=torch.float64)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=gen,
-                                                                                             dtype=torch.float64)
-    valid = torch.rand(3, 5, generator=gen) > 0.4
-    results = []
-    for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
-        loss_fn = M.CrOCLoss(8, 4, args).double()
-        si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
-        original, M.cross_view_entropy = M.cross_view_entropy, ce
-        try:
-            glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
-        finally:
-            M.cross_view_entropy = original
-        (glob + dense).backward()
-        results.append((glob.detach(), dense.detach(), si.grad, sc.grad))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
-
-
-def test_teacher_distribution_is_the_centred_sharpened_softmax_with_its_entropy():
-    gen = torch.Generator().manual_seed(1)
-    logits, center = torch.randn(2, 5, 9, generator=gen), torch.randn(1, 9, generator=gen)
-    p, h = M.teacher_distribution(logits, center, 0.04)
-    want = torch.softmax((logits - center) / 0.04, -1)
-    torch.testing.assert_close(p, want)
-    torch.testing.assert_close(h, -(want * want.clamp_min(1e-30).log()).sum(-1), rtol=1e-5, atol=1e-6)
-
-
-def test_schedules_follow_dino():
-    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
-    assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
-    assert np.all(np.diff(s[5:]) <= 0)
+def test_backbone_parameter_names_match_dino_and_timm():
+    keys = set(M.vit_tiny(16).state_dict())
+    for k in ["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.norm1.weight", "blocks.0.attn.qkv.weight",
+              "blocks.0.attn.qkv.bias", "blocks.11.attn.proj.weight", "blocks.0.norm2.bias", "blocks.0.mlp.fc1.weight",
+              "blocks.0.mlp.fc2.bias", "norm.weight"]:
+        assert k in keys, k
 
 
 # ==============================================================================================================
-# CUDA: the clusterer and the training step give the CPU's values on a GPU; gpu_check.sh (BENCHMARKS.md)
+# Machinery for the tests below: the tiny training configuration, the script runner, the early runs
 # ==============================================================================================================
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                             reason="no CUDA"))])
-def device(request):
-    """Every device this machine has: the tests below compare it with the CPU (gpu_check.sh runs them with
-    `-k on_device` on a GPU; on the CPU they compare the CPU with itself)."""
-    return torch.device(request.param)
+# The one tiny training configuration: ViT-Ti/16 at 64 px on 16 synthetic scenes. A test that needs other shapes
+# appends the flags it changes (argparse keeps the last value).
+TINY = ["--arch", "vit_tiny", "--patch_size", "16", "--img_size", "64", "--out_dim", "128", "--out_dim_c", "64",
+        "--k_start", "6", "--batch_size_per_gpu", "4", "--synthetic_images", "16", "--synthetic_size", "64",
+        "--num_workers", "0", "--warmup_epochs", "1", "--warmup_teacher_temp_epochs", "1", "--log_freq", "2",
+        "--lr", "1e-3"]
 
 
-def test_cluster_on_device_equals_cluster_on_cpu(device):
-    """Same tokens and seeds: the same hard assignment, kept clusters and K, and costs within float tolerance."""
-    n_problems, k_start = 6, 6
-    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(4).repeat_interleave(6),
-                                          torch.arange(3).repeat_interleave(8), d=16)  # group 3: view 1 only
+def run(cmd, env_extra=None, timeout=600, in_process=False, **kw):
+    """Run a command in the repository root -> CompletedProcess with text output.
+
+    in_process=True runs `python SCRIPT.py ARGS` as SCRIPT's __main__ in this process, which saves its ~5 s of
+    imports: it sees the argv, folder and environment of its own process; its output, exit status, warnings and
+    uncaught traceback come back as a process's would; the random states, thread count and signal handlers it
+    changes are put back."""
+    env_extra = dict(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env_extra or {}))
+    if not in_process:
+        return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **env_extra), capture_output=True, text=True,
+                              timeout=timeout, **kw)
+    assert cmd[0] == sys.executable and str(cmd[1]).endswith(".py") and not kw, cmd
+    saved_env = {k: os.environ.get(k) for k in env_extra}
+    saved = (sys.argv, os.getcwd(), torch.get_num_threads(), torch.get_rng_state(), np.random.get_state(),
+             random.getstate())
+    handlers = {sig: signal.getsignal(sig) for sig in train.StopFlag.SIGNALS}
+
+    def show(message, category, filename, lineno, file=None, line=None):  # as a process prints a warning
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        sys.argv = [str(ROOT / cmd[1])] + [str(a) for a in cmd[2:]]
+        os.chdir(ROOT)
+        os.environ.update(env_extra)
+        torch.set_num_threads(1)
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = show
+            try:
+                runpy.run_path(sys.argv[0], run_name="__main__")
+            except SystemExit as e:  # sys.exit(), sys.exit(2) or sys.exit("message"), as Python exits
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cwd, threads, torch_rng, numpy_rng, python_rng = saved
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+        for k, v in saved_env.items():  # key by key: the early runs' threads read os.environ meanwhile
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
+# The end-to-end runs start early: most of such a test's time is its processes' start-ups, on one core each. When
+# the module's first test starts, two threads start the selected tests' runs, in the file's order, beside the
+# in-process tests; each test then waits for its run's result and checks it.
+EARLY = {}  # test function name -> job(folder, **the test's parameters)
+
+
+def early(job):
+    """Decorator of a test whose end-to-end part is job(folder, **parameters); the test's `early_run` fixture is
+    job's result (or raises its exception)."""
+    def register(test):
+        EARLY[test.__name__] = job
+        return test
+    return register
+
+
+@pytest.fixture(scope="module", autouse=True)
+def early_runs(request, tmp_path_factory):
+    items = [item for item in request.session.items if getattr(item, "originalname", None) in EARLY]
+    if not items:
+        yield {}
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the runs take the other core
+    pool = ThreadPoolExecutor(max_workers=2)
+    try:
+        yield {item.nodeid: pool.submit(EARLY[item.originalname], tmp_path_factory.mktemp("early"),
+                                        **(item.callspec.params if hasattr(item, "callspec") else {}))
+               for item in items}
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # no process outlives the module
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def early_run(request, early_runs):
+    return early_runs[request.node.nodeid].result()
+
+
+# ==============================================================================================================
+# 5. The evaluations: metrics.py, eval_linear.py, eval_kmeans.py, eval_davis.py
+# ==============================================================================================================
+# --------------------------------------------------------------------------------------------------------------
+# metrics.py
+# --------------------------------------------------------------------------------------------------------------
+def hand_case():
+    # gt row 1 holds a 255 pixel whose prediction (0) must be ignored
+    gt = torch.tensor([[0, 0, 1], [1, 255, 2]])
+    pred = torch.tensor([[0, 1, 1], [2, 0, 2]])
+    return pred, gt
+
+
+def test_confusion_matrix_counts_gt_by_pred_over_valid_pixels_only():
+    pred, gt = hand_case()
+    expected = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
+    m = metrics.confusion_matrix(pred, gt, 3)
+    assert m.dtype == torch.int64 and torch.equal(m, expected)
+    # any shape: a flat or a batched layout gives the same counts
+    assert torch.equal(metrics.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
+    assert torch.equal(metrics.confusion_matrix(pred[None], gt[None], 3), expected)
+
+
+def test_confusion_matrix_rejects_out_of_range_labels_on_valid_pixels_only():
+    pred, gt = hand_case()
+    bad = pred.clone()
+    bad[1, 1] = 7  # on the 255 pixel: allowed
+    assert torch.equal(metrics.confusion_matrix(bad, gt, 3), metrics.confusion_matrix(pred, gt, 3))
+    bad[0, 0] = 3  # on a valid pixel: an error
+    with pytest.raises(ValueError, match="predictions"):
+        metrics.confusion_matrix(bad, gt, 3)
+    with pytest.raises(ValueError, match="ground truth"):
+        metrics.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
+
+
+def test_miou_matches_hand_computed_ious():
+    pred, gt = hand_case()
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 3))
+    # class 0: tp 1 / (row 2 + col 1 - 1); class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
+    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
+    assert mean == pytest.approx(4 / 9)
+
+
+def test_miou_counts_a_class_absent_from_gt_and_pred_as_zero():
+    pred, gt = hand_case()
+    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 4))
+    assert iou[3] == 0 and not torch.isnan(iou).any()
+    assert mean == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
+
+
+def test_miou_is_pooled_over_images_not_averaged_per_image():
+    pred, gt = hand_case()
+    pooled = metrics.confusion_matrix(pred, gt, 3) + metrics.confusion_matrix(gt.clamp(max=2), gt, 3)
+    both = metrics.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
+    assert torch.equal(pooled, both)
+    assert metrics.miou(both)[0] == pytest.approx(metrics.miou(pooled)[0])
+
+
+def cluster_case():
+    gt = torch.tensor([0, 0, 0, 1, 1, 2, 2, 255])
+    pred = torch.tensor([2, 2, 1, 0, 0, 1, 1, 0])  # the 255 pixel's cluster does not count
+    return pred, gt
+
+
+def test_hungarian_miou_matches_hand_computed_matching():
+    pred, gt = cluster_case()
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
+    # best one-to-one: cluster 2 -> class 0, cluster 0 -> class 1, cluster 1 -> class 2
+    assert mapping.tolist() == [1, 2, 0]
+    # relabelled prediction [0, 0, 2, 1, 1, 2, 2]: IoUs 2/3, 1, 2/3
+    assert torch.allclose(iou, torch.tensor([2 / 3, 1.0, 2 / 3], dtype=torch.float64))
+    assert mean == pytest.approx(7 / 9)
+
+
+def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
+    pred, gt = cluster_case()
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
+    perm = torch.tensor([2, 0, 1])  # cluster k is renamed perm[k]
+    mean_p, iou_p, mapping_p = metrics.hungarian_miou(perm[pred], gt, 3)
+    assert mean_p == pytest.approx(mean) and torch.allclose(iou_p, iou)
+    assert torch.equal(mapping_p[perm], mapping)
+
+
+def test_hungarian_miou_merges_unmatched_clusters_into_class_0_when_k_exceeds_c():
+    pred, gt = cluster_case()
+    pred = torch.where(torch.arange(8) == 4, 3, pred)  # a 4th cluster takes one class-1 pixel
+    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3, num_clusters=4)
+    assert mapping.tolist() == [1, 2, 0, 0]
+    # class 0 gains a false positive: 2 / (3 + 3 - 2); class 1: 1 / 2; class 2: 2 / 3
+    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 2, 2 / 3], dtype=torch.float64))
+    with pytest.raises(ValueError, match="K >= C"):
+        metrics.hungarian_miou(pred, gt, 3, num_clusters=2)
+
+
+def test_many_to_one_matching_gives_each_cluster_its_most_precise_class():
+    counts = torch.tensor([[5, 4, 0, 1], [0, 1, 3, 0], [0, 0, 1, 2]])  # (C=3, K=4)
+    miou_value, iou, mapping = metrics.match_many_to_one(counts)
+    assert mapping.tolist() == [0, 0, 1, 2]  # cluster 3: precision 2/3 for class 2 beats 1/3 for class 0
+    # relabelled: class 0 gets clusters 0, 1 (tp 9, fp 1), class 1 cluster 2 (tp 3, fp 1), class 2 cluster 3
+    expected = torch.tensor([9 / (10 + 10 - 9), 3 / (4 + 4 - 3), 2 / (3 + 3 - 2)], dtype=torch.float64)
+    assert torch.allclose(iou, expected) and miou_value == pytest.approx(expected.mean().item())
+
+
+def test_multi_block_features_slice_one_pass_like_separate_calls():
+    backbone = build_vit("vit_tiny", 16).eval()
+    x = torch.randn(2, 3, 32, 48)
+    feats = metrics.multi_block_features(backbone, x, [1, 3])
+    for n in (1, 3):
+        assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
+
+
+def test_prediction_pictures_use_the_dataset_colours(tmp_path):
+    image = np.full((6, 8, 3), 100, np.uint8)
+    gt = np.zeros((6, 8), np.uint8)
+    gt[:, 4:] = 15
+    pred = np.full((6, 8), 15, np.uint8)
+    pred[0, 0] = 255
+    path = metrics.save_prediction_pictures(tmp_path / "p.png", [(image, gt, pred), (image, pred, gt)])
+    pic = np.array(Image.open(path))
+    assert pic.shape == (12, 24, 3)
+    colours = data.voc_colormap()
+    assert (pic[:6, :8] == 100).all()
+    assert (pic[:6, 8:16] == colours[gt]).all() and (pic[:6, 16:] == colours[pred]).all()
+    assert tuple(pic[0, 16]) == tuple(colours[255]) and tuple(pic[0, 12]) == (192, 128, 128)  # VOC person
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_linear.py and eval_kmeans.py: transforms and k-means pieces
+# --------------------------------------------------------------------------------------------------------------
+def test_train_transform_crops_and_flips_image_and_mask_together():
+    torch.manual_seed(0)
+    img = np.zeros((60, 80, 3), np.uint8)
+    img[:, :40, 0] = 255  # left half red = class 1, right half blue = class 2, one 255 row
+    img[:, 40:, 2] = 255
+    mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
+    mask[10] = 255
+    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
+    for _ in range(10):
+        x, m = transform(Image.fromarray(img), mask)
+        assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
+        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest: no interpolated labels
+        red_minus_blue = x[0] * 0.229 + 0.485 - (x[2] * 0.225 + 0.406)  # unnormalised R - B
+        assert (red_minus_blue[m == 1] > 0).float().mean() > 0.9
+        assert (red_minus_blue[m == 2] < 0).float().mean() > 0.9
+
+
+def test_val_transform_resizes_image_and_mask_to_fixed_sizes_with_nearest_masks():
+    img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
+    mask = np.random.default_rng(0).choice(np.array([0, 3, 255], np.uint8), size=(30, 50))
+    x, m = data.ValTransform(64, 20)(img, mask)
+    assert x.shape == (3, 64, 64) and m.shape == (20, 20)
+    assert set(m.unique().tolist()) <= {0, 3, 255}
+
+
+def test_running_moments_match_per_channel_mean_and_population_std_over_all_pixels():
+    x = torch.randn(10, 5, 3, 4) * torch.arange(1, 6)[:, None, None] + 3  # (images, channels, h, w)
+    moments = eval_kmeans.RunningMoments(5, "cpu")
+    for chunk in x.split(3):  # uneven chunks: 3, 3, 3, 1 images
+        moments.update(chunk)
+    pixels = eval_kmeans.rearrange(x, "b d h w -> (b h w) d")
+    assert torch.allclose(moments.mean.float(), pixels.mean(0), atol=1e-5)
+    assert torch.allclose(moments.std().float(), pixels.std(0, correction=0), atol=1e-5)
+
+
+def test_projecting_tokens_then_upsampling_equals_upsampling_then_projecting():
+    tokens = torch.randn(3, 6, 4, 4)
+    mean, std = torch.randn(6), torch.rand(6) + 0.5
+    pixels = eval_kmeans.rearrange(F.interpolate(tokens, size=(10, 10), mode="bilinear", align_corners=False),
+                                   "b d h w -> (b h w) d")
+    pca = eval_kmeans.fit_pca((pixels - mean) / (std + eval_kmeans.STD_EPS), 2)
+    args = argparse.Namespace(mask_size=10, batch_size=2)
+    z = eval_kmeans.project(tokens.half(), mean, std, pca, args, "cpu", main=False)
+    expected = ((pixels - mean) / (std + eval_kmeans.STD_EPS) - pca[0]) @ pca[1]
+    assert z.shape == (300, 2)
+    assert torch.allclose(z.float(), expected, atol=2e-2)
+
+
+def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    z = (centres.repeat_interleave(200, 0) + torch.randn(600, 2, generator=torch.Generator().manual_seed(0)))
+    args = argparse.Namespace(fit_samples=300, kmeans_iters=50)
+    a, b = eval_kmeans.fit_kmeans(z.half(), 3, 0, args), eval_kmeans.fit_kmeans(z.half(), 3, 0, args)
+    assert torch.equal(a, b)
+    gt = torch.arange(3).repeat_interleave(200)
+    counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
+    assert metrics.match_clusters(counts)[0] == pytest.approx(1.0)
+
+
+def test_token_kmeans_and_over_clustering_recover_a_known_partition():
+    # 4 images of 4x4 tokens: class 0 (two sub-blobs, top rows / middle rows) and class 1 (bottom row)
     gen = torch.Generator().manual_seed(0)
-    cls = torch.randn(n_problems, 16, generator=gen)
-    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
-    on_cpu = cluster(tokens, positions, cls, k_start=k_start, k_max=5, seeds=seeds)
-    on_device = cluster(tokens.to(device), positions.to(device), cls.to(device), k_start=k_start, k_max=5,
-                        seeds=seeds.to(device))
-    assert on_device.assignment.device.type == device.type
-    assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
-    for name in ("assignment", "valid", "k", "steps"):
-        assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
-    torch.testing.assert_close(on_device.d_c.cpu(), on_cpu.d_c, rtol=1e-4, atol=1e-5)
-
-
-def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
-    """One full CrOC step (train_step, then backward, AdamW, teacher EMA) in fp32 from the same weights, views and
-    clusterer seeds: the same losses, kept centroids, gradients, centres and teacher, within float tolerance."""
-    original = clustering.cluster
-
-    def cluster_with_fixed_seeds(tokens, positions, cls=None, *, k_start, generator=None, **kw):
-        """The seeds drawn on the CPU: a CUDA generator draws other numbers than a CPU one."""
-        gen = torch.Generator().manual_seed(0)
-        seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in tokens])
-        return original(tokens, positions, cls, k_start=k_start, seeds=seeds.to(tokens.device), **kw)
-    monkeypatch.setattr(clustering, "cluster", cluster_with_fixed_seeds)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution in fp32
-    args = _args()
-    args.k_max = args.k_start
-    epoch = args.freeze_last_layer  # every layer learns
-    models = _models(args)
+    labels = torch.tensor([0, 0, 0, 1]).repeat_interleave(4).reshape(4, 4)  # token rows 0-2 class 0, row 3 class 1
+    part = torch.tensor([0, 0, 1, 2]).repeat_interleave(4).reshape(4, 4)    # sub-blob of each token
+    centres = torch.tensor([[0.0, 0, 0], [0, 6, 0], [9, 0, 9]])
+    tokens = torch.stack([(centres[part] + 0.1 * torch.randn(4, 4, 3, generator=gen)).permute(2, 0, 1)
+                          for _ in range(4)])  # (N, D, h, w)
+    size = 8
+    masks = F.interpolate(labels[None, None].float().expand(4, 1, 4, 4), size=(size, size), mode="nearest")
+    gt = masks.long().reshape(-1)
+    args = argparse.Namespace(mask_size=size, batch_size=2, granularity="tokens", fit_samples=1000, kmeans_iters=50)
+    z = eval_kmeans.project(tokens.half(), torch.zeros(3), torch.ones(3), None, args, "cpu", main=False)
+    assert z.shape == (4 * 16, 3)  # one point per token, not per pixel
     results = {}
-    for dev in (torch.device("cpu"), device):
-        student, teacher = (copy.deepcopy(m).to(dev) for m in models)
-        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
-        optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
-        scaler = torch.amp.GradScaler("cuda", enabled=False)
-        views, positions = _batch(B=3)
-        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
-                                       torch.Generator(device=dev), nullcontext())
-        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
-        results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
-                             [p.grad.cpu() for p in student.parameters() if p.grad is not None],
-                             [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])
-    (stats, grads, teacher, centres), (d_stats, d_grads, d_teacher, d_centres) = results["cpu"], results[device.type]
-    assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned: the masked path runs
-    assert d_stats.keys() == stats.keys()
-    for key in stats:
-        torch.testing.assert_close(d_stats[key], stats[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert len(d_grads) == len(grads) > 0
-    for a, b in zip(d_grads, grads):
-        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-7, ((a - b).norm(), b.norm())
-    for a, b in zip(d_centres + d_teacher, centres + teacher):  # the EMA moves the teacher by 0.004 of AdamW's step
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for k in (2, 3):
+        centroids = eval_kmeans.fit_kmeans(z, k, 0, args)
+        pred = eval_kmeans.upsample_assignments(eval_kmeans.assign(z, centroids, "cpu"), 4, 4, size)
+        counts = metrics.count_pairs(pred, gt, 2, k)
+        results[k] = eval_kmeans.match(counts)[0]
+        if k == 3:
+            hungarian = metrics.match_clusters(counts)[0]
+    # K = C = 2: the two far blobs (class 0's sub-blobs are 6 apart, class 1 is ~13 away) split as the classes
+    assert results[2] == pytest.approx(1.0)
+    assert results[3] == pytest.approx(1.0)  # over-clustering: both sub-blobs of class 0 map to class 0
+    assert hungarian == pytest.approx(1.0)   # here an unmatched cluster joins class 0 too (Leopart's rule)
 
 
-def _gpu_check_dry(tmp_path):
-    out = tmp_path / "gpu_check"
-    return out, run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+# --------------------------------------------------------------------------------------------------------------
+# eval_linear.py and eval_kmeans.py end to end on a tiny synthetic PVOC-layout folder
+# --------------------------------------------------------------------------------------------------------------
+def _write_tiny_synthetic(root):
+    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0, progress=False)
+    return str(root)
 
 
-@early(_gpu_check_dry)
-def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
-    """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
-    skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    return _write_tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A checkpoint written by train.py itself after a few steps (2 epochs of 2 steps on synthetic scenes)."""
+    out = tmp_path_factory.mktemp("ckpt")
+    train.main(train.get_args_parser().parse_args(TINY + ["--epochs", "2", "--synthetic_images", "8",
+                                                          "--output_dir", str(out)]))
+    path = str(out / "checkpoint.pth")
+    teacher = CrOCModel(build_vit("vit_tiny", 16), CrOCHead(192, out_dim=128, out_dim_c=64))
+    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
+    return path, teacher
+
+
+COMMON = ["--dataset", "synthetic", "--arch", "vit_tiny", "--img_size", "64", "--batch_size", "4",
+          "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "2"]
+
+
+def run_linear(root, out, *extra):
+    args = eval_linear.get_args_parser().parse_args(
+        COMMON + ["--data_path", root, "--epochs", "1", "--train_mask_size", "32", "--output_dir", out, *extra])
+    return eval_linear.main(args)
+
+
+def run_kmeans(root, out, *extra):
+    args = eval_kmeans.get_args_parser().parse_args(
+        COMMON + ["--data_path", root, "--mask_size", "32", "--pca", "8", "--fit_samples", "2000",
+                  "--seeds", "0", "1", "--kmeans_iters", "20", "--output_dir", out, *extra])
+    return eval_kmeans.main(args)
+
+
+def test_eval_linear_runs_end_to_end_and_writes_results_and_config(synthetic_root, tmp_path):
+    results = run_linear(synthetic_root, str(tmp_path), "--random_init")
+    saved = json.load(open(tmp_path / "results.json"))
+    config = json.load(open(tmp_path / "config.json"))
+    assert saved["miou"] == pytest.approx(results["miou"]) and 0 <= saved["miou"] <= 1
+    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
+    assert len(saved["per_class_iou"]) == num_classes
+    assert saved["miou"] == pytest.approx(np.mean(list(saved["per_class_iou"].values())))
+    assert saved["n_val_images"] == 4 and saved["n_train_images"] == 8 and saved["weights"] == "random_init"
+    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == [1e-3]
+    assert len(open(tmp_path / "log.txt").readlines()) == 1
+
+
+def test_eval_linear_with_cached_train_features_runs(synthetic_root, tmp_path):
+    results = run_linear(synthetic_root, str(tmp_path), "--random_init", "--cache_train_features")
+    assert 0 <= results["miou"] <= 1
+
+
+def test_eval_kmeans_runs_end_to_end_and_reports_mean_and_std_over_seeds(synthetic_root, tmp_path):
+    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init")
+    saved = json.load(open(tmp_path / "results.json"))
+    assert saved["miou_per_seed"] == pytest.approx(results["miou_per_seed"]) and len(saved["per_seed"]) == 2
+    assert saved["miou_mean"] == pytest.approx(np.mean(saved["miou_per_seed"]))
+    assert saved["miou_std"] == pytest.approx(np.std(saved["miou_per_seed"]))
+    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
+    assert saved["num_clusters"] == num_classes and len(saved["per_class_iou_mean"]) == num_classes
+    assert sorted(saved["per_seed"][0]["cluster_to_class"]) == list(range(num_classes))  # one-to-one
+    assert saved["n_images"] == 4 and saved["n_pixels"] == 4 * 32 * 32 and saved["feature_dim"] == 8
+    assert os.path.isfile(tmp_path / "config.json")
+
+
+def test_kmeans_script_clusters_tokens_and_over_clusters_with_many_to_one_matching(synthetic_root, tmp_path):
+    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init", "--granularity", "tokens",
+                         "--num_clusters", "20", "--seeds", "0", "--n_pictures", "1")
+    assert results["matching"] == "many-to-one" and results["num_clusters"] == 20
+    seed = results["per_seed"][0]
+    assert len(seed["cluster_to_class"]) == 20 and len(set(seed["cluster_to_class"])) < 20  # many to one
+    assert results["n_pixels"] == 4 * 32 * 32  # token assignments upsampled to the 32x32 masks
+    assert sum(seed["cluster_sizes"]) == results["n_valid_pixels"]
+    assert results["feature_dim"] == 8 and (tmp_path / "predictions_nb2.png").is_file()
+
+
+def test_several_n_last_blocks_in_one_linear_run_equal_separate_runs(synthetic_root, tmp_path):
+    both = run_linear(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
+                      "--n_pictures", "0")
+    for n in (1, 2):
+        alone = run_linear(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
+                           "--n_pictures", "0")
+        assert both["runs"][f"nb{n}_lr1e-3"]["confusion"] == alone["runs"][f"nb{n}_lr1e-3"]["confusion"]
+        assert both["runs"][f"nb{n}_lr1e-3"]["miou"] == pytest.approx(alone["miou"], abs=1e-12)
+
+
+def test_several_n_last_blocks_in_one_kmeans_run_equal_separate_runs(synthetic_root, tmp_path):
+    both = run_kmeans(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
+                      "--seeds", "0")
+    assert set(both["runs"]) == {"nb1", "nb2"}
+    for n in (1, 2):
+        alone = run_kmeans(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
+                           "--seeds", "0")
+        assert both["runs"][f"nb{n}"]["per_seed"][0]["confusion"] == alone["per_seed"][0]["confusion"]
+        assert (tmp_path / "both" / f"predictions_nb{n}.png").is_file()
+
+
+def test_results_json_names_classes_holds_the_confusion_and_runs_combine_in_one_table(synthetic_root, tmp_path):
+    run_linear(synthetic_root, str(tmp_path / "lin"), "--random_init", "--n_pictures", "2")
+    run_kmeans(synthetic_root, str(tmp_path / "km"), "--random_init", "--seeds", "0", "--n_pictures", "1")
+    saved = json.load(open(tmp_path / "lin" / "results.json"))
+    names = data.build_segmentation_dataset("synthetic", synthetic_root, "val").class_names
+    assert saved["class_names"] == names and list(saved["per_class_iou"]) == names
+    confusion = torch.tensor(saved["confusion"])
+    assert confusion.shape == (len(names), len(names)) and int(confusion.sum()) == saved["n_valid_pixels"]
+    assert metrics.miou(confusion)[0] == pytest.approx(saved["miou"])
+    assert Image.open(tmp_path / "lin" / "predictions.png").size == (3 * 64, 2 * 64)
+    assert Image.open(tmp_path / "km" / "predictions_nb2.png").size == (3 * 32, 32)
+    table = metrics.combined_table([str(tmp_path / "lin"), str(tmp_path / "km" / "results.json")])
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[1].split()[:4] == ["lin", "linear", "synthetic", "nb2_lr1e-3"]
+    assert f"{100 * saved['miou']:.2f}" in lines[1] and lines[2].split()[:4] == ["km", "kmeans", "synthetic", "nb2"]
+
+
+def test_no_scorable_pixel_fails_naming_the_dataset_and_what_was_found(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base, aug=False)
+    for mask in (base / "SegmentationClass").glob("*.png"):
+        _write_mask(mask, np.full((10, 20), 50), palette=False)  # 50: outside VOC's 0..20 -> ignore
+    args = eval_kmeans.get_args_parser().parse_args(
+        ["--dataset", "pvoc", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init", "--img_size",
+         "32", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--mask_size", "8", "--pca", "0",
+         "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(ValueError, match=r"pvoc/val: no pixel to score.*0\.\.20.*raw mask values.*: 50"):
+        eval_kmeans.main(args)
+    val = data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    with pytest.warns(UserWarning, match=r"pvoc/val: 95.0% of the 100 mask pixels"):
+        metrics.check_scored_pixels(5, 100, val)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        metrics.check_scored_pixels(50, 100, val)  # half ignored (e.g. COCO-Things' stuff): no warning
+
+
+def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
+    path, teacher = checkpoint
+    args = eval_linear.get_args_parser().parse_args(COMMON + ["--weights", path])
+    backbone = M.backbone_from_args(args)
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(backbone.state_dict()[k], v), k
+    assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
+    assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--weights", path)["weights"] == path
+
+
+def test_a_narrow_head_trains_and_its_checkpoint_loads_in_every_eval_script(synthetic_root, tmp_path):
+    out = tmp_path / "narrow"
+    _train_here(out, ["--epochs", "1", "--head_hidden_dim", "24", "--use_bn_in_head", "true"])
+    path = str(out / "checkpoint.pth")
+    saved = M.torch_load(path)["teacher"]
+    assert saved["head.mlp.0.weight"].shape == (24, 96) and saved["head.mlp.3.weight"].shape == (24, 24)
+    teacher = CrOCModel(build_vit("vit_nano", 8), CrOCHead(96, out_dim=64, out_dim_c=64, hidden_dim=24, use_bn=True))
+    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
+    nano = ["--arch", "vit_nano", "--patch_size", "8", "--weights", path]
+    lin = eval_linear.get_args_parser().parse_args(COMMON + ["--data_path", synthetic_root, "--epochs", "1",
+                                                             "--train_mask_size", "32", "--output_dir",
+                                                             str(tmp_path / "lin")] + nano)
+    assert np.isfinite(eval_linear.main(lin)["miou"])
+    assert np.isfinite(run_kmeans(synthetic_root, str(tmp_path / "km"), *nano)["miou_mean"])
+    ed.main(ed.get_args_parser().parse_args(["--data_path", synthetic_root, "--output_dir", str(tmp_path / "davis"),
+                                             "--short_side", "48", "--device", "cpu"] + nano))
+    assert (tmp_path / "davis" / "scores" / "global_results-val.csv").exists()
+
+
+def test_scripts_require_exactly_one_of_weights_and_random_init():
+    args = eval_linear.get_args_parser().parse_args(COMMON)
+    with pytest.raises(ValueError, match="--random_init"):
+        M.backbone_from_args(args)
+
+
+def _torchrun_linear_probe(tmp_path):
+    root = _write_tiny_synthetic(tmp_path / "synthetic")  # synthetic_root's data
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
+           *COMMON, "--data_path", root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+           "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
+    return root, tmp_path, _run(cmd, tmp_path)
+
+
+@early(_torchrun_linear_probe)
+def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(early_run):
+    root, tmp_path, proc = early_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.load(open(tmp_path / "results.json"))
+    single = run_linear(root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
+    assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
+    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_linear.py on ADE20K as App. C ran it (MMSegmentation's 512x512 40k pipeline)
+# --------------------------------------------------------------------------------------------------------------
+def test_poly_lr_follows_mmsegs_40k_schedule_down_to_one_percent_of_the_rate():
+    lr = [eval_linear.poly_lr(1e-3, it, 40000) for it in (0, 20000, 40000)]
+    assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-5)
+    assert lr[1] == pytest.approx((1e-3 - 1e-5) * 0.5 ** 0.9 + 1e-5)
+    steps = [eval_linear.poly_lr(8e-5, it, 100) for it in range(101)]
+    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing for every rate of the sweep
+
+
+def test_rescale_size_keeps_the_ratio_inside_2048_by_512():
+    assert eval_linear.rescale_size(683, 512) == (683, 512)
+    assert eval_linear.rescale_size(300, 200) == (768, 512)     # short side up to 512
+    assert eval_linear.rescale_size(3000, 500) == (2048, 341)   # long side capped at 2048
+    assert eval_linear.rescale_size(400, 800, scale=(1024, 256)) == (256, 512)  # ratio 0.5 of the config's scale
+
+
+def test_mmseg_train_transform_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
+    torch.manual_seed(0)
+    img = np.zeros((40, 60, 3), np.uint8)
+    img[:, :30, 0] = 255  # left red = class 1, right blue = class 2
+    img[:, 30:, 2] = 255
+    mask = np.where(np.arange(60)[None, :] < 30, 1, 2).repeat(40, 0).astype(np.uint8)
+    transform = eval_linear.MMSegTrainTransform(crop_size=48, scale=(64, 16), ratio_range=(0.5, 2.0))
+    padded = 0
+    for _ in range(10):
+        x, m = transform(Image.fromarray(img), mask)
+        assert x.shape == (3, 48, 48) and m.shape == (48, 48) and m.dtype == torch.uint8
+        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest only
+        padded += int((m == 255).any())
+        assert (x[:, m == 255] == 0).all()  # padding: 0 in normalised space, ignore in the mask
+        rgb = x * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
+        # the photometric distortion can shift hues, but the red/blue halves stay apart and on their labels
+        red, blue = rgb[0] - rgb[2], rgb[2] - rgb[0]
+        assert (red[m == 1] > blue[m == 1]).float().mean() > 0.9 or (m == 1).sum() == 0
+    assert padded > 0  # the 0.5 ratio gives images smaller than the crop
+
+
+def test_cat_max_ratio_crop_prefers_crops_no_class_dominates():
+    mask = np.zeros((10, 100), np.uint8)
+    mask[:, 90:] = 1  # class 0 dominates every crop except those reaching the right end
+    rng = np.random.default_rng(0)
+    tops_lefts = [eval_linear.cat_max_ratio_crop(mask, 10, rng, cat_max_ratio=0.75, tries=1000) for _ in range(20)]
+    for top, left in tops_lefts:
+        _, counts = np.unique(mask[top:top + 10, left:left + 10], return_counts=True)
+        assert len(counts) > 1 and counts.max() / counts.sum() < 0.75
+
+
+def test_slide_windows_cover_the_image_on_mmsegs_grid():
+    windows = eval_linear.slide_windows(512, 683, 512, 341)
+    assert windows == [(0, 512, 0, 512), (0, 512, 171, 683)]
+    windows = eval_linear.slide_windows(900, 520, 512, 341)
+    assert [w[:2] for w in windows] == [(0, 512), (0, 512), (341, 853), (341, 853), (388, 900), (388, 900)]
+    cover = np.zeros((900, 520), int)
+    for y1, y2, x1, x2 in windows:
+        assert y2 - y1 == 512 and x2 - x1 == 512
+        cover[y1:y2, x1:x2] += 1
+    assert cover.min() >= 1
+    assert eval_linear.slide_windows(300, 200, 512, 341) == [(0, 300, 0, 200)]  # smaller than the crop
+
+
+def test_slide_logits_average_overlapping_windows_at_the_image_size():
+    backbone = build_vit("vit_tiny", 16).eval()
+    head = torch.nn.Conv2d(192, 3, 1)
+    torch.nn.init.zeros_(head.weight)
+    head.bias.data = torch.tensor([1.0, -2.0, 0.5])
+    logits = eval_linear.slide_logits(backbone, {"nb1_lr1e-3": head}, torch.randn(3, 50, 70), 32, 16, 192)
+    out = logits["nb1_lr1e-3"]
+    assert out.shape == (3, 50, 70)
+    assert torch.allclose(out, head.bias.view(3, 1, 1).expand(3, 50, 70))  # the mean of equal windows
+
+
+def _ade_fixture(root, sizes=((56, 40), (34, 50))):
+    base = root / "ADEChallengeData2016"
+    rng = np.random.default_rng(0)
+    for sub in ("training", "validation"):
+        for i, (w, h) in enumerate(sizes):
+            name = f"ADE_{sub}_{i:08d}"
+            _write_image(base / "images" / sub / f"{name}.jpg", (w, h), color=(40 * i, 90, 160))
+            _write_mask(base / "annotations" / sub / f"{name}.png", rng.integers(0, 4, (h, w)), palette=False)
+    return base
+
+
+def test_ade20k_protocol_sweeps_every_lr_from_one_pass_and_scores_at_the_original_size(tmp_path):
+    _ade_fixture(tmp_path)
+    args = eval_linear.get_args_parser().parse_args(
+        ["--dataset", "ade20k", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init",
+         "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--iters", "3",
+         "--crop_size", "32", "--slide_stride", "16", "--lr", "1e-3", "1e-4", "--n_pictures", "2",
+         "--output_dir", str(tmp_path / "out")])
+    results = eval_linear.main(args)
+    assert args.protocol == "mmseg" and results["protocol"] == "mmseg" and results["eval_size"] == "original"
+    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4"}
+    assert results["best_run"] == max(results["runs"], key=lambda r: results["runs"][r]["miou"])
+    # scored at the original size: every pixel of both original masks, labels 1..3 scored, 0 ignored
+    masks = [np.array(Image.open(p)) for p in sorted((tmp_path / "ADEChallengeData2016/annotations/validation")
+                                                      .glob("*.png"))]
+    assert results["n_valid_pixels"] == sum(int((m > 0).sum()) for m in masks)
+    assert results["n_valid_pixels"] + results["n_ignored_pixels"] == 56 * 40 + 34 * 50
+    for run in results["runs"].values():
+        assert int(np.sum(run["confusion"])) == results["n_valid_pixels"] and len(run["confusion"]) == 150
+    log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
+    assert log[-1]["iter"] == 3 and set(log[-1]["train_loss"]) == set(results["runs"])
+    picture = Image.open(tmp_path / "out" / "predictions.png")
+    assert picture.size == (3 * 56, 40 + 50)  # image | gt | prediction per row, at each original size
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_davis.py: J and F (davis2017-evaluation metrics.py)
+# --------------------------------------------------------------------------------------------------------------
+def square(h, w, top, left, size):
+    m = np.zeros((h, w), dtype=bool)
+    m[top:top + size, left:left + size] = True
+    return m
+
+
+def slow_f_measure(pred, gt, bound_th=0.008):
+    """Independent F: per-pixel loops for the boundary, Euclidean distances instead of a dilation."""
+    def boundary(seg):
+        h, w = seg.shape
+        at = lambda i, j: bool(seg[i, j]) if i < h and j < w else False  # zeros shifted in
+        b = np.zeros_like(seg, dtype=bool)
+        for i in range(h):
+            for j in range(w):
+                if i == h - 1 and j == w - 1:
+                    continue
+                if i == h - 1:
+                    b[i, j] = at(i, j) != at(i, j + 1)
+                elif j == w - 1:
+                    b[i, j] = at(i, j) != at(i + 1, j)
+                else:
+                    b[i, j] = any(at(i, j) != at(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (1, 1)))
+        return b
+
+    r = math.ceil(bound_th * math.hypot(*pred.shape))
+    bp, bg = np.argwhere(boundary(pred)), np.argwhere(boundary(gt))
+    if len(bp) == 0 or len(bg) == 0:
+        return 1.0 if len(bp) == len(bg) else 0.0
+    d2 = ((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1)  # squared distances, pred x gt boundary pixels
+    precision = (d2.min(axis=1) <= r * r).mean()
+    recall = (d2.min(axis=0) <= r * r).mean()
+    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+
+
+def test_j_and_f_are_one_on_two_empty_masks():
+    empty = np.zeros((2, 30, 40), dtype=bool)
+    assert ed.region_similarity(empty, empty).tolist() == [1.0, 1.0]
+    assert ed.contour_accuracy(empty, empty).tolist() == [1.0, 1.0]
+
+
+def test_j_and_f_are_zero_when_one_mask_is_empty():
+    empty = np.zeros((1, 30, 40), dtype=bool)
+    full = square(30, 40, 5, 5, 10)[None]
+    for pred, gt in ((empty, full), (full, empty)):
+        assert ed.region_similarity(pred, gt).tolist() == [0.0]
+        assert ed.contour_accuracy(pred, gt).tolist() == [0.0]
+
+
+def test_j_and_f_are_one_on_identical_squares():
+    m = square(60, 80, 10, 20, 25)[None]
+    assert ed.region_similarity(m, m).tolist() == [1.0]
+    assert ed.contour_accuracy(m, m).tolist() == [1.0]
+
+
+def test_one_pixel_shift_keeps_f_at_one_and_j_at_hand_value():
+    gt = square(100, 100, 30, 20, 40)[None]
+    pred = square(100, 100, 30, 21, 40)[None]
+    assert ed.region_similarity(pred, gt)[0] == pytest.approx(40 * 39 / (40 * 41))
+    assert ed.contour_accuracy(pred, gt)[0] == 1.0  # radius ceil(0.008 * 141.4) = 2 > 1
+
+
+def test_twenty_pixel_shift_matches_hand_computed_j_and_f():
+    # 100x100 frame: radius ceil(1.13) = 2. Each boundary is the 41x41 box perimeter (160 px); with a 20 px shift
+    # 23 px on the top row, 23 on the bottom row and 4 on the near side are within 2 px of the other boundary.
+    gt = square(100, 100, 30, 20, 40)[None]
+    pred = square(100, 100, 30, 40, 40)[None]
+    assert ed.region_similarity(pred, gt)[0] == pytest.approx(800 / 2400)
+    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(50 / 160)
+    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(slow_f_measure(pred[0], gt[0]))
+
+
+def test_f_matches_an_independent_loop_implementation_on_random_blobs():
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        pred = rng.random((24, 33)) > 0.6
+        gt = np.roll(pred, (2, -3), axis=(0, 1)) | (rng.random((24, 33)) > 0.9)
+        for bound_th in (0.008, 0.05, 2):
+            expected = slow_f_measure(pred, gt, bound_th if bound_th < 1 else 2 / math.hypot(24, 33))
+            assert ed.contour_accuracy(pred[None], gt[None], bound_th)[0] == pytest.approx(expected)
+
+
+def test_boundary_is_absent_along_the_image_border():
+    top_rows = np.zeros((20, 30), dtype=bool)
+    top_rows[:10] = True  # touches top, left and right borders
+    expected = np.zeros_like(top_rows)
+    expected[9] = True  # only the inner edge, on the last row of the mask
+    assert (ed.seg2bmap(top_rows) == expected).all()
+    left_cols = np.zeros((20, 30), dtype=bool)
+    left_cols[:, :5] = True
+    expected = np.zeros_like(left_cols)
+    expected[:, 4] = True
+    assert (ed.seg2bmap(left_cols) == expected).all()
+    assert not ed.seg2bmap(np.ones((20, 30), dtype=bool)).any()
+    assert ed.contour_accuracy(top_rows[None], top_rows[None]).tolist() == [1.0]
+
+
+def test_disk_is_the_skimage_disk():
+    d = ed.disk(8)
+    assert d.shape == (17, 17) and d[8].all() and d[:, 8].all() and not d[0, 0]
+    assert d.sum() == sum(1 for x in range(-8, 9) for y in range(-8, 9) if x * x + y * y <= 64)
+    assert ed.boundary_radius(480, 854) == 8 and ed.boundary_radius(480, 1152) == 10
+
+
+def test_decay_uses_the_official_bins_with_shared_edges():
+    mean, recall, decay = ed.per_object_statistics(np.arange(10) / 10)
+    # ids = round(linspace(1, 10, 5) + 1e-10) - 1 = [0, 2, 5, 7, 9]: bins [0:3] and [7:10]
+    assert (mean, recall) == (pytest.approx(0.45), pytest.approx(0.4))
+    assert decay == pytest.approx(np.mean([0, .1, .2]) - np.mean([.7, .8, .9]))
+    # N = 7: the 1e-10 makes round(2.5) = 3, so bin 0 is [0:3] (not [0:2] as banker's rounding would give)
+    assert ed.per_object_statistics(np.arange(7.0))[2] == pytest.approx(1.0 - 5.5)
+    # N = 3: round(2.5 + 1e-10) = 3, so bin 3 is [2:3] only
+    assert ed.per_object_statistics(np.array([1.0, 0.5, 0.0]))[2] == pytest.approx(0.75)
+
+
+def test_sequence_scores_skip_first_and_last_frames_and_pad_missing_objects():
+    gt = np.zeros((5, 20, 20), dtype=np.uint8)
+    gt[:, 2:8, 2:8] = 1
+    gt[:, 12:18, 12:18] = 2
+    res = np.where(gt == 1, 1, 0).astype(np.uint8)  # object 2 never predicted
+    res[0] = 0
+    res[-1] = 0  # wrong first and last frames are not scored
+    j, f = ed.evaluate_sequence(gt, res)
+    assert j.shape == (2, 3) and (j[0] == 1).all() and (j[1] == 0).all() and (f[1] == 0).all()
+    with pytest.raises(ValueError, match="id 3"):
+        ed.evaluate_sequence(gt, np.where(gt == 2, 3, gt).astype(np.uint8), name="seq")
+
+
+def test_global_results_average_over_objects_not_sequences(tmp_path):
+    per_object = [("a_1", np.ones(4), np.ones(4)), ("b_1", np.zeros(4), np.ones(4)), ("b_2", np.zeros(4), np.zeros(4))]
+    glob, rows = ed.summarize(per_object)
+    assert glob["J-Mean"] == pytest.approx(1 / 3) and glob["F-Mean"] == pytest.approx(2 / 3)
+    assert glob["J&F-Mean"] == pytest.approx(0.5)
+    g, s = ed.write_results_csv(tmp_path, "val", glob, rows)
+    assert g.read_text() == ("J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n"
+                             "0.500,0.333,0.333,0.000,0.667,0.667,0.000\n")
+    assert s.read_text().splitlines()[:2] == ["Sequence,J-Mean,F-Mean", "a_1,1.000,1.000"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_davis.py: label propagation (DINO eval_video_segmentation.py)
+# --------------------------------------------------------------------------------------------------------------
+def test_propagating_a_static_video_reproduces_the_first_frame():
+    torch.manual_seed(0)
+    feat = torch.randn(64, 6, 8)
+    first = F.one_hot(torch.randint(0, 3, (6, 8)), 3).permute(2, 0, 1).float()
+    soft = ed.propagate(feat.expand(10, -1, -1, -1), first)
+    assert soft.shape == (10, 3, 6, 8) and torch.equal(soft[0], first)
+    assert torch.equal(soft.argmax(1), first.argmax(0).expand(10, -1, -1))
+    assert torch.allclose(soft.sum(1), torch.ones(10, 6, 8))
+    expected = ed.labels_to_mask(first, 16, (128, 96))  # what frame 0's one-hot map gives through the output path
+    assert expected.shape == (96, 128)
+    # the soft maps differ from one-hot by < 0.5%: only near-ties of the bilinear upsampling may flip (< 0.1%)
+    assert all((ed.labels_to_mask(s, 16, (128, 96)) != expected).mean() < 1e-3 for s in soft[1:])
+
+
+def test_object_moving_by_whole_patches_is_followed_with_position_free_features():
+    # Features say only "object" or "background" (one-hot identity), never where: appearance is the only cue.
+    T, h, w = 6, 6, 10
+    obj = torch.zeros(T, h, w, dtype=torch.long)
+    for t in range(T):
+        obj[t, 2:4, 1 + t:3 + t] = 1  # a 2x2-patch object moving one patch right per frame
+    feats = F.one_hot(obj, 2).permute(0, 3, 1, 2).float()  # (T, 2, h, w)
+    first = F.one_hot(obj[0], 2).permute(2, 0, 1).float()
+    soft = ed.propagate(feats, first, n_last_frames=2, size_mask_neighborhood=3, topk=5)
+    assert torch.equal(soft.argmax(1), obj)
+
+
+def test_topk_cut_keeps_ties_at_the_kth_value():
+    # identical features: every source ties, so every source is kept and each target gets the mean label
+    feats = torch.ones(2, 4, 3, 5)
+    first = torch.zeros(2, 3, 5)
+    first[0, :, :2] = 1
+    first[1, :, 2:] = 1
+    soft = ed.propagate(feats, first, size_mask_neighborhood=0, topk=1)
+    assert torch.allclose(soft[1], first.mean(dim=(1, 2), keepdim=True).expand(2, 3, 5))
+
+
+def test_topk_is_joint_over_all_context_frames():
+    # target matches context frame 1 (label 1) better than frame 0 (label 0) at every patch: with top-1 over both
+    # frames jointly, only frame 1 contributes (a per-frame top-1 would mix both labels).
+    tar = torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2)
+    ctx = torch.stack([torch.tensor([0.8, 0.6]).view(2, 1, 1).expand(2, 2, 2), tar])
+    labels = torch.stack([torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2),
+                          torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 2, 2)])
+    out = ed.label_propagation(tar, ctx, labels, mask=ed.neighbourhood_mask(2, 2, 0), topk=1)
+    assert torch.allclose(out[1], torch.ones(2, 2))
+
+
+def test_neighbourhood_mask_is_a_chebyshev_window_on_the_patch_grid():
+    h, w, r = 5, 7, 2
+    mask = ed.neighbourhood_mask(h, w, r).view(h, w, h, w)
+    loops = torch.zeros(h, w, h, w, dtype=torch.bool)
+    for i in range(h):
+        for j in range(w):
+            for p in range(max(i - r, 0), min(i + r + 1, h)):
+                for q in range(max(j - r, 0), min(j + r + 1, w)):
+                    loops[i, j, p, q] = True
+    assert torch.equal(mask, loops)
+
+
+def test_norm_mask_rescales_each_positive_channel_to_unit_range():
+    m = torch.tensor([[[0.2, 0.6]], [[0.0, 0.0]], [[-1.0, -0.5]]])
+    out = ed.norm_mask(m.clone())
+    assert torch.allclose(out[0], torch.tensor([[0.0, 1.0]]))
+    assert torch.equal(out[1], m[1]) and torch.equal(out[2], m[2])
+
+
+def test_working_size_floors_the_long_side_to_a_multiple_of_64():
+    assert ed.working_size(854, 480) == (480, 832)
+    assert ed.working_size(910, 480) == (480, 896)
+    assert ed.working_size(1152, 480) == (480, 1152)
+    assert ed.working_size(480, 854) == (832, 480)
+    assert ed.working_size(500, 500) == (480, 448)  # square: one rule (landscape) for frames and masks
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_davis.py end to end
+# --------------------------------------------------------------------------------------------------------------
+def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
+    """DAVIS-2017 layout with squares moving across a textured background; seq i has i + 1 objects."""
+    h, w = size
+    rng = np.random.default_rng(0)
+    palette = data.VOC_PALETTE
+    names = [f"seq{i}" for i in range(n_seqs)]
+    for i, name in enumerate(names):
+        (root / "JPEGImages" / "480p" / name).mkdir(parents=True)
+        (root / "Annotations" / "480p" / name).mkdir(parents=True)
+        bg = rng.integers(0, 80, (h, w, 3))
+        for t in range(n_frames):
+            img, ann = bg.copy(), np.zeros((h, w), dtype=np.uint8)
+            for k in range(i + 1):
+                top, left = 8 + 16 * k, 10 + 5 * t
+                ann[top:top + 14, left:left + 20] = k + 1
+                img[top:top + 14, left:left + 20] = (230, 40 + 150 * k, 60)
+            Image.fromarray(img.astype(np.uint8)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
+            data.save_palette_png(ann, root / "Annotations" / "480p" / name / f"{t:05d}.png", palette)
+    (root / "ImageSets" / "2017").mkdir(parents=True)
+    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
+    return names
+
+
+def run_args(data_path, out_dir, *extra):
+    return ed.get_args_parser().parse_args(
+        ["--data_path", str(data_path), "--output_dir", str(out_dir), "--random_init", "--arch", "vit_tiny",
+         "--patch_size", "16", "--short_side", "48", "--device", "cpu", *extra])
+
+
+def test_script_writes_palette_pngs_at_original_size_and_both_csv_files(tmp_path):
+    names = write_tiny_davis(tmp_path / "DAVIS")
+    out = tmp_path / "out"
+    results = ed.main(run_args(tmp_path, out, "--frames_per_forward", "3"))  # finds DAVIS/ under data_path
+    for name in names:
+        for t in range(4):
+            img = Image.open(out / name / f"{t:05d}.png")
+            assert img.mode == "P" and img.size == (96, 48)
+    first = np.array(Image.open(out / names[1] / "00000.png"))
+    assert (first == np.array(Image.open(tmp_path / "DAVIS" / "Annotations" / "480p" / names[1] / "00000.png"))).all()
+    with open(out / ed.SCORES_DIR / "global_results-val.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ed.GLOBAL_COLUMNS and len(rows) == 2
+    with open(out / ed.SCORES_DIR / "per-sequence_results-val.csv") as fh:
+        rows = list(csv.reader(fh))
+    assert [r[0] for r in rows[1:]] == ["seq0_1", "seq1_1", "seq1_2"]
+    assert 0.0 <= results["J&F-Mean"] <= 1.0 and (out / "config.json").is_file()
+
+
+def test_script_with_data_py_synthetic_videos(tmp_path):
+    import data
+
+    data.write_synthetic(tmp_path, n_train=1, n_val=1, n_videos=2, n_frames=4, progress=False)
+    index = ed.load_davis_index(tmp_path, "val")
+    w, h = index[0].size
+    short = (min(w, h) // 16) * 16
+    out = tmp_path / "out"
+    results = ed.main(run_args(tmp_path, out, "--short_side", str(short), "--seqs", index[0].name))
+    assert Image.open(out / index[0].name / index[0].annotations[-1].name).size == (w, h)
+    assert 0.0 <= results["J&F-Mean"] <= 1.0
+
+
+def test_davis_results_folder_holds_no_csv_the_official_tool_would_echo(tmp_path):
+    write_tiny_davis(tmp_path / "DAVIS", n_seqs=1)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "global_results-val.csv").write_text("stale\n")  # as left by an earlier official run
+    (out / "per-sequence_results-val.csv").write_text("stale\n")
+    ed.main(run_args(tmp_path, out))
+    assert ed.official_csvs(out) == [] and not list(out.glob("*.csv"))
+    assert sorted(p.name for p in (out / ed.SCORES_DIR).glob("*.csv")) == ["global_results-val.csv",
+                                                                        "per-sequence_results-val.csv"]
+    assert (out / "seq0" / "00003.png").is_file()
+    table = metrics.combined_table([str(out)]).splitlines()  # results.json: beside the PNGs, ignored by the tool
+    assert table[1].split()[:3] == ["out", "davis", "davis2017"]
+
+
+def break_first_annotation(root):
+    (root / "Annotations/480p/seq0/00000.png").unlink()
+    return root / "Annotations/480p/seq0/00000.png"
+
+
+def break_count(root):
+    (root / "Annotations/480p/seq1/00003.png").unlink()
+    return root / "Annotations/480p/seq1"
+
+
+def break_size(root):
+    path = root / "Annotations/480p/seq1/00002.png"
+    data.save_palette_png(np.zeros((40, 96), dtype=np.uint8), path, data.VOC_PALETTE)
+    return path
+
+
+def break_mode(root):
+    path = root / "Annotations/480p/seq0/00001.png"
+    Image.new("RGB", (96, 48)).save(path)
+    return path
+
+
+def break_set_file(root):
+    (root / "ImageSets/2017/val.txt").unlink()
+    return root / "ImageSets/2017/val.txt"
+
+
+def break_sequence_folder(root):
+    path = root / "JPEGImages/480p/seq1"
+    for f in path.iterdir():
+        f.unlink()
+    path.rmdir()
+    return path
+
+
+@pytest.mark.parametrize("breaker", [break_first_annotation, break_count, break_size, break_mode, break_set_file,
+                                     break_sequence_folder])
+def test_bad_input_raises_value_error_naming_the_file(tmp_path, breaker):
+    write_tiny_davis(tmp_path)
+    path = breaker(tmp_path)
+    with pytest.raises(ValueError, match=str(path)):
+        ed.main(run_args(tmp_path, tmp_path / "out"))  # raised before the model is built
+    assert not (tmp_path / "out").exists()
+
+
+def test_void_in_the_first_annotation_is_background():
+    ann = np.zeros((32, 64), dtype=np.uint8)
+    ann[:16, :16] = 255
+    ann[16:, 32:] = 1
+    labels = ed.first_frame_labels(ann, (32, 64), 16)
+    assert labels.shape == (2, 2, 4) and labels[0, 0, 0] == 1 and labels[1, 1, 2] == 1
+
+
+# ==============================================================================================================
+# 6. visualize.py and train.py --visualize_every
+# ==============================================================================================================
+VIS_TINY = TINY + ["--synthetic_images", "8", "--epochs", "1"]
+
+
+def _vis_problems(seed=0, n_problems=5, n=40, d=8):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_problems, n, d, generator=gen), 64 * torch.rand(n_problems, n, 2, generator=gen),
+            torch.randn(n_problems, d, generator=gen))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# clustering.cluster(return_steps=True): every merge step's labels, for the pictures
+# --------------------------------------------------------------------------------------------------------------
+def test_cluster_return_steps_leaves_the_result_unchanged_and_is_empty_by_default():
+    tokens, positions, cls = _vis_problems()
+    plain = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1))
+    steps = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1),
+                    return_steps=True)
+    for name in ("assignment", "valid", "k", "d_c"):
+        assert torch.equal(getattr(plain, name), getattr(steps, name)), name
+    assert plain.steps.shape == (5, 0, 40) and plain.steps.dtype == torch.long
+    assert steps.steps.shape == (5, 6, 40) and steps.steps.dtype == torch.long
+
+
+def test_cluster_steps_name_clusters_by_seed_and_match_the_selected_assignment():
+    tokens, positions, cls = _vis_problems(seed=3)
+    k_start = 8
+    res = cluster(tokens, positions, cls, k_start=k_start, k_max=6, generator=torch.Generator().manual_seed(2),
+                  return_steps=True)
+    steps = res.steps  # (P, k_start - 1, 2N)
+    assert steps.min() >= 0 and steps.max() < k_start
+    for p in range(tokens.shape[0]):
+        for s in range(k_start - 1):  # at step K, at most K names are in use
+            assert len(set(steps[p, s].tolist())) <= k_start - s
+        # the selected step, pruned (Eq. 16), is exactly the result's assignment, up to the column order
+        labels = steps[p, k_start - res.k[p]]
+        kept = torch.tensor(visualize.kept_names(labels.view(2, -1).numpy(), k_start))
+        assigned = res.assignment[p].sum(dim=1) > 0
+        assert torch.equal(assigned, kept[labels])
+        assert int(kept.sum()) == int(res.valid[p].sum())
+        column = res.assignment[p].argmax(dim=1)
+        a, b = labels[assigned], column[assigned]
+        assert torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
+
+
+def test_cluster_steps_keep_a_merged_clusters_name_through_the_merges():
+    """Four groups of tokens, seeded one each in order; groups 2 and 3 are the most alike, then 0 and 1: the merges
+    go (2, 3) then (0, 1), and each merged cluster keeps its first seed's name, so a colour follows its cluster."""
+    e = torch.eye(4)
+    directions = torch.stack([e[0], torch.nn.functional.normalize(e[1] + 0.3145 * e[0], dim=0),  # cos 0.3
+                              e[2], torch.nn.functional.normalize(e[2] + 0.75 * e[3], dim=0)])  # cos 0.8
+    group = (torch.arange(32) % 16) // 4  # 4 tokens of each group in each view
+    tokens = directions[group] + 0.01 * torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
+    positions = 64 * torch.rand(1, 32, 2, generator=torch.Generator().manual_seed(1))
+    res = cluster(tokens[None], positions, k_start=4, lambda_pos=0.0, uniform_marginals=True,
+                  seeds=torch.tensor([[0, 4, 8, 12]]), return_steps=True)
+    names = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 2], [0, 0, 2, 2]])  # (step, group): K = 4, 3, 2
+    assert torch.equal(res.steps[0], names[:, group])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# visualize.py
+# --------------------------------------------------------------------------------------------------------------
+def _vis_args(extra=()):
+    args = train.get_args_parser().parse_args(VIS_TINY + list(extra))
+    args.k_max = args.k_max or args.k_start
+    return args
+
+
+def test_render_clusters_writes_a_png_of_the_layout_size(tmp_path):
+    args = _vis_args()
+    torch.manual_seed(0)
+    backbone = build_vit("vit_tiny", 16).eval()
+    dataset = data.SyntheticPretrain(3, 64, 0, data.TwoViews(64, 16))
+    views, positions, originals = visualize.fixed_batch(dataset, 2, seed=0)
+    assert views.shape == (2, 2, 3, 64, 64) and positions.shape == (2, 2, 16, 2) and len(originals) == 2
+    tile, path = 64, tmp_path / "c.png"
+    fig, c = visualize.render_clusters(backbone, views, positions, args, str(path), originals, tile=tile)
+    B, H, steps = 2, 3, args.k_start - 1  # vit_tiny: 3 heads
+    V = visualize
+    width = 2 * V.MARGIN + 4 * tile + 3 * V.GAP + V.SECTION + steps * (tile // 2) + (steps - 1) * V.GAP
+    height = 2 * V.MARGIN + V.TITLE + B * (V.CAPTION + tile + H * (V.GAP + V.CAPTION + tile)) + (B - 1) * V.SECTION
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (width, height)
+    assert V.figure_size(B, H, steps, tile) == (width, height)
+    assert c["labels"].shape == (B, H, steps, 2, 4, 4) and c["attention"].shape == (B, H, 2, 4, 4)
+    assert ((c["k"] >= 2) & (c["k"] <= args.k_start)).all()
+    assert np.array(fig).std() > 10  # not a blank canvas
+
+
+def test_render_clusters_with_final_tokens_draws_one_row():
+    args = _vis_args(["--which_features", "last"])
+    views, positions, _ = visualize.fixed_batch(data.SyntheticPretrain(1, 64, 0, data.TwoViews(64, 16)), 1)
+    fig, c = visualize.render_clusters(build_vit("vit_tiny", 16), views, positions, args, tile=64)
+    assert c["labels"].shape[1] == 1 and c["attention"].shape[1] == 1  # attention averaged over heads
+    assert fig.size == visualize.figure_size(1, 1, args.k_start - 1, 64)
+
+
+def _cli(tmp_path, name, seed):
+    out = tmp_path / name
+    parser = visualize.get_args_parser()
+    visualize.main(parser.parse_args(["--random_init", "--arch", "vit_tiny", "--patch_size", "16", "--img_size",
+                                      "64", "--synthetic_size", "64", "--synthetic_index", "2", "--k_start", "5",
+                                      "--tile", "64", "--seed", str(seed), "--output", str(out)]))
+    return out.read_bytes()
+
+
+def test_visualize_cli_is_deterministic_for_the_same_seed(tmp_path):
+    first, again, other = _cli(tmp_path, "a.png", 0), _cli(tmp_path, "b.png", 0), _cli(tmp_path, "c.png", 1)
+    assert first == again
+    assert first != other
+
+
+def test_visualize_cli_reads_its_settings_from_a_training_checkpoint(tmp_path, capsys):
+    args = train.get_args_parser().parse_args(VIS_TINY + ["--lambda_pos", "2.5", "--which_features", "k"])
+    model = build_vit("vit_tiny", 16)
+    torch.save({"teacher": {"backbone." + k: v for k, v in model.state_dict().items()}, "args": vars(args)},
+               tmp_path / "checkpoint.pth")
+    out = tmp_path / "c.png"
+    visualize.main(visualize.get_args_parser().parse_args(["--weights", str(tmp_path / "checkpoint.pth"),
+                                                           "--tile", "32", "--output", str(out)]))
+    printed = capsys.readouterr().out
+    assert "all" in printed and "keys matched" in printed
+    assert "lambda_pos: 2.5" in printed and "which_features: k" in printed and "k_start: 6" in printed
+    with Image.open(out) as im:
+        assert im.size == visualize.figure_size(1, 3, 5, 32)
+
+
+def test_curves_draw_a_real_training_log_and_name_a_broken_line(checkpoint, tmp_path):
+    """`visualize.py --log` draws train.py's own log.txt (the checkpoint fixture's run); a broken line is named."""
+    log = os.path.join(os.path.dirname(checkpoint[0]), "log.txt")
+    records = visualize.read_log(log)
+    assert len(records) == 2 and {"loss", "teacher_entropy", "mean_k", "kept_centroids"} <= set(records[0])
+    out = tmp_path / "curves.png"
+    visualize.main(visualize.get_args_parser().parse_args(["--log", log, "--output", str(out)]))
+    image = np.asarray(Image.open(out).convert("RGB"))
+    assert image.shape[0] > 400 and image.shape[1] > 400
+    # every panel with a logged key drew a coloured curve, not only the grey frames and text
+    assert (np.abs(image.astype(int) - np.array(visualize.PALETTE[0])).sum(-1) < 10).sum() > 50
+    broken = tmp_path / "log.txt"
+    broken.write_text(open(log).read() + "{not json\n")
+    with pytest.raises(ValueError, match="line 3"):
+        visualize.read_log(str(broken))
+
+
+def test_visualize_defaults_without_a_checkpoint_are_the_training_defaults():
+    """visualize.py does not import train.py: its fallbacks (the paper's views, clustering.cluster's defaults) must
+    stay equal to train.py's."""
+    parser = train.get_args_parser()
+    for name in visualize.FROM_TRAINING:
+        want = parser.get_default(name)
+        assert visualize.default_setting(name) == (tuple(want) if isinstance(want, list) else want), name
+
+
+def test_crop_box_recovers_the_crop_and_the_flip_from_patch_positions():
+    box = (10, 20, 48, 64)  # top, left, height, width
+    for flip in (False, True):
+        pos = data.patch_positions(box, flip, 64, 16).numpy()
+        left, top, right, bottom = visualize.crop_box(pos, 16, 64)
+        np.testing.assert_allclose([left, top, right, bottom], [20, 10, 84, 58], atol=1e-4)
+        assert visualize.is_flipped(pos, 16, 64) == flip
+
+
+def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
+    dataset = data.SyntheticPretrain(4, 64, 0, data.TwoViews(64, 16))
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = visualize.fixed_batch(dataset, 4, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    b = visualize.fixed_batch(dataset, 4, seed=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train.py --visualize_every
+# --------------------------------------------------------------------------------------------------------------
+def _run_script_here(name, arguments, flag, stop=None):
+    """train.run_script with the script's process replaced by run(in_process=True): the same command line through
+    the script's own __main__, its random streams kept apart from training's (train.py's own launch of a process is
+    run by --eval_every in the torchrun tests and repro.sh)."""
+    proc = run([sys.executable, name, *arguments], in_process=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
+    return True
+
+
+def _vis_train(out, extra=(), monkeypatch=None):
+    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored;
+    with monkeypatch, the scripts train.py launches run in this process too."""
+    args = train.get_args_parser().parse_args(VIS_TINY + ["--output_dir", str(out)] + list(extra))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if monkeypatch is not None:
+        monkeypatch.setattr(train, "run_script", _run_script_here)
+    try:
+        train.main(args)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    with open(os.path.join(out, "log.txt")) as f:
+        return args, [json.loads(line) for line in f]
+
+
+def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path, monkeypatch):
+    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"], monkeypatch)
+    names = sorted(f for f in os.listdir(tmp_path / "vis") if f.endswith(".png"))
+    assert names == ["clusters_epoch0000.png", "clusters_epoch0001.png"]
+    with Image.open(tmp_path / "vis" / names[-1]) as im:
+        assert im.size == visualize.figure_size(4, 3, args.k_start - 1, 128)  # 4 images, vit_tiny's 3 heads
+    _, without = _vis_train(tmp_path / "plain")
+    keys = ("loss", "loss_glob", "loss_dense", "mean_k", "kept_centroids")
+    assert [{k: e[k] for k in keys} for e in with_pictures] == [{k: e[k] for k in keys} for e in without]
+
+
+# ==============================================================================================================
+# 7. bench.py and repro.sh
+# ==============================================================================================================
+def _bench_quick(tmp_path):
+    out = tmp_path / "bench.json"
+    return out, run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
+
+
+@early(_bench_quick)
+def test_bench_quick_runs_in_seconds_and_prints_every_section(early_run):
+    out, proc = early_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
+                     "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
+                     "FLOPs:", "3. Where the CrOC step's extra time goes", "whole step", "4. GPU throughput"):
+        assert expected in proc.stdout, expected
+    res = json.loads(out.read_text())
+    assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "ViT-Ti/8 32"]
+    for row in res["steps"]:
+        assert row["dino_ms"] > 0 and row["croc_ms"] > 0 and math.isfinite(row["ratio"])
+        assert row["dino_mem_mib"] > 0 and row["croc_mem_mib"] > 0
+        assert row["dino_gflops"] < row["croc_gflops"]  # the centroid heads add arithmetic
+        parts = {p["part"]: p for p in row["breakdown"]["parts"]}
+        assert list(parts) == ["teacher forward", "clustering", "teacher centroid head", "student forward", "loss",
+                               "backward", "AdamW", "teacher EMA"]
+        assert parts["clustering"]["dino_ms"] == 0 < parts["clustering"]["croc_ms"]
+    assert [r["batch"] for r in res["clusterer"]] == [1, 2]
+    assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick step batch
+    for row in res["clusterer"]:  # the official algorithm ran on the same inputs and was counted
+        assert row["official_ms"] > 0 and row["official_top_level_aten_ops"] > row["top_level_aten_ops"] > 0
+    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
+
+
+def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
+    device = torch.device("cpu")
+    tokens, positions, cls, _ = bench.cluster_inputs(1, "vit_tiny", 8, 32, device, seed=0)  # P = 3, 2N = 32, d = 64
+
+    def call():
+        clustering.cluster(tokens, positions, cls, k_start=4, generator=torch.Generator().manual_seed(0))
+    counts = bench.count_ops(call, device)
+    assert 0 < counts["top_level_view_ops"] < counts["top_level_aten_ops"] <= counts["all_aten_ops"]
+    assert bench.count_syncs(call, device) == 0
+
+
+def test_bench_differences_prints_shares_k_and_kept_centroids_in_range(capsys):
+    """bench.py --differences on tiny inputs, in seconds: every row's shares lie in [0, 1], the selected K in
+    [2, K_max], the kept centroids per image in [0, heads x K_max], for both clusterers."""
+    args = bench.get_args_parser().parse_args(["--differences", "--quick", "--device", "cpu"])
+    rows = bench.differences(args)
+    out = capsys.readouterr().out
+    assert "selected K: share" in out and "kept per image" in out and "moved" in out
+    assert [(r["tokens_of"], r["k_start"], r["k_max"]) for r in rows] == [
+        ("initial ViT", 12, 12), ("initial ViT", 5, 4), ("Gaussian", 12, 12), ("Gaussian", 5, 4)]
+    heads = 3  # vit_tiny
+    for r in rows:
+        assert r["images"] == 2 and r["problems"] == 2 * heads and r["tokens"] == 32
+        assert 0 <= r["moved_tokens"] <= 1
+        assert abs(sum(r["k_share"].values()) - 1) < 1e-6 and all(2 <= k <= r["k_max"] for k in r["k_share"])
+        for mean_k in (r["mean_k"], r["official_mean_k"]):
+            assert 2 <= mean_k <= r["k_max"]
+        assert 0 <= r["kept_min"] <= r["kept_per_image"] <= r["kept_max"] <= heads * r["k_max"]
+        assert 0 <= r["official_kept_per_image"] <= heads * r["k_max"]
+
+
+def test_official_hard_rule_normalises_each_views_columns_before_the_argmax():
+    """A token whose row argmax is a column heavy in its view moves to a light one once columns are normalised."""
+    plan = torch.tensor([[[0.5, 0.3, 0.0], [0.4, 0.1, 0.0], [0.2, 0.1, 0.0], [0.1, 0.3, 0.0]]])  # (1, 2N = 4, 3)
+    k = torch.tensor([2])  # the third column is padding
+    paper = clustering.hard_assignment(plan, k).argmax(-1)
+    assert paper.tolist() == [[0, 0, 0, 1]]
+    # view 1 columns sum to 0.9 and 0.4, view 2's to 0.3 and 0.4: token 0 moves to column 1 (0.75 > 0.56)
+    assert bench.official_hard_labels(plan, k).tolist() == [[1, 0, 0, 1]]
+
+
+def test_repro_script_is_valid_bash_and_its_training_flags_parse():
+    """repro.sh (README's synthetic reproduction) must not drift from train.py's flags."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    common = text.split('COMMON="', 1)[1].split('"', 1)[0]
+    for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32"),
+                        ("$HEAD", "--use_bn_in_head true --head_hidden_dim 512")):
+        common = common.replace(name, value)
+    args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
+    assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
+    assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
+    assert args.use_bn_in_head is True and args.head_hidden_dim == 512
+
+
+def _repro_quick(tmp_path, grey):
+    out = tmp_path / "repro"
+    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey)),
+           "HEAD_HIDDEN": "64" if grey else "2048"}
+    return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
+
+
+@early(_repro_quick)
+@pytest.mark.parametrize("grey", [False, True])
+def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
+    """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
+    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1 BN=1: the same in
+    the grey world, trained and evaluated on grey scenes, with a narrow BatchNorm head (one run tests all three)."""
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads((out / "gpu_check.json").read_text())
-    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
-    assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
-    assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
-    assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
-    assert {"clusterer", "step_fp32"} <= set(res["syncs"]) and res["syncs"]["status"] == "skipped: no CUDA"
-    assert res["syncs"]["step_fp32"]["loss_finite"]
-    runs = {(r["compiled"], r["variant"]): r for r in res["training"]["runs"]}
-    for variant in ("DINO", "CrOC"):
-        assert runs[False, variant]["status"] == "ok" and runs[False, variant]["loss_finite"]
-        assert runs[False, variant]["steps"] == 2 and runs[False, variant]["images_per_s"] > 0
-        assert runs[True, variant]["status"] == "skipped: no CUDA"
-    (ratio,) = res["training"]["ratios"]
-    assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
-    assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
-    text = (out / "gpu_check.txt").read_text()
-    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
-        assert heading in text, heading
-    assert text.strip() in proc.stdout
+    assert "| croc |" in proc.stdout
+    for name in ("dino", "croc"):
+        assert (out / name / "curves.png").is_file()
+        assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
+        assert config["use_bn_in_head"] is grey and config["epochs"] == 1
+        assert config["head_hidden_dim"] == (64 if grey else 2048)
+    assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
+    # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
+    table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
+    assert table.returncode == 0, table.stderr[-3000:]
+    croc_mean = next(line for line in table.stdout.splitlines() if line.startswith("| croc (2) |")).split(" | ")
+    last = json.loads((out / "croc" / "log.txt").read_text().splitlines()[-1])
+    assert croc_mean[4] == f"{last['mean_k']:.2f} +- 0.00"  # the same run twice: std 0
+
+
+def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
+    """DINO=0 bash repro.sh: the CrOC pipeline alone (the declared ablation beside a finished OUT of the same seed).
+    Seconds, not a whole QUICK run: a CrOC flag that train.py refuses (--lambda_pos -1) ends it at its start, and
+    what the script left shows which pipelines ran. The success path is the QUICK test's pipeline."""
+    out = tmp_path / "repro"
+    proc = run(["bash", "repro.sh", str(out)],
+               {"QUICK": "1", "PYTHON": sys.executable, "DINO": "0", "LAMBDA_POS": "-1"}, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the CrOC pipeline failed" in proc.stderr and "DINO pipeline" not in proc.stderr
+    assert "--lambda_pos" in (out / "croc_lambda_pos-1.log").read_text()  # CrOC ran, with the ablation's flag
+    assert (out / "data").is_dir() and not list(out.glob("dino*")) and not list(out.glob("random*"))
+    bad = run(["bash", "repro.sh", str(out / "bad")], {"PYTHON": sys.executable, "DINO": "no"}, timeout=60)
+    assert bad.returncode == 2 and "DINO must be 0 or 1, not 'no'" in bad.stderr
+    assert not (out / "bad").exists()
 
 
 # ==============================================================================================================
-# data.py: views with positions, image folders, synthetic data, segmentation datasets
+# 8. Checkpoint loading: model.load_pretrained, load_backbone, torch_load
 # ==============================================================================================================
+def _official_croc_checkpoint(path, arch="vit_tiny", patch=16, new_weight_norm_api=False):
+    """A checkpoint in the official CrOC layout: DDP-prefixed student, `backbone.`/`head.` prefixes, old
+    weight-norm keys, an argparse.Namespace under `args`, plus optimizer and loss states."""
+    torch.manual_seed(1)
+    student = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
+    teacher = M.CrOCModel(M.build_vit(arch, patch), M.CrOCHead(192, 64, 32))
+    def fmt(sd, prefix):
+        out = {}
+        for k, v in sd.items():
+            if new_weight_norm_api:
+                k = k.replace(".weight_g", ".parametrizations.weight.original0")
+                k = k.replace(".weight_v", ".parametrizations.weight.original1")
+            out[prefix + k] = v
+        return out
+    opt = torch.optim.AdamW(student.parameters())
+    torch.save({"student": fmt(student.state_dict(), "module."), "teacher": fmt(teacher.state_dict(), ""),
+                "optimizer": opt.state_dict(), "epoch": 7, "croc_loss": {"center": torch.zeros(1, 64)},
+                "args": argparse.Namespace(arch=arch, patch_size=patch, lr=5e-4, global_crops_scale=(0.25, 1.0))},
+               path)
+    return student, teacher
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("new_api", [False, True])
+def test_load_pretrained_reads_official_croc_checkpoint_and_reproduces_outputs(tmp_path, new_api):
+    path = tmp_path / "croc.pth"
+    student, teacher = _official_croc_checkpoint(path, new_weight_norm_api=new_api)
+    x = torch.randn(2, 3, 32, 32)
+    for key, src in (("teacher", teacher), ("student", student)):
+        vit = M.vit_tiny(16)
+        res = M.load_pretrained(vit, str(path), key=key)
+        assert res == {"missing": [], "unexpected": []}
+        src.eval(), vit.eval()
+        torch.testing.assert_close(vit(x), src.backbone(x))
+        full = M.CrOCModel(M.vit_tiny(16), M.CrOCHead(192, 64, 32)).eval()
+        assert M.load_pretrained(full, str(path), key=key) == {"missing": [], "unexpected": []}
+        torch.testing.assert_close(full.head(full.backbone(x), centroids=True),
+                                   src.head(src.backbone(x), centroids=True))
 
+
+def test_load_pretrained_reads_bare_backbone_weights(tmp_path):
+    src = M.vit_tiny(8).eval()
+    torch.save(src.state_dict(), tmp_path / "dino_deitsmall8.pth")
+    vit = M.vit_tiny(8).eval()
+    assert M.load_pretrained(vit, str(tmp_path / "dino_deitsmall8.pth")) == {"missing": [], "unexpected": []}
+    x = torch.randn(1, 3, 16, 24)
+    torch.testing.assert_close(vit(x), src(x))
+    full = M.CrOCModel(M.vit_tiny(8), M.CrOCHead(192, 64, 32))
+    res = M.load_pretrained(full, str(tmp_path / "dino_deitsmall8.pth"))
+    assert res["unexpected"] == [] and all(k.startswith("head.") for k in res["missing"])
+
+
+def test_load_pretrained_shape_mismatch_names_key_and_shapes(tmp_path):
+    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(ValueError, match=r"pos_embed: checkpoint \(1, 197, 192\), model \(1, 785, 192\)"):
+        M.load_pretrained(M.vit_tiny(8), str(tmp_path / "w.pth"))
+
+
+def test_load_pretrained_names_missing_file_and_missing_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.pth"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "nope.pth"))
+    _official_croc_checkpoint(tmp_path / "c.pth")
+    with pytest.raises(KeyError, match=r"'ema'.*\['student', 'teacher'"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "c.pth"), key="ema")
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this would have run arbitrary code",))
+
+
+def test_load_pretrained_refuses_checkpoints_that_execute_code(tmp_path):
+    torch.save({"teacher": M.vit_tiny(16).state_dict(), "payload": _Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(RuntimeError, match="weights_only=True"):
+        M.load_pretrained(M.vit_tiny(16), str(tmp_path / "evil.pth"))
+
+
+def test_load_backbone_is_frozen_and_in_eval_mode(tmp_path):
+    torch.save(M.vit_tiny(16).state_dict(), tmp_path / "w.pth")
+    vit = M.load_backbone("vit_tiny", 16, str(tmp_path / "w.pth"))
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+    with pytest.raises(ValueError, match="--arch"):
+        M.load_backbone("vit_huge", 16)
+
+
+def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_when_refusing_one(tmp_path):
+    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pth")
+    whole = (tmp_path / "good.pth").read_bytes()
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("hello")
+    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
+    torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
+    for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
+                       ("evil", "untrusted pickles are not executed")]:
+        with pytest.raises(RuntimeError, match=what) as e:
+            M.torch_load(str(tmp_path / f"{name}.pth"))
+        assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
+    assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
+
+
+# ==============================================================================================================
+# 9. Data plumbing (data.py): synthetic scenes and videos, image folders, segmentation datasets
+# ==============================================================================================================
 def _write_image(path, size_wh, color=(120, 60, 30)):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1314,91 +2559,9 @@ def _write_mask(path, array, palette=True):
     im.save(path)
 
 
-def _decode_patch_means(view, patch):
-    """(C, S, S) coordinate image -> (N, C) mean per patch, raster order."""
-    return reduce(view, "c (h p) (w q) -> (h w) c", "mean", p=patch, q=patch)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# TwoViews: patch positions in original-image pixels
-# ---------------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("interpolation", [InterpolationMode.BILINEAR, InterpolationMode.BICUBIC])
-@pytest.mark.parametrize("flip", [False, True])
-def test_patch_positions_equal_decoded_coordinates_of_a_coordinate_image(interpolation, flip):
-    H, W = 150, 200
-    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
-    coords = torch.stack([xs, ys]).float()  # (2, H, W): each pixel holds its own centre (x, y)
-    views = data.TwoViews(img_size=96, patch_size=16, scale=(0.05, 1.0), interpolation=interpolation)
-    for seed in range(20):
-        torch.manual_seed(seed)
-        view, positions = views.geometric(coords, flip=flip)
-        assert positions.shape == (36, 2) and positions.dtype == torch.float32
-        decoded = _decode_patch_means(view, 16)
-        assert torch.allclose(decoded, positions, atol=0.05), (decoded - positions).abs().max()
-
-
-@pytest.mark.parametrize("flip", [False, True])
-def test_patch_positions_equal_decoded_coordinates_of_an_8bit_rgb_image(flip):
-    # The training path: a PIL RGB image, R = x and G = y (integer column/row, centre = value + 0.5).
-    H, W = 180, 240
-    ys, xs = np.mgrid[0:H, 0:W]
-    img = Image.fromarray(np.stack([xs, ys, np.zeros_like(xs)], -1).astype(np.uint8))
-    views = data.TwoViews(img_size=64, patch_size=16)  # bicubic, as in training
-    for seed in range(20):
-        torch.manual_seed(seed)
-        view, positions = views.geometric(img, flip=flip)
-        arr = torch.from_numpy(np.asarray(view, dtype=np.float32)).permute(2, 0, 1)[:2] + 0.5
-        decoded = _decode_patch_means(arr, 16)
-        assert (decoded - positions).abs().max() < 0.6  # 8-bit rounding of each pixel
-
-
-def test_patch_positions_flip_mirrors_x_inside_the_crop_box():
-    box = (10, 20, 50, 80)  # top, left, height, width
-    plain = data.patch_positions(box, False, 64, 16)
-    flipped = data.patch_positions(box, True, 64, 16)
-    assert torch.allclose(flipped[:, 0], 2 * 20 + 80 - plain[:, 0])
-    assert torch.allclose(flipped[:, 1], plain[:, 1])
-    # raster order: x grows along a row, y along a column; first patch centre at 1/8 of the box
-    assert torch.allclose(plain[0], torch.tensor([20 + 80 / 8, 10 + 50 / 8]))
-    assert plain[1, 0] > plain[0, 0] and plain[4, 1] > plain[0, 1] and plain[1, 1] == plain[0, 1]
-
-
-def test_two_views_returns_normalised_views_and_positions_inside_the_image():
-    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8))
-    torch.manual_seed(0)
-    views, positions = data.TwoViews(img_size=64, patch_size=16)(img)
-    assert views.shape == (2, 3, 64, 64) and views.dtype == torch.float32
-    assert positions.shape == (2, 16, 2) and positions.dtype == torch.float32
-    assert (positions[..., 0] > 0).all() and (positions[..., 0] < 90).all()
-    assert (positions[..., 1] > 0).all() and (positions[..., 1] < 70).all()
-    assert views.min() < -0.5 and views.max() > 0.5  # normalised, not in [0, 1]
-
-
-def test_two_views_blur_radius_scales_with_the_view_size():
-    def blurs(views):
-        return [t for compose in views.photometric for t in compose.transforms
-                if isinstance(t, data.RandomGaussianBlurPIL)]
-    at_224 = blurs(data.TwoViews(img_size=224, patch_size=16))
-    assert [(b.p, b.radius_min, b.radius_max) for b in at_224] == [(1.0, 0.1, 2.0), (0.1, 0.1, 2.0)]  # DINO's
-    at_48 = blurs(data.TwoViews(img_size=48, patch_size=8))
-    assert [(b.radius_min, b.radius_max) for b in at_48] == [pytest.approx((0.1 * 48 / 224, 2.0 * 48 / 224))] * 2
-    row = np.tile(np.array([0, 255], dtype=np.uint8).repeat(3), 8)  # (48,): vertical stripes, period 6 px
-    img = Image.fromarray(np.ascontiguousarray(np.broadcast_to(row[None, :, None], (48, 48, 3))))
-    torch.manual_seed(0)
-    blurred = np.asarray(at_48[0](img), dtype=np.float64)
-    assert blurred.max() - blurred.min() > 240  # 6-px stripes keep their contrast (unscaled radius 2: 191 of 255)
-
-
-def test_two_views_rejects_img_size_not_multiple_of_patch():
-    with pytest.raises(ValueError, match="multiple"):
-        data.TwoViews(img_size=100, patch_size=16)
-
-
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # synthetic scenes and videos
-# ---------------------------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------------------------------------------
 def test_synthetic_scenes_are_deterministic_per_seed_and_index():
     a, b = data.SyntheticScenes(10, 64, seed=3), data.SyntheticScenes(10, 64, seed=3)
     img_a, lab_a = a[4]
@@ -1505,10 +2668,9 @@ def test_synthetic_videos_are_deterministic_move_and_show_every_object_in_frame_
     assert all(np.array_equal(a, b) for a, b in zip(m1, m2))
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
 # pretraining image folders
-# ---------------------------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------------------------------------------
 def test_pretrain_images_reads_grayscale_palette_rgba_cmyk_and_16bit_as_rgb(tmp_path):
     root = tmp_path / "imgs"
     (root / "sub" / "deeper").mkdir(parents=True)
@@ -1573,10 +2735,33 @@ def test_pretrain_images_joins_several_roots(tmp_path):
     assert len(ds) == 5 and ds.files == sorted(ds.files[:2]) + sorted(ds.files[2:])
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# write_synthetic and the CLI
-# ---------------------------------------------------------------------------------------------------------------
+def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
+    root = tmp_path / "images"
+    (root / "a" / "b").mkdir(parents=True)
+    for path in (root / "0.png", root / "a" / "1.png", root / "a" / "b" / "2.png"):
+        Image.new("RGB", (8, 8)).save(path)
+    os.symlink(".", root / "loop")  # one loop: the old walk read every image 41 times
+    os.symlink("../..", root / "a" / "b" / "up")  # a second loop: the old walk never ended
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.new("RGB", (8, 8)).save(outside / "3.png")
+    os.symlink(outside, root / "linked")  # a linked folder elsewhere is still read
 
+    def hung(signum, frame):
+        raise TimeoutError("list_images walked a symlink loop for 20 s")
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        files = data.list_images(root)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert sorted(os.path.basename(f) for f in files) == ["0.png", "1.png", "2.png", "3.png"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# write_synthetic and the CLI
+# --------------------------------------------------------------------------------------------------------------
 def test_write_synthetic_writes_pvoc_and_davis_layouts(tmp_path):
     paths = data.write_synthetic(tmp_path, n_train=3, n_val=2, n_videos=2, n_frames=4, size=48,
                                  video_size=(40, 56), seed=0, progress=False)
@@ -1636,10 +2821,9 @@ def test_cli_write_synthetic(tmp_path):
     assert np.abs(frame - frame.mean(-1, keepdims=True)).max() <= 20  # JPEG of a grey frame
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# segmentation datasets
-# ---------------------------------------------------------------------------------------------------------------
-
+# --------------------------------------------------------------------------------------------------------------
+# segmentation datasets, prepare_coco and prepare_voc
+# --------------------------------------------------------------------------------------------------------------
 def _voc_fixture(base, leopart=False, aug=True):
     images, sets = ("images", "sets") if leopart else ("JPEGImages", "ImageSets/Segmentation")
     for split, ids in (("train", ["t1", "t2"]), ("val", ["v1"])):
@@ -1783,578 +2967,6 @@ def test_build_segmentation_dataset_rejects_unknown_names_and_missing_root():
         data.build_segmentation_dataset("pvoc", None, "val")
 
 
-
-# ==============================================================================================================
-# eval_linear.py and eval_kmeans.py
-# ==============================================================================================================
-# ----------------------------------------------------------------------------------------------------------------
-# Metrics
-
-
-def hand_case():
-    # gt row 1 holds a 255 pixel whose prediction (0) must be ignored
-    gt = torch.tensor([[0, 0, 1], [1, 255, 2]])
-    pred = torch.tensor([[0, 1, 1], [2, 0, 2]])
-    return pred, gt
-
-
-def test_confusion_matrix_counts_gt_by_pred_over_valid_pixels_only():
-    pred, gt = hand_case()
-    expected = torch.tensor([[1, 1, 0], [0, 1, 1], [0, 0, 1]])
-    m = metrics.confusion_matrix(pred, gt, 3)
-    assert m.dtype == torch.int64 and torch.equal(m, expected)
-    # any shape: a flat or a batched layout gives the same counts
-    assert torch.equal(metrics.confusion_matrix(pred.flatten(), gt.flatten(), 3), expected)
-    assert torch.equal(metrics.confusion_matrix(pred[None], gt[None], 3), expected)
-
-
-def test_confusion_matrix_rejects_out_of_range_labels_on_valid_pixels_only():
-    pred, gt = hand_case()
-    bad = pred.clone()
-    bad[1, 1] = 7  # on the 255 pixel: allowed
-    assert torch.equal(metrics.confusion_matrix(bad, gt, 3), metrics.confusion_matrix(pred, gt, 3))
-    bad[0, 0] = 3  # on a valid pixel: an error
-    with pytest.raises(ValueError, match="predictions"):
-        metrics.confusion_matrix(bad, gt, 3)
-    with pytest.raises(ValueError, match="ground truth"):
-        metrics.confusion_matrix(pred, torch.where(gt == 2, 5, gt), 3)
-
-
-def test_miou_matches_hand_computed_ious():
-    pred, gt = hand_case()
-    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 3))
-    # class 0: tp 1 / (row 2 + col 1 - 1); class 1: 1 / (2 + 2 - 1); class 2: 1 / (1 + 2 - 1)
-    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 3, 1 / 2], dtype=torch.float64))
-    assert mean == pytest.approx(4 / 9)
-
-
-def test_miou_counts_a_class_absent_from_gt_and_pred_as_zero():
-    pred, gt = hand_case()
-    mean, iou = metrics.miou(metrics.confusion_matrix(pred, gt, 4))
-    assert iou[3] == 0 and not torch.isnan(iou).any()
-    assert mean == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 4)
-
-
-def test_miou_is_pooled_over_images_not_averaged_per_image():
-    pred, gt = hand_case()
-    pooled = metrics.confusion_matrix(pred, gt, 3) + metrics.confusion_matrix(gt.clamp(max=2), gt, 3)
-    both = metrics.confusion_matrix(torch.stack([pred, gt.clamp(max=2)]), torch.stack([gt, gt]), 3)
-    assert torch.equal(pooled, both)
-    assert metrics.miou(both)[0] == pytest.approx(metrics.miou(pooled)[0])
-
-
-def cluster_case():
-    gt = torch.tensor([0, 0, 0, 1, 1, 2, 2, 255])
-    pred = torch.tensor([2, 2, 1, 0, 0, 1, 1, 0])  # the 255 pixel's cluster does not count
-    return pred, gt
-
-
-def test_hungarian_miou_matches_hand_computed_matching():
-    pred, gt = cluster_case()
-    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
-    # best one-to-one: cluster 2 -> class 0, cluster 0 -> class 1, cluster 1 -> class 2
-    assert mapping.tolist() == [1, 2, 0]
-    # relabelled prediction [0, 0, 2, 1, 1, 2, 2]: IoUs 2/3, 1, 2/3
-    assert torch.allclose(iou, torch.tensor([2 / 3, 1.0, 2 / 3], dtype=torch.float64))
-    assert mean == pytest.approx(7 / 9)
-
-
-def test_hungarian_miou_is_invariant_to_permuting_cluster_ids():
-    pred, gt = cluster_case()
-    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3)
-    perm = torch.tensor([2, 0, 1])  # cluster k is renamed perm[k]
-    mean_p, iou_p, mapping_p = metrics.hungarian_miou(perm[pred], gt, 3)
-    assert mean_p == pytest.approx(mean) and torch.allclose(iou_p, iou)
-    assert torch.equal(mapping_p[perm], mapping)
-
-
-def test_hungarian_miou_merges_unmatched_clusters_into_class_0_when_k_exceeds_c():
-    pred, gt = cluster_case()
-    pred = torch.where(torch.arange(8) == 4, 3, pred)  # a 4th cluster takes one class-1 pixel
-    mean, iou, mapping = metrics.hungarian_miou(pred, gt, 3, num_clusters=4)
-    assert mapping.tolist() == [1, 2, 0, 0]
-    # class 0 gains a false positive: 2 / (3 + 3 - 2); class 1: 1 / 2; class 2: 2 / 3
-    assert torch.allclose(iou, torch.tensor([1 / 2, 1 / 2, 2 / 3], dtype=torch.float64))
-    with pytest.raises(ValueError, match="K >= C"):
-        metrics.hungarian_miou(pred, gt, 3, num_clusters=2)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Transforms and k-means pieces
-
-
-def test_train_transform_crops_and_flips_image_and_mask_together():
-    torch.manual_seed(0)
-    img = np.zeros((60, 80, 3), np.uint8)
-    img[:, :40, 0] = 255  # left half red = class 1, right half blue = class 2, one 255 row
-    img[:, 40:, 2] = 255
-    mask = np.where(np.arange(80)[None, :] < 40, 1, 2).repeat(60, 0).astype(np.uint8)
-    mask[10] = 255
-    transform = eval_linear.TrainTransform(img_size=32, mask_size=32)
-    for _ in range(10):
-        x, m = transform(Image.fromarray(img), mask)
-        assert x.shape == (3, 32, 32) and m.shape == (32, 32) and m.dtype == torch.uint8
-        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest: no interpolated labels
-        red_minus_blue = x[0] * 0.229 + 0.485 - (x[2] * 0.225 + 0.406)  # unnormalised R - B
-        assert (red_minus_blue[m == 1] > 0).float().mean() > 0.9
-        assert (red_minus_blue[m == 2] < 0).float().mean() > 0.9
-
-
-def test_val_transform_resizes_image_and_mask_to_fixed_sizes_with_nearest_masks():
-    img = Image.fromarray(np.zeros((30, 50, 3), np.uint8))
-    mask = np.random.default_rng(0).choice(np.array([0, 3, 255], np.uint8), size=(30, 50))
-    x, m = data.ValTransform(64, 20)(img, mask)
-    assert x.shape == (3, 64, 64) and m.shape == (20, 20)
-    assert set(m.unique().tolist()) <= {0, 3, 255}
-
-
-def test_running_moments_match_per_channel_mean_and_population_std_over_all_pixels():
-    x = torch.randn(10, 5, 3, 4) * torch.arange(1, 6)[:, None, None] + 3  # (images, channels, h, w)
-    moments = eval_kmeans.RunningMoments(5, "cpu")
-    for chunk in x.split(3):  # uneven chunks: 3, 3, 3, 1 images
-        moments.update(chunk)
-    pixels = eval_kmeans.rearrange(x, "b d h w -> (b h w) d")
-    assert torch.allclose(moments.mean.float(), pixels.mean(0), atol=1e-5)
-    assert torch.allclose(moments.std().float(), pixels.std(0, correction=0), atol=1e-5)
-
-
-def test_projecting_tokens_then_upsampling_equals_upsampling_then_projecting():
-    tokens = torch.randn(3, 6, 4, 4)
-    mean, std = torch.randn(6), torch.rand(6) + 0.5
-    pixels = eval_kmeans.rearrange(F.interpolate(tokens, size=(10, 10), mode="bilinear", align_corners=False),
-                                   "b d h w -> (b h w) d")
-    pca = eval_kmeans.fit_pca((pixels - mean) / (std + eval_kmeans.STD_EPS), 2)
-    args = argparse.Namespace(mask_size=10, batch_size=2)
-    z = eval_kmeans.project(tokens.half(), mean, std, pca, args, "cpu", main=False)
-    expected = ((pixels - mean) / (std + eval_kmeans.STD_EPS) - pca[0]) @ pca[1]
-    assert z.shape == (300, 2)
-    assert torch.allclose(z.float(), expected, atol=2e-2)
-
-
-def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
-    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
-    z = (centres.repeat_interleave(200, 0) + torch.randn(600, 2, generator=torch.Generator().manual_seed(0)))
-    args = argparse.Namespace(fit_samples=300, kmeans_iters=50)
-    a, b = eval_kmeans.fit_kmeans(z.half(), 3, 0, args), eval_kmeans.fit_kmeans(z.half(), 3, 0, args)
-    assert torch.equal(a, b)
-    gt = torch.arange(3).repeat_interleave(200)
-    counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
-    assert metrics.match_clusters(counts)[0] == pytest.approx(1.0)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Both scripts end to end on a tiny synthetic PVOC-layout folder
-
-
-def _write_tiny_synthetic(root):
-    data.write_synthetic(str(root), n_train=8, n_val=4, n_videos=1, size=64, seed=0, progress=False)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def synthetic_root(tmp_path_factory):
-    return _write_tiny_synthetic(tmp_path_factory.mktemp("synthetic"))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A checkpoint written by train.py itself after a few steps (2 epochs of 2 steps on synthetic scenes)."""
-    out = tmp_path_factory.mktemp("ckpt")
-    train.main(train.get_args_parser().parse_args(TINY + ["--epochs", "2", "--synthetic_images", "8",
-                                                          "--output_dir", str(out)]))
-    path = str(out / "checkpoint.pth")
-    teacher = CrOCModel(build_vit("vit_tiny", 16), CrOCHead(192, out_dim=128, out_dim_c=64))
-    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
-    return path, teacher
-
-
-COMMON = ["--dataset", "synthetic", "--arch", "vit_tiny", "--img_size", "64", "--batch_size", "4",
-          "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "2"]
-
-
-def run_linear(root, out, *extra):
-    args = eval_linear.get_args_parser().parse_args(
-        COMMON + ["--data_path", root, "--epochs", "1", "--train_mask_size", "32", "--output_dir", out, *extra])
-    return eval_linear.main(args)
-
-
-def run_kmeans(root, out, *extra):
-    args = eval_kmeans.get_args_parser().parse_args(
-        COMMON + ["--data_path", root, "--mask_size", "32", "--pca", "8", "--fit_samples", "2000",
-                  "--seeds", "0", "1", "--kmeans_iters", "20", "--output_dir", out, *extra])
-    return eval_kmeans.main(args)
-
-
-def test_eval_linear_runs_end_to_end_and_writes_results_and_config(synthetic_root, tmp_path):
-    results = run_linear(synthetic_root, str(tmp_path), "--random_init")
-    saved = json.load(open(tmp_path / "results.json"))
-    config = json.load(open(tmp_path / "config.json"))
-    assert saved["miou"] == pytest.approx(results["miou"]) and 0 <= saved["miou"] <= 1
-    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
-    assert len(saved["per_class_iou"]) == num_classes
-    assert saved["miou"] == pytest.approx(np.mean(list(saved["per_class_iou"].values())))
-    assert saved["n_val_images"] == 4 and saved["n_train_images"] == 8 and saved["weights"] == "random_init"
-    assert config["train_split"] == "train" and config["epochs"] == 1 and config["lr"] == [1e-3]
-    assert len(open(tmp_path / "log.txt").readlines()) == 1
-
-
-def test_eval_linear_with_cached_train_features_runs(synthetic_root, tmp_path):
-    results = run_linear(synthetic_root, str(tmp_path), "--random_init", "--cache_train_features")
-    assert 0 <= results["miou"] <= 1
-
-
-def test_eval_kmeans_runs_end_to_end_and_reports_mean_and_std_over_seeds(synthetic_root, tmp_path):
-    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init")
-    saved = json.load(open(tmp_path / "results.json"))
-    assert saved["miou_per_seed"] == pytest.approx(results["miou_per_seed"]) and len(saved["per_seed"]) == 2
-    assert saved["miou_mean"] == pytest.approx(np.mean(saved["miou_per_seed"]))
-    assert saved["miou_std"] == pytest.approx(np.std(saved["miou_per_seed"]))
-    num_classes = data.build_segmentation_dataset("synthetic", synthetic_root, "val").num_classes
-    assert saved["num_clusters"] == num_classes and len(saved["per_class_iou_mean"]) == num_classes
-    assert sorted(saved["per_seed"][0]["cluster_to_class"]) == list(range(num_classes))  # one-to-one
-    assert saved["n_images"] == 4 and saved["n_pixels"] == 4 * 32 * 32 and saved["feature_dim"] == 8
-    assert os.path.isfile(tmp_path / "config.json")
-
-
-def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
-    path, teacher = checkpoint
-    args = eval_linear.get_args_parser().parse_args(COMMON + ["--weights", path])
-    backbone = M.backbone_from_args(args)
-    for k, v in teacher.backbone.state_dict().items():
-        assert torch.equal(backbone.state_dict()[k], v), k
-    assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
-    assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--weights", path)["weights"] == path
-
-
-def test_a_narrow_head_trains_and_its_checkpoint_loads_in_every_eval_script(synthetic_root, tmp_path):
-    out = tmp_path / "narrow"
-    _train_here(out, ["--epochs", "1", "--head_hidden_dim", "24", "--use_bn_in_head", "true"])
-    path = str(out / "checkpoint.pth")
-    saved = M.torch_load(path)["teacher"]
-    assert saved["head.mlp.0.weight"].shape == (24, 96) and saved["head.mlp.3.weight"].shape == (24, 24)
-    teacher = CrOCModel(build_vit("vit_nano", 8), CrOCHead(96, out_dim=64, out_dim_c=64, hidden_dim=24, use_bn=True))
-    assert M.load_pretrained(teacher, path, key="teacher") == {"missing": [], "unexpected": []}
-    nano = ["--arch", "vit_nano", "--patch_size", "8", "--weights", path]
-    lin = eval_linear.get_args_parser().parse_args(COMMON + ["--data_path", synthetic_root, "--epochs", "1",
-                                                             "--train_mask_size", "32", "--output_dir",
-                                                             str(tmp_path / "lin")] + nano)
-    assert np.isfinite(eval_linear.main(lin)["miou"])
-    assert np.isfinite(run_kmeans(synthetic_root, str(tmp_path / "km"), *nano)["miou_mean"])
-    ed.main(ed.get_args_parser().parse_args(["--data_path", synthetic_root, "--output_dir", str(tmp_path / "davis"),
-                                             "--short_side", "48", "--device", "cpu"] + nano))
-    assert (tmp_path / "davis" / "scores" / "global_results-val.csv").exists()
-
-
-def test_scripts_require_exactly_one_of_weights_and_random_init():
-    args = eval_linear.get_args_parser().parse_args(COMMON)
-    with pytest.raises(ValueError, match="--random_init"):
-        M.backbone_from_args(args)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# ADE20K as App. C ran it (MMSegmentation's 512x512 40k pipeline), several n_b, pictures, tables, reliability
-
-
-def test_poly_lr_follows_mmsegs_40k_schedule_down_to_one_percent_of_the_rate():
-    lr = [eval_linear.poly_lr(1e-3, it, 40000) for it in (0, 20000, 40000)]
-    assert lr[0] == pytest.approx(1e-3) and lr[2] == pytest.approx(1e-5)
-    assert lr[1] == pytest.approx((1e-3 - 1e-5) * 0.5 ** 0.9 + 1e-5)
-    steps = [eval_linear.poly_lr(8e-5, it, 100) for it in range(101)]
-    assert all(a > b for a, b in zip(steps, steps[1:]))  # strictly decreasing for every rate of the sweep
-
-
-def test_rescale_size_keeps_the_ratio_inside_2048_by_512():
-    assert eval_linear.rescale_size(683, 512) == (683, 512)
-    assert eval_linear.rescale_size(300, 200) == (768, 512)     # short side up to 512
-    assert eval_linear.rescale_size(3000, 500) == (2048, 341)   # long side capped at 2048
-    assert eval_linear.rescale_size(400, 800, scale=(1024, 256)) == (256, 512)  # ratio 0.5 of the config's scale
-
-
-def test_mmseg_train_transform_crops_pads_with_ignore_and_keeps_image_and_mask_aligned():
-    torch.manual_seed(0)
-    img = np.zeros((40, 60, 3), np.uint8)
-    img[:, :30, 0] = 255  # left red = class 1, right blue = class 2
-    img[:, 30:, 2] = 255
-    mask = np.where(np.arange(60)[None, :] < 30, 1, 2).repeat(40, 0).astype(np.uint8)
-    transform = eval_linear.MMSegTrainTransform(crop_size=48, scale=(64, 16), ratio_range=(0.5, 2.0))
-    padded = 0
-    for _ in range(10):
-        x, m = transform(Image.fromarray(img), mask)
-        assert x.shape == (3, 48, 48) and m.shape == (48, 48) and m.dtype == torch.uint8
-        assert set(m.unique().tolist()) <= {1, 2, 255}  # nearest only
-        padded += int((m == 255).any())
-        assert (x[:, m == 255] == 0).all()  # padding: 0 in normalised space, ignore in the mask
-        rgb = x * torch.tensor(data.IMAGENET_STD).view(3, 1, 1) + torch.tensor(data.IMAGENET_MEAN).view(3, 1, 1)
-        # the photometric distortion can shift hues, but the red/blue halves stay apart and on their labels
-        red, blue = rgb[0] - rgb[2], rgb[2] - rgb[0]
-        assert (red[m == 1] > blue[m == 1]).float().mean() > 0.9 or (m == 1).sum() == 0
-    assert padded > 0  # the 0.5 ratio gives images smaller than the crop
-
-
-def test_cat_max_ratio_crop_prefers_crops_no_class_dominates():
-    mask = np.zeros((10, 100), np.uint8)
-    mask[:, 90:] = 1  # class 0 dominates every crop except those reaching the right end
-    rng = np.random.default_rng(0)
-    tops_lefts = [eval_linear.cat_max_ratio_crop(mask, 10, rng, cat_max_ratio=0.75, tries=1000) for _ in range(20)]
-    for top, left in tops_lefts:
-        _, counts = np.unique(mask[top:top + 10, left:left + 10], return_counts=True)
-        assert len(counts) > 1 and counts.max() / counts.sum() < 0.75
-
-
-def test_slide_windows_cover_the_image_on_mmsegs_grid():
-    windows = eval_linear.slide_windows(512, 683, 512, 341)
-    assert windows == [(0, 512, 0, 512), (0, 512, 171, 683)]
-    windows = eval_linear.slide_windows(900, 520, 512, 341)
-    assert [w[:2] for w in windows] == [(0, 512), (0, 512), (341, 853), (341, 853), (388, 900), (388, 900)]
-    cover = np.zeros((900, 520), int)
-    for y1, y2, x1, x2 in windows:
-        assert y2 - y1 == 512 and x2 - x1 == 512
-        cover[y1:y2, x1:x2] += 1
-    assert cover.min() >= 1
-    assert eval_linear.slide_windows(300, 200, 512, 341) == [(0, 300, 0, 200)]  # smaller than the crop
-
-
-def test_slide_logits_average_overlapping_windows_at_the_image_size():
-    backbone = build_vit("vit_tiny", 16).eval()
-    head = torch.nn.Conv2d(192, 3, 1)
-    torch.nn.init.zeros_(head.weight)
-    head.bias.data = torch.tensor([1.0, -2.0, 0.5])
-    logits = eval_linear.slide_logits(backbone, {"nb1_lr1e-3": head}, torch.randn(3, 50, 70), 32, 16, 192)
-    out = logits["nb1_lr1e-3"]
-    assert out.shape == (3, 50, 70)
-    assert torch.allclose(out, head.bias.view(3, 1, 1).expand(3, 50, 70))  # the mean of equal windows
-
-
-def _ade_fixture(root, sizes=((56, 40), (34, 50))):
-    base = root / "ADEChallengeData2016"
-    rng = np.random.default_rng(0)
-    for sub in ("training", "validation"):
-        for i, (w, h) in enumerate(sizes):
-            name = f"ADE_{sub}_{i:08d}"
-            _write_image(base / "images" / sub / f"{name}.jpg", (w, h), color=(40 * i, 90, 160))
-            _write_mask(base / "annotations" / sub / f"{name}.png", rng.integers(0, 4, (h, w)), palette=False)
-    return base
-
-
-def test_ade20k_protocol_sweeps_every_lr_from_one_pass_and_scores_at_the_original_size(tmp_path):
-    _ade_fixture(tmp_path)
-    args = eval_linear.get_args_parser().parse_args(
-        ["--dataset", "ade20k", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init",
-         "--batch_size", "2", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--iters", "3",
-         "--crop_size", "32", "--slide_stride", "16", "--lr", "1e-3", "1e-4", "--n_pictures", "2",
-         "--output_dir", str(tmp_path / "out")])
-    results = eval_linear.main(args)
-    assert args.protocol == "mmseg" and results["protocol"] == "mmseg" and results["eval_size"] == "original"
-    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4"}
-    assert results["best_run"] == max(results["runs"], key=lambda r: results["runs"][r]["miou"])
-    # scored at the original size: every pixel of both original masks, labels 1..3 scored, 0 ignored
-    masks = [np.array(Image.open(p)) for p in sorted((tmp_path / "ADEChallengeData2016/annotations/validation")
-                                                      .glob("*.png"))]
-    assert results["n_valid_pixels"] == sum(int((m > 0).sum()) for m in masks)
-    assert results["n_valid_pixels"] + results["n_ignored_pixels"] == 56 * 40 + 34 * 50
-    for run in results["runs"].values():
-        assert int(np.sum(run["confusion"])) == results["n_valid_pixels"] and len(run["confusion"]) == 150
-    log = [json.loads(line) for line in open(tmp_path / "out" / "log.txt")]
-    assert log[-1]["iter"] == 3 and set(log[-1]["train_loss"]) == set(results["runs"])
-    picture = Image.open(tmp_path / "out" / "predictions.png")
-    assert picture.size == (3 * 56, 40 + 50)  # image | gt | prediction per row, at each original size
-
-
-def test_several_n_last_blocks_in_one_linear_run_equal_separate_runs(synthetic_root, tmp_path):
-    both = run_linear(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
-                      "--n_pictures", "0")
-    for n in (1, 2):
-        alone = run_linear(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
-                           "--n_pictures", "0")
-        assert both["runs"][f"nb{n}_lr1e-3"]["confusion"] == alone["runs"][f"nb{n}_lr1e-3"]["confusion"]
-        assert both["runs"][f"nb{n}_lr1e-3"]["miou"] == pytest.approx(alone["miou"], abs=1e-12)
-
-
-def test_several_n_last_blocks_in_one_kmeans_run_equal_separate_runs(synthetic_root, tmp_path):
-    both = run_kmeans(synthetic_root, str(tmp_path / "both"), "--random_init", "--n_last_blocks", "1", "2",
-                      "--seeds", "0")
-    assert set(both["runs"]) == {"nb1", "nb2"}
-    for n in (1, 2):
-        alone = run_kmeans(synthetic_root, str(tmp_path / f"nb{n}"), "--random_init", "--n_last_blocks", str(n),
-                           "--seeds", "0")
-        assert both["runs"][f"nb{n}"]["per_seed"][0]["confusion"] == alone["per_seed"][0]["confusion"]
-        assert (tmp_path / "both" / f"predictions_nb{n}.png").is_file()
-
-
-def test_multi_block_features_slice_one_pass_like_separate_calls():
-    backbone = build_vit("vit_tiny", 16).eval()
-    x = torch.randn(2, 3, 32, 48)
-    feats = metrics.multi_block_features(backbone, x, [1, 3])
-    for n in (1, 3):
-        assert torch.allclose(feats[n], M.dense_features(backbone, x, n), atol=1e-6)
-
-
-def _torchrun_linear_probe(tmp_path):
-    root = _write_tiny_synthetic(tmp_path / "synthetic")  # synthetic_root's data
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
-           *COMMON, "--data_path", root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
-           "--n_last_blocks", "1", "2", "--lr", "1e-3", "1e-4", "--n_pictures", "0"]
-    return root, tmp_path, _run(cmd, tmp_path)
-
-
-@early(_torchrun_linear_probe)
-def test_torchrun_linear_probe_shards_val_once_and_trains_every_head(early_run):
-    root, tmp_path, proc = early_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.load(open(tmp_path / "results.json"))
-    single = run_linear(root, str(tmp_path / "single"), "--random_init", "--n_pictures", "0")
-    assert results["n_valid_pixels"] == single["n_valid_pixels"]  # every val image scored exactly once
-    assert set(results["runs"]) == {"nb1_lr1e-3", "nb1_lr1e-4", "nb2_lr1e-3", "nb2_lr1e-4"}
-
-
-def test_scripts_import_only_hubs():
-    """Hub and spokes (DINO's scripts import only vision_transformer.py and utils.py): a script imports hubs, never
-    another script, and the hubs import no script and form no cycle."""
-    import ast
-    scripts = {"train", "eval_linear", "eval_kmeans", "eval_davis", "visualize", "bench"}
-    hubs = {Path(p).stem for p in os.listdir(ROOT) if p.endswith(".py")} - scripts - {"test_croc"}
-    assert {"model", "clustering", "data", "metrics"} <= hubs
-    local = scripts | hubs
-    graph = {}
-    for name in sorted(local):
-        tree = ast.parse(Path(ROOT, f"{name}.py").read_text())
-        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        graph[name] = imported & local - {name}
-        assert not graph[name] & scripts, (name, graph[name] & scripts)
-    done = set()
-
-    def visit(name, path):
-        assert name not in path, f"import cycle: {' -> '.join(path + [name])}"
-        if name not in done:
-            for other in graph[name]:
-                visit(other, path + [name])
-            done.add(name)
-    for name in graph:
-        visit(name, [])
-
-
-def test_pretraining_defaults_are_the_training_defaults():
-    """bench.py runs the step with model.pretraining_defaults, not train.py's parser: the two must stay equal."""
-    parser = train.get_args_parser()
-    for name, value in vars(M.pretraining_defaults()).items():
-        assert parser.get_default(name) == value, name
-
-
-def test_many_to_one_matching_gives_each_cluster_its_most_precise_class():
-    counts = torch.tensor([[5, 4, 0, 1], [0, 1, 3, 0], [0, 0, 1, 2]])  # (C=3, K=4)
-    miou_value, iou, mapping = metrics.match_many_to_one(counts)
-    assert mapping.tolist() == [0, 0, 1, 2]  # cluster 3: precision 2/3 for class 2 beats 1/3 for class 0
-    # relabelled: class 0 gets clusters 0, 1 (tp 9, fp 1), class 1 cluster 2 (tp 3, fp 1), class 2 cluster 3
-    expected = torch.tensor([9 / (10 + 10 - 9), 3 / (4 + 4 - 3), 2 / (3 + 3 - 2)], dtype=torch.float64)
-    assert torch.allclose(iou, expected) and miou_value == pytest.approx(expected.mean().item())
-
-
-def test_token_kmeans_and_over_clustering_recover_a_known_partition():
-    # 4 images of 4x4 tokens: class 0 (two sub-blobs, top rows / middle rows) and class 1 (bottom row)
-    gen = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0, 0, 0, 1]).repeat_interleave(4).reshape(4, 4)  # token rows 0-2 class 0, row 3 class 1
-    part = torch.tensor([0, 0, 1, 2]).repeat_interleave(4).reshape(4, 4)    # sub-blob of each token
-    centres = torch.tensor([[0.0, 0, 0], [0, 6, 0], [9, 0, 9]])
-    tokens = torch.stack([(centres[part] + 0.1 * torch.randn(4, 4, 3, generator=gen)).permute(2, 0, 1)
-                          for _ in range(4)])  # (N, D, h, w)
-    size = 8
-    masks = F.interpolate(labels[None, None].float().expand(4, 1, 4, 4), size=(size, size), mode="nearest")
-    gt = masks.long().reshape(-1)
-    args = argparse.Namespace(mask_size=size, batch_size=2, granularity="tokens", fit_samples=1000, kmeans_iters=50)
-    z = eval_kmeans.project(tokens.half(), torch.zeros(3), torch.ones(3), None, args, "cpu", main=False)
-    assert z.shape == (4 * 16, 3)  # one point per token, not per pixel
-    results = {}
-    for k in (2, 3):
-        centroids = eval_kmeans.fit_kmeans(z, k, 0, args)
-        pred = eval_kmeans.upsample_assignments(eval_kmeans.assign(z, centroids, "cpu"), 4, 4, size)
-        counts = metrics.count_pairs(pred, gt, 2, k)
-        results[k] = eval_kmeans.match(counts)[0]
-        if k == 3:
-            hungarian = metrics.match_clusters(counts)[0]
-    # K = C = 2: the two far blobs (class 0's sub-blobs are 6 apart, class 1 is ~13 away) split as the classes
-    assert results[2] == pytest.approx(1.0)
-    assert results[3] == pytest.approx(1.0)  # over-clustering: both sub-blobs of class 0 map to class 0
-    assert hungarian == pytest.approx(1.0)   # here an unmatched cluster joins class 0 too (Leopart's rule)
-
-
-def test_kmeans_script_clusters_tokens_and_over_clusters_with_many_to_one_matching(synthetic_root, tmp_path):
-    results = run_kmeans(synthetic_root, str(tmp_path), "--random_init", "--granularity", "tokens",
-                         "--num_clusters", "20", "--seeds", "0", "--n_pictures", "1")
-    assert results["matching"] == "many-to-one" and results["num_clusters"] == 20
-    seed = results["per_seed"][0]
-    assert len(seed["cluster_to_class"]) == 20 and len(set(seed["cluster_to_class"])) < 20  # many to one
-    assert results["n_pixels"] == 4 * 32 * 32  # token assignments upsampled to the 32x32 masks
-    assert sum(seed["cluster_sizes"]) == results["n_valid_pixels"]
-    assert results["feature_dim"] == 8 and (tmp_path / "predictions_nb2.png").is_file()
-
-
-def test_prediction_pictures_use_the_dataset_colours(tmp_path):
-    image = np.full((6, 8, 3), 100, np.uint8)
-    gt = np.zeros((6, 8), np.uint8)
-    gt[:, 4:] = 15
-    pred = np.full((6, 8), 15, np.uint8)
-    pred[0, 0] = 255
-    path = metrics.save_prediction_pictures(tmp_path / "p.png", [(image, gt, pred), (image, pred, gt)])
-    pic = np.array(Image.open(path))
-    assert pic.shape == (12, 24, 3)
-    colours = data.voc_colormap()
-    assert (pic[:6, :8] == 100).all()
-    assert (pic[:6, 8:16] == colours[gt]).all() and (pic[:6, 16:] == colours[pred]).all()
-    assert tuple(pic[0, 16]) == tuple(colours[255]) and tuple(pic[0, 12]) == (192, 128, 128)  # VOC person
-
-
-def test_results_json_names_classes_holds_the_confusion_and_runs_combine_in_one_table(synthetic_root, tmp_path):
-    run_linear(synthetic_root, str(tmp_path / "lin"), "--random_init", "--n_pictures", "2")
-    run_kmeans(synthetic_root, str(tmp_path / "km"), "--random_init", "--seeds", "0", "--n_pictures", "1")
-    saved = json.load(open(tmp_path / "lin" / "results.json"))
-    names = data.build_segmentation_dataset("synthetic", synthetic_root, "val").class_names
-    assert saved["class_names"] == names and list(saved["per_class_iou"]) == names
-    confusion = torch.tensor(saved["confusion"])
-    assert confusion.shape == (len(names), len(names)) and int(confusion.sum()) == saved["n_valid_pixels"]
-    assert metrics.miou(confusion)[0] == pytest.approx(saved["miou"])
-    assert Image.open(tmp_path / "lin" / "predictions.png").size == (3 * 64, 2 * 64)
-    assert Image.open(tmp_path / "km" / "predictions_nb2.png").size == (3 * 32, 32)
-    table = metrics.combined_table([str(tmp_path / "lin"), str(tmp_path / "km" / "results.json")])
-    lines = table.splitlines()
-    assert len(lines) == 3 and lines[1].split()[:4] == ["lin", "linear", "synthetic", "nb2_lr1e-3"]
-    assert f"{100 * saved['miou']:.2f}" in lines[1] and lines[2].split()[:4] == ["km", "kmeans", "synthetic", "nb2"]
-
-
-def test_no_scorable_pixel_fails_naming_the_dataset_and_what_was_found(tmp_path):
-    base = tmp_path / "VOCdevkit/VOC2012"
-    _voc_fixture(base, aug=False)
-    for mask in (base / "SegmentationClass").glob("*.png"):
-        _write_mask(mask, np.full((10, 20), 50), palette=False)  # 50: outside VOC's 0..20 -> ignore
-    args = eval_kmeans.get_args_parser().parse_args(
-        ["--dataset", "pvoc", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init", "--img_size",
-         "32", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--mask_size", "8", "--pca", "0",
-         "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match=r"pvoc/val: no pixel to score.*0\.\.20.*raw mask values.*: 50"):
-        eval_kmeans.main(args)
-    val = data.build_segmentation_dataset("pvoc", tmp_path, "val")
-    with pytest.warns(UserWarning, match=r"pvoc/val: 95.0% of the 100 mask pixels"):
-        metrics.check_scored_pixels(5, 100, val)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        metrics.check_scored_pixels(50, 100, val)  # half ignored (e.g. COCO-Things' stuff): no warning
-
-
-def test_davis_results_folder_holds_no_csv_the_official_tool_would_echo(tmp_path):
-    write_tiny_davis(tmp_path / "DAVIS", n_seqs=1)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "global_results-val.csv").write_text("stale\n")  # as left by an earlier official run
-    (out / "per-sequence_results-val.csv").write_text("stale\n")
-    ed.main(run_args(tmp_path, out))
-    assert ed.official_csvs(out) == [] and not list(out.glob("*.csv"))
-    assert sorted(p.name for p in (out / ed.SCORES_DIR).glob("*.csv")) == ["global_results-val.csv",
-                                                                        "per-sequence_results-val.csv"]
-    assert (out / "seq0" / "00003.png").is_file()
-    table = metrics.combined_table([str(out)]).splitlines()  # results.json: beside the PNGs, ignored by the tool
-    assert table[1].split()[:3] == ["out", "davis", "davis2017"]
-
-
 def _panoptic_fixture(root):
     """Two COCO val images with a panoptic PNG + JSON (segment ids in RGB) and a stuff pixel map each."""
     rng = np.random.default_rng(0)
@@ -2414,698 +3026,45 @@ def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_
     assert "pvoc/val: 1 images" in out.stdout
 
 
-
 # ==============================================================================================================
-# eval_davis.py
+# 10. The repository: hub-and-spoke imports, one source of the pretraining defaults
 # ==============================================================================================================
-# --------------------------------------------------------------------------------------- metrics (davis2017-evaluation)
-
-def square(h, w, top, left, size):
-    m = np.zeros((h, w), dtype=bool)
-    m[top:top + size, left:left + size] = True
-    return m
-
-
-def slow_f_measure(pred, gt, bound_th=0.008):
-    """Independent F: per-pixel loops for the boundary, Euclidean distances instead of a dilation."""
-    def boundary(seg):
-        h, w = seg.shape
-        at = lambda i, j: bool(seg[i, j]) if i < h and j < w else False  # zeros shifted in
-        b = np.zeros_like(seg, dtype=bool)
-        for i in range(h):
-            for j in range(w):
-                if i == h - 1 and j == w - 1:
-                    continue
-                if i == h - 1:
-                    b[i, j] = at(i, j) != at(i, j + 1)
-                elif j == w - 1:
-                    b[i, j] = at(i, j) != at(i + 1, j)
-                else:
-                    b[i, j] = any(at(i, j) != at(i + di, j + dj) for di, dj in ((0, 1), (1, 0), (1, 1)))
-        return b
-
-    r = math.ceil(bound_th * math.hypot(*pred.shape))
-    bp, bg = np.argwhere(boundary(pred)), np.argwhere(boundary(gt))
-    if len(bp) == 0 or len(bg) == 0:
-        return 1.0 if len(bp) == len(bg) else 0.0
-    d2 = ((bp[:, None, :] - bg[None, :, :]) ** 2).sum(-1)  # squared distances, pred x gt boundary pixels
-    precision = (d2.min(axis=1) <= r * r).mean()
-    recall = (d2.min(axis=0) <= r * r).mean()
-    return 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
-
-
-def test_j_and_f_are_one_on_two_empty_masks():
-    empty = np.zeros((2, 30, 40), dtype=bool)
-    assert ed.region_similarity(empty, empty).tolist() == [1.0, 1.0]
-    assert ed.contour_accuracy(empty, empty).tolist() == [1.0, 1.0]
-
-
-def test_j_and_f_are_zero_when_one_mask_is_empty():
-    empty = np.zeros((1, 30, 40), dtype=bool)
-    full = square(30, 40, 5, 5, 10)[None]
-    for pred, gt in ((empty, full), (full, empty)):
-        assert ed.region_similarity(pred, gt).tolist() == [0.0]
-        assert ed.contour_accuracy(pred, gt).tolist() == [0.0]
-
-
-def test_j_and_f_are_one_on_identical_squares():
-    m = square(60, 80, 10, 20, 25)[None]
-    assert ed.region_similarity(m, m).tolist() == [1.0]
-    assert ed.contour_accuracy(m, m).tolist() == [1.0]
-
-
-def test_one_pixel_shift_keeps_f_at_one_and_j_at_hand_value():
-    gt = square(100, 100, 30, 20, 40)[None]
-    pred = square(100, 100, 30, 21, 40)[None]
-    assert ed.region_similarity(pred, gt)[0] == pytest.approx(40 * 39 / (40 * 41))
-    assert ed.contour_accuracy(pred, gt)[0] == 1.0  # radius ceil(0.008 * 141.4) = 2 > 1
-
-
-def test_twenty_pixel_shift_matches_hand_computed_j_and_f():
-    # 100x100 frame: radius ceil(1.13) = 2. Each boundary is the 41x41 box perimeter (160 px); with a 20 px shift
-    # 23 px on the top row, 23 on the bottom row and 4 on the near side are within 2 px of the other boundary.
-    gt = square(100, 100, 30, 20, 40)[None]
-    pred = square(100, 100, 30, 40, 40)[None]
-    assert ed.region_similarity(pred, gt)[0] == pytest.approx(800 / 2400)
-    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(50 / 160)
-    assert ed.contour_accuracy(pred, gt)[0] == pytest.approx(slow_f_measure(pred[0], gt[0]))
-
-
-def test_f_matches_an_independent_loop_implementation_on_random_blobs():
-    rng = np.random.default_rng(0)
-    for _ in range(3):
-        pred = rng.random((24, 33)) > 0.6
-        gt = np.roll(pred, (2, -3), axis=(0, 1)) | (rng.random((24, 33)) > 0.9)
-        for bound_th in (0.008, 0.05, 2):
-            expected = slow_f_measure(pred, gt, bound_th if bound_th < 1 else 2 / math.hypot(24, 33))
-            assert ed.contour_accuracy(pred[None], gt[None], bound_th)[0] == pytest.approx(expected)
-
-
-def test_boundary_is_absent_along_the_image_border():
-    top_rows = np.zeros((20, 30), dtype=bool)
-    top_rows[:10] = True  # touches top, left and right borders
-    expected = np.zeros_like(top_rows)
-    expected[9] = True  # only the inner edge, on the last row of the mask
-    assert (ed.seg2bmap(top_rows) == expected).all()
-    left_cols = np.zeros((20, 30), dtype=bool)
-    left_cols[:, :5] = True
-    expected = np.zeros_like(left_cols)
-    expected[:, 4] = True
-    assert (ed.seg2bmap(left_cols) == expected).all()
-    assert not ed.seg2bmap(np.ones((20, 30), dtype=bool)).any()
-    assert ed.contour_accuracy(top_rows[None], top_rows[None]).tolist() == [1.0]
-
-
-def test_disk_is_the_skimage_disk():
-    d = ed.disk(8)
-    assert d.shape == (17, 17) and d[8].all() and d[:, 8].all() and not d[0, 0]
-    assert d.sum() == sum(1 for x in range(-8, 9) for y in range(-8, 9) if x * x + y * y <= 64)
-    assert ed.boundary_radius(480, 854) == 8 and ed.boundary_radius(480, 1152) == 10
-
-
-def test_decay_uses_the_official_bins_with_shared_edges():
-    mean, recall, decay = ed.per_object_statistics(np.arange(10) / 10)
-    # ids = round(linspace(1, 10, 5) + 1e-10) - 1 = [0, 2, 5, 7, 9]: bins [0:3] and [7:10]
-    assert (mean, recall) == (pytest.approx(0.45), pytest.approx(0.4))
-    assert decay == pytest.approx(np.mean([0, .1, .2]) - np.mean([.7, .8, .9]))
-    # N = 7: the 1e-10 makes round(2.5) = 3, so bin 0 is [0:3] (not [0:2] as banker's rounding would give)
-    assert ed.per_object_statistics(np.arange(7.0))[2] == pytest.approx(1.0 - 5.5)
-    # N = 3: round(2.5 + 1e-10) = 3, so bin 3 is [2:3] only
-    assert ed.per_object_statistics(np.array([1.0, 0.5, 0.0]))[2] == pytest.approx(0.75)
-
-
-def test_sequence_scores_skip_first_and_last_frames_and_pad_missing_objects():
-    gt = np.zeros((5, 20, 20), dtype=np.uint8)
-    gt[:, 2:8, 2:8] = 1
-    gt[:, 12:18, 12:18] = 2
-    res = np.where(gt == 1, 1, 0).astype(np.uint8)  # object 2 never predicted
-    res[0] = 0
-    res[-1] = 0  # wrong first and last frames are not scored
-    j, f = ed.evaluate_sequence(gt, res)
-    assert j.shape == (2, 3) and (j[0] == 1).all() and (j[1] == 0).all() and (f[1] == 0).all()
-    with pytest.raises(ValueError, match="id 3"):
-        ed.evaluate_sequence(gt, np.where(gt == 2, 3, gt).astype(np.uint8), name="seq")
-
-
-def test_global_results_average_over_objects_not_sequences(tmp_path):
-    per_object = [("a_1", np.ones(4), np.ones(4)), ("b_1", np.zeros(4), np.ones(4)), ("b_2", np.zeros(4), np.zeros(4))]
-    glob, rows = ed.summarize(per_object)
-    assert glob["J-Mean"] == pytest.approx(1 / 3) and glob["F-Mean"] == pytest.approx(2 / 3)
-    assert glob["J&F-Mean"] == pytest.approx(0.5)
-    g, s = ed.write_results_csv(tmp_path, "val", glob, rows)
-    assert g.read_text() == ("J&F-Mean,J-Mean,J-Recall,J-Decay,F-Mean,F-Recall,F-Decay\n"
-                             "0.500,0.333,0.333,0.000,0.667,0.667,0.000\n")
-    assert s.read_text().splitlines()[:2] == ["Sequence,J-Mean,F-Mean", "a_1,1.000,1.000"]
-
-
-# ------------------------------------------------------------------------ propagation (DINO eval_video_segmentation.py)
-
-def test_propagating_a_static_video_reproduces_the_first_frame():
-    torch.manual_seed(0)
-    feat = torch.randn(64, 6, 8)
-    first = F.one_hot(torch.randint(0, 3, (6, 8)), 3).permute(2, 0, 1).float()
-    soft = ed.propagate(feat.expand(10, -1, -1, -1), first)
-    assert soft.shape == (10, 3, 6, 8) and torch.equal(soft[0], first)
-    assert torch.equal(soft.argmax(1), first.argmax(0).expand(10, -1, -1))
-    assert torch.allclose(soft.sum(1), torch.ones(10, 6, 8))
-    expected = ed.labels_to_mask(first, 16, (128, 96))  # what frame 0's one-hot map gives through the output path
-    assert expected.shape == (96, 128)
-    # the soft maps differ from one-hot by < 0.5%: only near-ties of the bilinear upsampling may flip (< 0.1%)
-    assert all((ed.labels_to_mask(s, 16, (128, 96)) != expected).mean() < 1e-3 for s in soft[1:])
-
-
-def test_object_moving_by_whole_patches_is_followed_with_position_free_features():
-    # Features say only "object" or "background" (one-hot identity), never where: appearance is the only cue.
-    T, h, w = 6, 6, 10
-    obj = torch.zeros(T, h, w, dtype=torch.long)
-    for t in range(T):
-        obj[t, 2:4, 1 + t:3 + t] = 1  # a 2x2-patch object moving one patch right per frame
-    feats = F.one_hot(obj, 2).permute(0, 3, 1, 2).float()  # (T, 2, h, w)
-    first = F.one_hot(obj[0], 2).permute(2, 0, 1).float()
-    soft = ed.propagate(feats, first, n_last_frames=2, size_mask_neighborhood=3, topk=5)
-    assert torch.equal(soft.argmax(1), obj)
-
-
-def test_topk_cut_keeps_ties_at_the_kth_value():
-    # identical features: every source ties, so every source is kept and each target gets the mean label
-    feats = torch.ones(2, 4, 3, 5)
-    first = torch.zeros(2, 3, 5)
-    first[0, :, :2] = 1
-    first[1, :, 2:] = 1
-    soft = ed.propagate(feats, first, size_mask_neighborhood=0, topk=1)
-    assert torch.allclose(soft[1], first.mean(dim=(1, 2), keepdim=True).expand(2, 3, 5))
-
-
-def test_topk_is_joint_over_all_context_frames():
-    # target matches context frame 1 (label 1) better than frame 0 (label 0) at every patch: with top-1 over both
-    # frames jointly, only frame 1 contributes (a per-frame top-1 would mix both labels).
-    tar = torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2)
-    ctx = torch.stack([torch.tensor([0.8, 0.6]).view(2, 1, 1).expand(2, 2, 2), tar])
-    labels = torch.stack([torch.tensor([1.0, 0.0]).view(2, 1, 1).expand(2, 2, 2),
-                          torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 2, 2)])
-    out = ed.label_propagation(tar, ctx, labels, mask=ed.neighbourhood_mask(2, 2, 0), topk=1)
-    assert torch.allclose(out[1], torch.ones(2, 2))
-
-
-def test_neighbourhood_mask_is_a_chebyshev_window_on_the_patch_grid():
-    h, w, r = 5, 7, 2
-    mask = ed.neighbourhood_mask(h, w, r).view(h, w, h, w)
-    loops = torch.zeros(h, w, h, w, dtype=torch.bool)
-    for i in range(h):
-        for j in range(w):
-            for p in range(max(i - r, 0), min(i + r + 1, h)):
-                for q in range(max(j - r, 0), min(j + r + 1, w)):
-                    loops[i, j, p, q] = True
-    assert torch.equal(mask, loops)
-
-
-def test_norm_mask_rescales_each_positive_channel_to_unit_range():
-    m = torch.tensor([[[0.2, 0.6]], [[0.0, 0.0]], [[-1.0, -0.5]]])
-    out = ed.norm_mask(m.clone())
-    assert torch.allclose(out[0], torch.tensor([[0.0, 1.0]]))
-    assert torch.equal(out[1], m[1]) and torch.equal(out[2], m[2])
-
-
-def test_working_size_floors_the_long_side_to_a_multiple_of_64():
-    assert ed.working_size(854, 480) == (480, 832)
-    assert ed.working_size(910, 480) == (480, 896)
-    assert ed.working_size(1152, 480) == (480, 1152)
-    assert ed.working_size(480, 854) == (832, 480)
-    assert ed.working_size(500, 500) == (480, 448)  # square: one rule (landscape) for frames and masks
-
-
-# ---------------------------------------------------------------------------------------- the script, end to end
-
-def write_tiny_davis(root, n_frames=4, size=(48, 96), n_seqs=2):
-    """DAVIS-2017 layout with squares moving across a textured background; seq i has i + 1 objects."""
-    h, w = size
-    rng = np.random.default_rng(0)
-    palette = data.VOC_PALETTE
-    names = [f"seq{i}" for i in range(n_seqs)]
-    for i, name in enumerate(names):
-        (root / "JPEGImages" / "480p" / name).mkdir(parents=True)
-        (root / "Annotations" / "480p" / name).mkdir(parents=True)
-        bg = rng.integers(0, 80, (h, w, 3))
-        for t in range(n_frames):
-            img, ann = bg.copy(), np.zeros((h, w), dtype=np.uint8)
-            for k in range(i + 1):
-                top, left = 8 + 16 * k, 10 + 5 * t
-                ann[top:top + 14, left:left + 20] = k + 1
-                img[top:top + 14, left:left + 20] = (230, 40 + 150 * k, 60)
-            Image.fromarray(img.astype(np.uint8)).save(root / "JPEGImages" / "480p" / name / f"{t:05d}.jpg")
-            data.save_palette_png(ann, root / "Annotations" / "480p" / name / f"{t:05d}.png", palette)
-    (root / "ImageSets" / "2017").mkdir(parents=True)
-    (root / "ImageSets" / "2017" / "val.txt").write_text("\n".join(names) + "\n")
-    return names
-
-
-def run_args(data_path, out_dir, *extra):
-    return ed.get_args_parser().parse_args(
-        ["--data_path", str(data_path), "--output_dir", str(out_dir), "--random_init", "--arch", "vit_tiny",
-         "--patch_size", "16", "--short_side", "48", "--device", "cpu", *extra])
-
-
-def test_script_writes_palette_pngs_at_original_size_and_both_csv_files(tmp_path):
-    names = write_tiny_davis(tmp_path / "DAVIS")
-    out = tmp_path / "out"
-    results = ed.main(run_args(tmp_path, out, "--frames_per_forward", "3"))  # finds DAVIS/ under data_path
-    for name in names:
-        for t in range(4):
-            img = Image.open(out / name / f"{t:05d}.png")
-            assert img.mode == "P" and img.size == (96, 48)
-    first = np.array(Image.open(out / names[1] / "00000.png"))
-    assert (first == np.array(Image.open(tmp_path / "DAVIS" / "Annotations" / "480p" / names[1] / "00000.png"))).all()
-    with open(out / ed.SCORES_DIR / "global_results-val.csv") as fh:
-        rows = list(csv.reader(fh))
-    assert rows[0] == ed.GLOBAL_COLUMNS and len(rows) == 2
-    with open(out / ed.SCORES_DIR / "per-sequence_results-val.csv") as fh:
-        rows = list(csv.reader(fh))
-    assert [r[0] for r in rows[1:]] == ["seq0_1", "seq1_1", "seq1_2"]
-    assert 0.0 <= results["J&F-Mean"] <= 1.0 and (out / "config.json").is_file()
-
-
-def test_script_with_data_py_synthetic_videos(tmp_path):
-    import data
-
-    data.write_synthetic(tmp_path, n_train=1, n_val=1, n_videos=2, n_frames=4, progress=False)
-    index = ed.load_davis_index(tmp_path, "val")
-    w, h = index[0].size
-    short = (min(w, h) // 16) * 16
-    out = tmp_path / "out"
-    results = ed.main(run_args(tmp_path, out, "--short_side", str(short), "--seqs", index[0].name))
-    assert Image.open(out / index[0].name / index[0].annotations[-1].name).size == (w, h)
-    assert 0.0 <= results["J&F-Mean"] <= 1.0
-
-
-def break_first_annotation(root):
-    (root / "Annotations/480p/seq0/00000.png").unlink()
-    return root / "Annotations/480p/seq0/00000.png"
-
-
-def break_count(root):
-    (root / "Annotations/480p/seq1/00003.png").unlink()
-    return root / "Annotations/480p/seq1"
-
-
-def break_size(root):
-    path = root / "Annotations/480p/seq1/00002.png"
-    data.save_palette_png(np.zeros((40, 96), dtype=np.uint8), path, data.VOC_PALETTE)
-    return path
-
-
-def break_mode(root):
-    path = root / "Annotations/480p/seq0/00001.png"
-    Image.new("RGB", (96, 48)).save(path)
-    return path
-
-
-def break_set_file(root):
-    (root / "ImageSets/2017/val.txt").unlink()
-    return root / "ImageSets/2017/val.txt"
-
-
-def break_sequence_folder(root):
-    path = root / "JPEGImages/480p/seq1"
-    for f in path.iterdir():
-        f.unlink()
-    path.rmdir()
-    return path
-
-
-@pytest.mark.parametrize("breaker", [break_first_annotation, break_count, break_size, break_mode, break_set_file,
-                                     break_sequence_folder])
-def test_bad_input_raises_value_error_naming_the_file(tmp_path, breaker):
-    write_tiny_davis(tmp_path)
-    path = breaker(tmp_path)
-    with pytest.raises(ValueError, match=str(path)):
-        ed.main(run_args(tmp_path, tmp_path / "out"))  # raised before the model is built
-    assert not (tmp_path / "out").exists()
-
-
-def test_void_in_the_first_annotation_is_background():
-    ann = np.zeros((32, 64), dtype=np.uint8)
-    ann[:16, :16] = 255
-    ann[16:, 32:] = 1
-    labels = ed.first_frame_labels(ann, (32, 64), 16)
-    assert labels.shape == (2, 2, 4) and labels[0, 0, 0] == 1 and labels[1, 1, 2] == 1
-
-
-# ==============================================================================================================
-# visualize.py and train.py --visualize_every
-# ==============================================================================================================
-VIS_TINY = TINY + ["--synthetic_images", "8", "--epochs", "1"]
-
-
-def _vis_problems(seed=0, n_problems=5, n=40, d=8):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randn(n_problems, n, d, generator=gen), 64 * torch.rand(n_problems, n, 2, generator=gen),
-            torch.randn(n_problems, d, generator=gen))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# clustering.cluster(return_steps=True)
-# ---------------------------------------------------------------------------------------------------------------
-def test_cluster_return_steps_leaves_the_result_unchanged_and_is_empty_by_default():
-    tokens, positions, cls = _vis_problems()
-    plain = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1))
-    steps = cluster(tokens, positions, cls, k_start=7, k_max=5, generator=torch.Generator().manual_seed(1),
-                    return_steps=True)
-    for name in ("assignment", "valid", "k", "d_c"):
-        assert torch.equal(getattr(plain, name), getattr(steps, name)), name
-    assert plain.steps.shape == (5, 0, 40) and plain.steps.dtype == torch.long
-    assert steps.steps.shape == (5, 6, 40) and steps.steps.dtype == torch.long
-
-
-def test_cluster_steps_name_clusters_by_seed_and_match_the_selected_assignment():
-    tokens, positions, cls = _vis_problems(seed=3)
-    k_start = 8
-    res = cluster(tokens, positions, cls, k_start=k_start, k_max=6, generator=torch.Generator().manual_seed(2),
-                  return_steps=True)
-    steps = res.steps  # (P, k_start - 1, 2N)
-    assert steps.min() >= 0 and steps.max() < k_start
-    for p in range(tokens.shape[0]):
-        for s in range(k_start - 1):  # at step K, at most K names are in use
-            assert len(set(steps[p, s].tolist())) <= k_start - s
-        # the selected step, pruned (Eq. 16), is exactly the result's assignment, up to the column order
-        labels = steps[p, k_start - res.k[p]]
-        kept = torch.tensor(visualize.kept_names(labels.view(2, -1).numpy(), k_start))
-        assigned = res.assignment[p].sum(dim=1) > 0
-        assert torch.equal(assigned, kept[labels])
-        assert int(kept.sum()) == int(res.valid[p].sum())
-        column = res.assignment[p].argmax(dim=1)
-        a, b = labels[assigned], column[assigned]
-        assert torch.equal(a[:, None] == a[None, :], b[:, None] == b[None, :])
-
-
-def test_cluster_steps_keep_a_merged_clusters_name_through_the_merges():
-    """Four groups of tokens, seeded one each in order; groups 2 and 3 are the most alike, then 0 and 1: the merges
-    go (2, 3) then (0, 1), and each merged cluster keeps its first seed's name, so a colour follows its cluster."""
-    e = torch.eye(4)
-    directions = torch.stack([e[0], torch.nn.functional.normalize(e[1] + 0.3145 * e[0], dim=0),  # cos 0.3
-                              e[2], torch.nn.functional.normalize(e[2] + 0.75 * e[3], dim=0)])  # cos 0.8
-    group = (torch.arange(32) % 16) // 4  # 4 tokens of each group in each view
-    tokens = directions[group] + 0.01 * torch.randn(32, 4, generator=torch.Generator().manual_seed(0))
-    positions = 64 * torch.rand(1, 32, 2, generator=torch.Generator().manual_seed(1))
-    res = cluster(tokens[None], positions, k_start=4, lambda_pos=0.0, uniform_marginals=True,
-                  seeds=torch.tensor([[0, 4, 8, 12]]), return_steps=True)
-    names = torch.tensor([[0, 1, 2, 3], [0, 1, 2, 2], [0, 0, 2, 2]])  # (step, group): K = 4, 3, 2
-    assert torch.equal(res.steps[0], names[:, group])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# visualize.py
-# ---------------------------------------------------------------------------------------------------------------
-def _vis_args(extra=()):
-    args = train.get_args_parser().parse_args(VIS_TINY + list(extra))
-    args.k_max = args.k_max or args.k_start
-    return args
-
-
-def test_render_clusters_writes_a_png_of_the_layout_size(tmp_path):
-    args = _vis_args()
-    torch.manual_seed(0)
-    backbone = build_vit("vit_tiny", 16).eval()
-    dataset = data.SyntheticPretrain(3, 64, 0, data.TwoViews(64, 16))
-    views, positions, originals = visualize.fixed_batch(dataset, 2, seed=0)
-    assert views.shape == (2, 2, 3, 64, 64) and positions.shape == (2, 2, 16, 2) and len(originals) == 2
-    tile, path = 64, tmp_path / "c.png"
-    fig, c = visualize.render_clusters(backbone, views, positions, args, str(path), originals, tile=tile)
-    B, H, steps = 2, 3, args.k_start - 1  # vit_tiny: 3 heads
-    V = visualize
-    width = 2 * V.MARGIN + 4 * tile + 3 * V.GAP + V.SECTION + steps * (tile // 2) + (steps - 1) * V.GAP
-    height = 2 * V.MARGIN + V.TITLE + B * (V.CAPTION + tile + H * (V.GAP + V.CAPTION + tile)) + (B - 1) * V.SECTION
-    with Image.open(path) as im:
-        assert im.format == "PNG" and im.mode == "RGB" and im.size == (width, height)
-    assert V.figure_size(B, H, steps, tile) == (width, height)
-    assert c["labels"].shape == (B, H, steps, 2, 4, 4) and c["attention"].shape == (B, H, 2, 4, 4)
-    assert ((c["k"] >= 2) & (c["k"] <= args.k_start)).all()
-    assert np.array(fig).std() > 10  # not a blank canvas
-
-
-def test_render_clusters_with_final_tokens_draws_one_row():
-    args = _vis_args(["--which_features", "last"])
-    views, positions, _ = visualize.fixed_batch(data.SyntheticPretrain(1, 64, 0, data.TwoViews(64, 16)), 1)
-    fig, c = visualize.render_clusters(build_vit("vit_tiny", 16), views, positions, args, tile=64)
-    assert c["labels"].shape[1] == 1 and c["attention"].shape[1] == 1  # attention averaged over heads
-    assert fig.size == visualize.figure_size(1, 1, args.k_start - 1, 64)
-
-
-def _cli(tmp_path, name, seed):
-    out = tmp_path / name
-    parser = visualize.get_args_parser()
-    visualize.main(parser.parse_args(["--random_init", "--arch", "vit_tiny", "--patch_size", "16", "--img_size",
-                                      "64", "--synthetic_size", "64", "--synthetic_index", "2", "--k_start", "5",
-                                      "--tile", "64", "--seed", str(seed), "--output", str(out)]))
-    return out.read_bytes()
-
-
-def test_visualize_cli_is_deterministic_for_the_same_seed(tmp_path):
-    first, again, other = _cli(tmp_path, "a.png", 0), _cli(tmp_path, "b.png", 0), _cli(tmp_path, "c.png", 1)
-    assert first == again
-    assert first != other
-
-
-def test_visualize_cli_reads_its_settings_from_a_training_checkpoint(tmp_path, capsys):
-    args = train.get_args_parser().parse_args(VIS_TINY + ["--lambda_pos", "2.5", "--which_features", "k"])
-    model = build_vit("vit_tiny", 16)
-    torch.save({"teacher": {"backbone." + k: v for k, v in model.state_dict().items()}, "args": vars(args)},
-               tmp_path / "checkpoint.pth")
-    out = tmp_path / "c.png"
-    visualize.main(visualize.get_args_parser().parse_args(["--weights", str(tmp_path / "checkpoint.pth"),
-                                                           "--tile", "32", "--output", str(out)]))
-    printed = capsys.readouterr().out
-    assert "all" in printed and "keys matched" in printed
-    assert "lambda_pos: 2.5" in printed and "which_features: k" in printed and "k_start: 6" in printed
-    with Image.open(out) as im:
-        assert im.size == visualize.figure_size(1, 3, 5, 32)
-
-
-def test_curves_draw_a_real_training_log_and_name_a_broken_line(checkpoint, tmp_path):
-    """`visualize.py --log` draws train.py's own log.txt (the checkpoint fixture's run); a broken line is named."""
-    log = os.path.join(os.path.dirname(checkpoint[0]), "log.txt")
-    records = visualize.read_log(log)
-    assert len(records) == 2 and {"loss", "teacher_entropy", "mean_k", "kept_centroids"} <= set(records[0])
-    out = tmp_path / "curves.png"
-    visualize.main(visualize.get_args_parser().parse_args(["--log", log, "--output", str(out)]))
-    image = np.asarray(Image.open(out).convert("RGB"))
-    assert image.shape[0] > 400 and image.shape[1] > 400
-    # every panel with a logged key drew a coloured curve, not only the grey frames and text
-    assert (np.abs(image.astype(int) - np.array(visualize.PALETTE[0])).sum(-1) < 10).sum() > 50
-    broken = tmp_path / "log.txt"
-    broken.write_text(open(log).read() + "{not json\n")
-    with pytest.raises(ValueError, match="line 3"):
-        visualize.read_log(str(broken))
-
-
-def test_visualize_defaults_without_a_checkpoint_are_the_training_defaults():
-    """visualize.py does not import train.py: its fallbacks (the paper's views, clustering.cluster's defaults) must
-    stay equal to train.py's."""
+def test_scripts_import_only_hubs():
+    """Hub and spokes (DINO's scripts import only vision_transformer.py and utils.py): a script imports hubs, never
+    another script, and the hubs import no script and form no cycle."""
+    import ast
+    scripts = {"train", "eval_linear", "eval_kmeans", "eval_davis", "visualize", "bench"}
+    hubs = {Path(p).stem for p in os.listdir(ROOT) if p.endswith(".py")} - scripts - {"test_croc"}
+    assert {"model", "clustering", "data", "metrics"} <= hubs
+    local = scripts | hubs
+    graph = {}
+    for name in sorted(local):
+        tree = ast.parse(Path(ROOT, f"{name}.py").read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[name] = imported & local - {name}
+        assert not graph[name] & scripts, (name, graph[name] & scripts)
+    done = set()
+
+    def visit(name, path):
+        assert name not in path, f"import cycle: {' -> '.join(path + [name])}"
+        if name not in done:
+            for other in graph[name]:
+                visit(other, path + [name])
+            done.add(name)
+    for name in graph:
+        visit(name, [])
+
+
+def test_pretraining_defaults_are_the_training_defaults():
+    """bench.py runs the step with model.pretraining_defaults, not train.py's parser: the two must stay equal."""
     parser = train.get_args_parser()
-    for name in visualize.FROM_TRAINING:
-        want = parser.get_default(name)
-        assert visualize.default_setting(name) == (tuple(want) if isinstance(want, list) else want), name
-
-
-def test_crop_box_recovers_the_crop_and_the_flip_from_patch_positions():
-    box = (10, 20, 48, 64)  # top, left, height, width
-    for flip in (False, True):
-        pos = data.patch_positions(box, flip, 64, 16).numpy()
-        left, top, right, bottom = visualize.crop_box(pos, 16, 64)
-        np.testing.assert_allclose([left, top, right, bottom], [20, 10, 84, 58], atol=1e-4)
-        assert visualize.is_flipped(pos, 16, 64) == flip
-
-
-def test_fixed_batch_is_fixed_and_leaves_the_global_rng_alone():
-    dataset = data.SyntheticPretrain(4, 64, 0, data.TwoViews(64, 16))
-    torch.manual_seed(123)
-    state = torch.get_rng_state()
-    a = visualize.fixed_batch(dataset, 4, seed=5)
-    assert torch.equal(torch.get_rng_state(), state)
-    b = visualize.fixed_batch(dataset, 4, seed=5)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# train.py --visualize_every
-# ---------------------------------------------------------------------------------------------------------------
-def _run_script_here(name, arguments, flag, stop=None):
-    """train.run_script with the script's process replaced by run(in_process=True): the same command line through
-    the script's own __main__, its random streams kept apart from training's (train.py's own launch of a process is
-    run by --eval_every in the torchrun tests and repro.sh)."""
-    proc = run([sys.executable, name, *arguments], in_process=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-2000:]}")
-    return True
-
-
-def _vis_train(out, extra=(), monkeypatch=None):
-    """train.main in this process (seconds saved on imports), with the signal handlers it installs restored;
-    with monkeypatch, the scripts train.py launches run in this process too."""
-    args = train.get_args_parser().parse_args(VIS_TINY + ["--output_dir", str(out)] + list(extra))
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-    if monkeypatch is not None:
-        monkeypatch.setattr(train, "run_script", _run_script_here)
-    try:
-        train.main(args)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-    with open(os.path.join(out, "log.txt")) as f:
-        return args, [json.loads(line) for line in f]
-
-
-def test_train_visualize_every_writes_pictures_and_leaves_training_unchanged(tmp_path, monkeypatch):
-    args, with_pictures = _vis_train(tmp_path / "vis", ["--visualize_every", "1"], monkeypatch)
-    names = sorted(f for f in os.listdir(tmp_path / "vis") if f.endswith(".png"))
-    assert names == ["clusters_epoch0000.png", "clusters_epoch0001.png"]
-    with Image.open(tmp_path / "vis" / names[-1]) as im:
-        assert im.size == visualize.figure_size(4, 3, args.k_start - 1, 128)  # 4 images, vit_tiny's 3 heads
-    _, without = _vis_train(tmp_path / "plain")
-    keys = ("loss", "loss_glob", "loss_dense", "mean_k", "kept_centroids")
-    assert [{k: e[k] for k in keys} for e in with_pictures] == [{k: e[k] for k in keys} for e in without]
+    for name, value in vars(M.pretraining_defaults()).items():
+        assert parser.get_default(name) == value, name
 
 
 # ==============================================================================================================
-# bench.py
-# ==============================================================================================================
-
-
-def _bench_quick(tmp_path):
-    out = tmp_path / "bench.json"
-    return out, run([sys.executable, "bench.py", "--quick", "--json", str(out)], timeout=300)
-
-
-@early(_bench_quick)
-def test_bench_quick_runs_in_seconds_and_prints_every_section(early_run):
-    out, proc = early_run
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
-                     "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
-                     "FLOPs:", "3. Where the CrOC step's extra time goes", "whole step", "4. GPU throughput"):
-        assert expected in proc.stdout, expected
-    res = json.loads(out.read_text())
-    assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "ViT-Ti/8 32"]
-    for row in res["steps"]:
-        assert row["dino_ms"] > 0 and row["croc_ms"] > 0 and math.isfinite(row["ratio"])
-        assert row["dino_mem_mib"] > 0 and row["croc_mem_mib"] > 0
-        assert row["dino_gflops"] < row["croc_gflops"]  # the centroid heads add arithmetic
-        parts = {p["part"]: p for p in row["breakdown"]["parts"]}
-        assert list(parts) == ["teacher forward", "clustering", "teacher centroid head", "student forward", "loss",
-                               "backward", "AdamW", "teacher EMA"]
-        assert parts["clustering"]["dino_ms"] == 0 < parts["clustering"]["croc_ms"]
-    assert [r["batch"] for r in res["clusterer"]] == [1, 2]
-    assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick step batch
-    for row in res["clusterer"]:  # the official algorithm ran on the same inputs and was counted
-        assert row["official_ms"] > 0 and row["official_top_level_aten_ops"] > row["top_level_aten_ops"] > 0
-    assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
-
-
-def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
-    device = torch.device("cpu")
-    tokens, positions, cls, _ = bench.cluster_inputs(1, "vit_tiny", 8, 32, device, seed=0)  # P = 3, 2N = 32, d = 64
-
-    def call():
-        clustering.cluster(tokens, positions, cls, k_start=4, generator=torch.Generator().manual_seed(0))
-    counts = bench.count_ops(call, device)
-    assert 0 < counts["top_level_view_ops"] < counts["top_level_aten_ops"] <= counts["all_aten_ops"]
-    assert bench.count_syncs(call, device) == 0
-
-
-def test_bench_differences_prints_shares_k_and_kept_centroids_in_range(capsys):
-    """bench.py --differences on tiny inputs, in seconds: every row's shares lie in [0, 1], the selected K in
-    [2, K_max], the kept centroids per image in [0, heads x K_max], for both clusterers."""
-    args = bench.get_args_parser().parse_args(["--differences", "--quick", "--device", "cpu"])
-    rows = bench.differences(args)
-    out = capsys.readouterr().out
-    assert "selected K: share" in out and "kept per image" in out and "moved" in out
-    assert [(r["tokens_of"], r["k_start"], r["k_max"]) for r in rows] == [
-        ("initial ViT", 12, 12), ("initial ViT", 5, 4), ("Gaussian", 12, 12), ("Gaussian", 5, 4)]
-    heads = 3  # vit_tiny
-    for r in rows:
-        assert r["images"] == 2 and r["problems"] == 2 * heads and r["tokens"] == 32
-        assert 0 <= r["moved_tokens"] <= 1
-        assert abs(sum(r["k_share"].values()) - 1) < 1e-6 and all(2 <= k <= r["k_max"] for k in r["k_share"])
-        for mean_k in (r["mean_k"], r["official_mean_k"]):
-            assert 2 <= mean_k <= r["k_max"]
-        assert 0 <= r["kept_min"] <= r["kept_per_image"] <= r["kept_max"] <= heads * r["k_max"]
-        assert 0 <= r["official_kept_per_image"] <= heads * r["k_max"]
-
-
-def test_official_hard_rule_normalises_each_views_columns_before_the_argmax():
-    """A token whose row argmax is a column heavy in its view moves to a light one once columns are normalised."""
-    plan = torch.tensor([[[0.5, 0.3, 0.0], [0.4, 0.1, 0.0], [0.2, 0.1, 0.0], [0.1, 0.3, 0.0]]])  # (1, 2N = 4, 3)
-    k = torch.tensor([2])  # the third column is padding
-    paper = clustering.hard_assignment(plan, k).argmax(-1)
-    assert paper.tolist() == [[0, 0, 0, 1]]
-    # view 1 columns sum to 0.9 and 0.4, view 2's to 0.3 and 0.4: token 0 moves to column 1 (0.75 > 0.56)
-    assert bench.official_hard_labels(plan, k).tolist() == [[1, 0, 0, 1]]
-
-
-def test_repro_script_is_valid_bash_and_its_training_flags_parse():
-    """repro.sh (README's synthetic reproduction) must not drift from train.py's flags."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "repro.sh")
-    assert subprocess.run(["bash", "-n", path]).returncode == 0
-    text = open(path).read()
-    common = text.split('COMMON="', 1)[1].split('"', 1)[0]
-    for name, value in (("$SEED", "0"), ("$EPOCHS", "100"), ("$IMAGES", "640"), ("$BATCH", "32"),
-                        ("$HEAD", "--use_bn_in_head true --head_hidden_dim 512")):
-        common = common.replace(name, value)
-    args = train.get_args_parser().parse_args(common.split() + ["--alpha", "1"])
-    assert args.out_dim == args.out_dim_c == 256 and args.teacher_temp == 0.02 and args.norm_last_layer is False
-    assert args.lr == 0.002 and args.momentum_teacher == 0.996 and list(args.global_crops_scale) == [0.5, 1.0]
-    assert args.use_bn_in_head is True and args.head_hidden_dim == 512
-
-
-def _repro_quick(tmp_path, grey):
-    out = tmp_path / "repro"
-    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey)),
-           "HEAD_HIDDEN": "64" if grey else "2048"}
-    return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
-
-
-@early(_repro_quick)
-@pytest.mark.parametrize("grey", [False, True])
-def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
-    """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
-    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1 BN=1: the same in
-    the grey world, trained and evaluated on grey scenes, with a narrow BatchNorm head (one run tests all three)."""
-    out, proc = early_run
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "| croc |" in proc.stdout
-    for name in ("dino", "croc"):
-        assert (out / name / "curves.png").is_file()
-        assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
-        config = json.loads((out / name / "config.json").read_text())
-        assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
-        assert config["use_bn_in_head"] is grey and config["epochs"] == 1
-        assert config["head_hidden_dim"] == (64 if grey else 2048)
-    assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
-    # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
-    table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
-    assert table.returncode == 0, table.stderr[-3000:]
-    croc_mean = next(line for line in table.stdout.splitlines() if line.startswith("| croc (2) |")).split(" | ")
-    last = json.loads((out / "croc" / "log.txt").read_text().splitlines()[-1])
-    assert croc_mean[4] == f"{last['mean_k']:.2f} +- 0.00"  # the same run twice: std 0
-
-
-def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
-    """DINO=0 bash repro.sh: the CrOC pipeline alone (the declared ablation beside a finished OUT of the same seed).
-    Seconds, not a whole QUICK run: a CrOC flag that train.py refuses (--lambda_pos -1) ends it at its start, and
-    what the script left shows which pipelines ran. The success path is the QUICK test's pipeline."""
-    out = tmp_path / "repro"
-    proc = run(["bash", "repro.sh", str(out)],
-               {"QUICK": "1", "PYTHON": sys.executable, "DINO": "0", "LAMBDA_POS": "-1"}, timeout=300)
-    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "the CrOC pipeline failed" in proc.stderr and "DINO pipeline" not in proc.stderr
-    assert "--lambda_pos" in (out / "croc_lambda_pos-1.log").read_text()  # CrOC ran, with the ablation's flag
-    assert (out / "data").is_dir() and not list(out.glob("dino*")) and not list(out.glob("random*"))
-    bad = run(["bash", "repro.sh", str(out / "bad")], {"PYTHON": sys.executable, "DINO": "no"}, timeout=60)
-    assert bad.returncode == 2 and "DINO must be 0 or 1, not 'no'" in bad.stderr
-    assert not (out / "bad").exists()
-
-
-# ==============================================================================================================
-# train.py: DDP, checkpoints, resume, signals, bad input (reliability)
+# 11. Training reliability (train.py): DDP, checkpoints, resume, signals, bad input
 # ==============================================================================================================
 # 3 steps of 4 images per epoch at 32 px with the 4-block ViT: a whole in-process run takes about a second
 STEP_TINY = TINY + ["--arch", "vit_nano", "--patch_size", "8", "--img_size", "32", "--out_dim", "64", "--k_start", "4",
@@ -3274,30 +3233,6 @@ def test_epoch_sampler_skips_the_first_batches_of_the_same_order():
     assert {e for e, _ in whole} == {3}
 
 
-def test_symlink_loops_in_the_image_folder_read_each_image_once(tmp_path):
-    root = tmp_path / "images"
-    (root / "a" / "b").mkdir(parents=True)
-    for path in (root / "0.png", root / "a" / "1.png", root / "a" / "b" / "2.png"):
-        Image.new("RGB", (8, 8)).save(path)
-    os.symlink(".", root / "loop")  # one loop: the old walk read every image 41 times
-    os.symlink("../..", root / "a" / "b" / "up")  # a second loop: the old walk never ended
-    outside = tmp_path / "outside"
-    outside.mkdir()
-    Image.new("RGB", (8, 8)).save(outside / "3.png")
-    os.symlink(outside, root / "linked")  # a linked folder elsewhere is still read
-
-    def hung(signum, frame):
-        raise TimeoutError("list_images walked a symlink loop for 20 s")
-    previous = signal.signal(signal.SIGALRM, hung)
-    signal.alarm(20)
-    try:
-        files = data.list_images(root)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-    assert sorted(os.path.basename(f) for f in files) == ["0.png", "1.png", "2.png", "3.png"]
-
-
 def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_others(tmp_path, capsys):
     out = tmp_path / "run"
     _train_here(out, ["--epochs", "1"])
@@ -3355,23 +3290,8 @@ def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_when_refusing_one(tmp_path):
-    torch.save({"w": torch.ones(1000)}, tmp_path / "good.pth")
-    whole = (tmp_path / "good.pth").read_bytes()
-    (tmp_path / "empty.pth").write_bytes(b"")
-    (tmp_path / "text.pth").write_text("hello")
-    (tmp_path / "cut.pth").write_bytes(whole[: len(whole) // 2])
-    torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
-    for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
-                       ("evil", "untrusted pickles are not executed")]:
-        with pytest.raises(RuntimeError, match=what) as e:
-            M.torch_load(str(tmp_path / f"{name}.pth"))
-        assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
-    assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
-
-
 # --------------------------------------------------------------------------------------------------------------
-# torchrun: ranks on one node and on two nodes, resume, signals to the process group (their runs start early)
+# torchrun: ranks on one node and on two nodes, resume, signals to the process group
 # --------------------------------------------------------------------------------------------------------------
 def _free_port():
     import socket
@@ -3590,3 +3510,105 @@ def test_an_error_with_workers_running_ends_the_run_and_its_workers(tmp_path, fa
         assert "save_atomic" in r.stderr, r.stderr[-3000:]  # the checkpoint's write failed
         assert not os.path.exists(out / "checkpoint.pth")
     assert _processes_mentioning(str(out)) == []
+
+
+# ==============================================================================================================
+# 12. CUDA: the clusterer and the training step give the CPU's values on a GPU; gpu_check.sh
+# ==============================================================================================================
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                             reason="no CUDA"))])
+def device(request):
+    """Every device this machine has: the tests below compare it with the CPU (gpu_check.sh runs them with
+    `-k on_device` on a GPU; on the CPU they compare the CPU with itself)."""
+    return torch.device(request.param)
+
+
+def test_cluster_on_device_equals_cluster_on_cpu(device):
+    """Same tokens and seeds: the same hard assignment, kept clusters and K, and costs within float tolerance."""
+    n_problems, k_start = 6, 6
+    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(4).repeat_interleave(6),
+                                          torch.arange(3).repeat_interleave(8), d=16)  # group 3: view 1 only
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randn(n_problems, 16, generator=gen)
+    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
+    on_cpu = cluster(tokens, positions, cls, k_start=k_start, k_max=5, seeds=seeds)
+    on_device = cluster(tokens.to(device), positions.to(device), cls.to(device), k_start=k_start, k_max=5,
+                        seeds=seeds.to(device))
+    assert on_device.assignment.device.type == device.type
+    assert (~on_cpu.valid).any()  # pruned or unused slots: the masking runs too
+    for name in ("assignment", "valid", "k", "steps"):
+        assert torch.equal(getattr(on_device, name).cpu(), getattr(on_cpu, name)), name
+    torch.testing.assert_close(on_device.d_c.cpu(), on_cpu.d_c, rtol=1e-4, atol=1e-5)
+
+
+def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
+    """One full CrOC step (train_step, then backward, AdamW, teacher EMA) in fp32 from the same weights, views and
+    clusterer seeds: the same losses, kept centroids, gradients, centres and teacher, within float tolerance."""
+    original = clustering.cluster
+
+    def cluster_with_fixed_seeds(tokens, positions, cls=None, *, k_start, generator=None, **kw):
+        """The seeds drawn on the CPU: a CUDA generator draws other numbers than a CPU one."""
+        gen = torch.Generator().manual_seed(0)
+        seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in tokens])
+        return original(tokens, positions, cls, k_start=k_start, seeds=seeds.to(tokens.device), **kw)
+    monkeypatch.setattr(clustering, "cluster", cluster_with_fixed_seeds)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # the patch embedding's convolution in fp32
+    args = _args()
+    args.k_max = args.k_start
+    epoch = args.freeze_last_layer  # every layer learns
+    models = _models(args)
+    results = {}
+    for dev in (torch.device("cpu"), device):
+        student, teacher = (copy.deepcopy(m).to(dev) for m in models)
+        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
+        optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        views, positions = _batch(B=3)
+        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
+                                       torch.Generator(device=dev), nullcontext())
+        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
+        results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
+                             [p.grad.cpu() for p in student.parameters() if p.grad is not None],
+                             [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])
+    (stats, grads, teacher, centres), (d_stats, d_grads, d_teacher, d_centres) = results["cpu"], results[device.type]
+    assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned: the masked path runs
+    assert d_stats.keys() == stats.keys()
+    for key in stats:
+        torch.testing.assert_close(d_stats[key], stats[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert len(d_grads) == len(grads) > 0
+    for a, b in zip(d_grads, grads):
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-7, ((a - b).norm(), b.norm())
+    for a, b in zip(d_centres + d_teacher, centres + teacher):  # the EMA moves the teacher by 0.004 of AdamW's step
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _gpu_check_dry(tmp_path):
+    out = tmp_path / "gpu_check"
+    return out, run(["bash", "gpu_check.sh", str(out)], {"GPU_CHECK_DRY": "1", "PYTHON": sys.executable})
+
+
+@early(_gpu_check_dry)
+def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
+    """gpu_check.sh without a GPU (forced here, so that a GPU machine's test run stays short): every part's CPU
+    skeleton, the GPU-only ones marked as skipped, and the same JSON keys as on a GPU."""
+    out, proc = early_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
+    assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
+    assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
+    assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
+    assert {"clusterer", "step_fp32"} <= set(res["syncs"]) and res["syncs"]["status"] == "skipped: no CUDA"
+    assert res["syncs"]["step_fp32"]["loss_finite"]
+    runs = {(r["compiled"], r["variant"]): r for r in res["training"]["runs"]}
+    for variant in ("DINO", "CrOC"):
+        assert runs[False, variant]["status"] == "ok" and runs[False, variant]["loss_finite"]
+        assert runs[False, variant]["steps"] == 2 and runs[False, variant]["images_per_s"] > 0
+        assert runs[True, variant]["status"] == "skipped: no CUDA"
+    (ratio,) = res["training"]["ratios"]
+    assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
+    assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
+    text = (out / "gpu_check.txt").read_text()
+    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
+        assert heading in text, heading
+    assert text.strip() in proc.stdout
