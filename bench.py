@@ -659,8 +659,8 @@ DIFFERENCE_SETTINGS = ((12, 12, "paper"), (5, 4, "official"))  # (K_start, K_max
 
 def initial_vit_inputs(batch, arch, patch, img, device, seed):
     """cluster_inputs' four tensors, from a randomly initialised ViT on two views of synthetic scenes as
-    train.py makes them (its last-block tokens of model.pretraining_defaults' which_features)."""
-    a = pretraining_defaults()
+    train.py makes them (its last-block tokens of model.PretrainConfig's which_features)."""
+    a = PretrainConfig()
     torch.manual_seed(seed)
     backbone = build_vit(arch, patch).to(device).eval()
     scenes = data.SyntheticPretrain(batch, img, seed, data.TwoViews(img, patch, tuple(a.global_crops_scale)))
