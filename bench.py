@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 import clustering
 import data
-from model import (CrOCLoss, bool_flag, build_student_teacher, build_vit, optimizer_step, param_groups,
-                   pretraining_defaults, train_step, view_centroids)
+from model import (CrOCLoss, PretrainConfig, bool_flag, build_student_teacher, build_vit, optimizer_step,
+                   param_groups, train_step, view_centroids)
 
 # The parts model.train_step and model.optimizer_step label with torch.profiler.record_function, in step order.
 STEP_PARTS = ("teacher forward", "clustering", "teacher centroid head", "student forward", "loss", "backward",
@@ -49,15 +49,17 @@ LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "c
 
 
 def get_args_parser():
+    paper = PretrainConfig()
     p = argparse.ArgumentParser("CrOC benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch", default=None, type=int,
                    help="Images per step (each gives two views). Default: 128 on a GPU (the paper's per-GPU "
                         "batch), 8 on CPU (a ViT-S/16 224 step then takes ~2.5 s on 2 idle cores).")
     p.add_argument("--cluster_batches", nargs="+", default=[8, 32, 128], type=int,
                    help="Images B of the clusterer-alone rows; each is B x 6 heads problems at ViT-S/16 224 shapes.")
-    p.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (paper 65,536).")
-    p.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (paper 8,192).")
-    p.add_argument("--k_start", default=12, type=int, help="K_start of the clusterer (paper 12, official code 5).")
+    p.add_argument("--out_dim", default=paper.out_dim, type=int, help="Image head output L-bar (paper 65,536).")
+    p.add_argument("--out_dim_c", default=paper.out_dim_c, type=int, help="Centroid head output L (paper 8,192).")
+    p.add_argument("--k_start", default=paper.k_start, type=int,
+                   help="K_start of the clusterer (paper 12, official code 5).")
     p.add_argument("--k_max", default=None, type=int,
                    help="Largest K the selection may pick (default k_start, as train.py; official code 4). Every "
                         "image sends heads x k_max centroid slots through the centroid head, kept or not.")
@@ -234,20 +236,23 @@ def sync_warnings(fn, device):
 # --------------------------------------------------------------------------------------------------------------
 class StepBench:
     """Student, teacher, loss, optimizer and synthetic inputs for one backbone, built as train.py builds them,
-    with the paper's settings (model.pretraining_defaults).
+    with the paper's settings (model.PretrainConfig).
     One set of models serves both variants: DINO leaves the centroid last layer without a gradient, which AdamW
     skips, exactly as in a `--alpha 0` run."""
 
     def __init__(self, arch, patch, img, bench_args):
-        a = pretraining_defaults()
-        a.arch, a.patch_size, a.img_size = arch, patch, img
-        a.out_dim, a.out_dim_c, a.batch_size_per_gpu = bench_args.out_dim, bench_args.out_dim_c, bench_args.batch
-        a.precision, a.k_start, a.k_max = bench_args.precision, bench_args.k_start, bench_args.k_max
-        self.args, self.device = a, bench_args.device
+        a = PretrainConfig(arch=arch, patch_size=patch, img_size=img, out_dim=bench_args.out_dim,
+                           out_dim_c=bench_args.out_dim_c, batch_size_per_gpu=bench_args.batch,
+                           precision=bench_args.precision, k_start=bench_args.k_start, k_max=bench_args.k_max)
+        self.config, self.device = a, bench_args.device
         self.epoch = a.freeze_last_layer  # a step after the first epoch: every layer, the last ones too, learns
         torch.manual_seed(bench_args.seed)
-        self.student, self.teacher = (m.to(self.device) for m in build_student_teacher(a))
-        self.loss_fn = CrOCLoss(a.out_dim, a.out_dim_c, a).to(self.device)
+        self.student, self.teacher = (m.to(self.device) for m in build_student_teacher(
+            a.arch, a.patch_size, a.out_dim, a.out_dim_c, a.head_hidden_dim, a.norm_last_layer, a.use_bn_in_head,
+            a.drop_path_rate))
+        self.loss_fn = CrOCLoss(a.out_dim, a.out_dim_c, a.warmup_teacher_temp, a.teacher_temp,
+                                a.warmup_teacher_temp_epochs, a.epochs, a.student_temp, a.center_momentum)
+        self.loss_fn.to(self.device)
         self.optimizer = torch.optim.AdamW(param_groups(self.student), lr=a.lr * a.batch_size_per_gpu / 256,
                                            weight_decay=a.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and a.precision == "fp16")
@@ -266,17 +271,21 @@ class StepBench:
         """Mean kept centroids (Eq. 16) per image and view, all heads, for these views and the initial teacher."""
         with torch.no_grad(), self.autocast:
             x = rearrange(self.views, "b v c h w -> (v b) c h w")  # as model.train_step
-            tf = self.teacher.backbone.forward_features(x, which=self.args.which_features)
-            _, valid, _ = clustering.cluster_views(tf.tokens, self.positions, self.args, self.generator)
+            tf = self.teacher.backbone.forward_features(x, which=self.config.which_features)
+            _, valid, _ = clustering.cluster_views(tf.tokens, self.positions, self.config, self.generator)
         return valid.sum(1).float().mean().item()
 
-    def step(self, alpha):
-        """One full training step: model.train_step, then model.optimizer_step (backward, AdamW, EMA)."""
-        self.args.alpha = alpha
-        loss, _ = train_step(self.student, self.teacher, self.loss_fn, self.views, self.positions, self.epoch,
-                             self.args, self.generator, self.autocast)
+    def step(self, alpha, views=None, positions=None):
+        """One full training step: model.train_step, then model.optimizer_step (backward, AdamW, EMA), on views and
+        positions already on the device (default: the bench's own). -> the loss."""
+        a = self.config
+        views, positions = (self.views, self.positions) if views is None else (views, positions)
+        loss, _ = train_step(self.student, self.teacher, self.loss_fn, views, positions, self.epoch, self.generator,
+                             self.autocast, alpha=alpha, which_features=a.which_features, cluster_settings=a)
         optimizer_step(self.student, self.teacher, self.optimizer, self.scaler, loss, self.epoch,
-                             self.args.momentum_teacher, self.args)  # EMA momentum at its initial value
+                       a.momentum_teacher,  # the EMA momentum at its initial value
+                       clip_grad=a.clip_grad, freeze_last_layer=a.freeze_last_layer)
+        return loss
 
     def set_compiled(self, compiled):
         """Swap torch.compile'd forward_features into (or out of) both backbones; train_step calls that method."""
@@ -604,7 +613,7 @@ def cluster_inputs(batch, arch, patch, img, device, seed):
 def bench_clusterer(args, step_rows):
     """`clustering.cluster` alone, then with the view centroids pooled from the final tokens (the same output as
     the official `compute_teacher_centroids`), against the official clusterer on the same inputs, interleaved."""
-    a = pretraining_defaults()
+    a = PretrainConfig()
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     arch, patch, img = args.cluster_shape
     steps = {r["batch"]: r for r in step_rows if (r["arch"], r["patch"], r["img"]) == (arch, patch, img)}
@@ -650,8 +659,8 @@ DIFFERENCE_SETTINGS = ((12, 12, "paper"), (5, 4, "official"))  # (K_start, K_max
 
 def initial_vit_inputs(batch, arch, patch, img, device, seed):
     """cluster_inputs' four tensors, from a randomly initialised ViT on two views of synthetic scenes as
-    train.py makes them (its last-block tokens of model.pretraining_defaults' which_features)."""
-    a = pretraining_defaults()
+    train.py makes them (its last-block tokens of model.PretrainConfig's which_features)."""
+    a = PretrainConfig()
     torch.manual_seed(seed)
     backbone = build_vit(arch, patch).to(device).eval()
     scenes = data.SyntheticPretrain(batch, img, seed, data.TwoViews(img, patch, tuple(a.global_crops_scale)))
@@ -925,19 +934,14 @@ def gpu_step_bench(args, precision, batch):
 def full_step(bench, alpha, views, positions):
     """One training step as train.main runs it: the batch to the device, model.train_step, then backward,
     AdamW and the teacher EMA (model.optimizer_step). -> the loss (a device tensor: no host sync)."""
-    bench.args.alpha = alpha
     views = views.to(bench.device, non_blocking=True)
     positions = positions.to(bench.device, non_blocking=True)
-    loss, _ = train_step(bench.student, bench.teacher, bench.loss_fn, views, positions, bench.epoch,
-                         bench.args, bench.generator, bench.autocast)
-    optimizer_step(bench.student, bench.teacher, bench.optimizer, bench.scaler, loss, bench.epoch,
-                         bench.args.momentum_teacher, bench.args)
-    return loss.detach()
+    return bench.step(alpha, views, positions).detach()
 
 
 def cluster_call(args, batch):
     """clustering.cluster on random tokens at the check's shape (B x heads problems), train.py's settings."""
-    a = pretraining_defaults()
+    a = PretrainConfig()
     tokens, positions, cls, _ = cluster_inputs(batch, *args.shape, args.device, args.seed)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
 

@@ -1,4 +1,7 @@
-"""The ViT backbone, the DINO/CrOC projection head and checkpoint loading.
+"""CrOC's networks, objective and training step, in the paper's order: the ViT backbone, the projection head, the
+view centroids (Eq. 2), the loss (Eq. 3-7), one training step (Fig. 2), DINO's optimisation, and the paper's
+pretraining settings (Sec. 4.1, App. B); the plumbing at the bottom (distributed setup, checkpoint loading, the
+evaluation scripts' flags and features).
 
 Parameter names follow DINO and timm (`blocks.0.attn.qkv.weight`, `head.last_layer.weight_g`, ...), so official
 DINO and CrOC checkpoints load without renaming. One forward pass returns everything CrOC's training step needs:
@@ -6,11 +9,12 @@ the CLS output, the patch tokens after the final norm, and the last block's per-
 (Eq. 21), so that the teacher never runs twice.
 """
 import argparse
+import dataclasses
 import datetime
 import math
 import os
 import pickle
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,7 +29,6 @@ import clustering
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Vision Transformer (DINO's `vision_transformer.py`, written from scratch with SDPA attention)
@@ -246,54 +249,13 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, weight)
 
 
-class HeadBatchNorm(nn.BatchNorm1d):
-    """The BatchNorm1d of DINO's `--use_bn_in_head`, with two additions the centroid path needs.
-
-    - `keep`: the rows the batch statistics are taken over. On the centroids (Sec. 3.3) the batch is every slot
-      (V, B, K) of both views, and the pruned and padded slots (zero centroids, weight 0 in Eq. 4) must not move
-      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used. (The
-      official code indexes the kept centroids out before its head, so its BatchNorm sees only those.)
-    - The statistics are summed over the ranks (differentiably, as SyncBatchNorm, which DINO uses on GPUs), so
-      they are the same with any number of processes, on CPU as on GPU; SyncBatchNorm has neither a mask nor a
-      CPU kernel.
-    With every row kept, in one process, it is nn.BatchNorm1d (a test checks): mean and biased variance of the
-    batch in training mode, the running ones updated with the unbiased variance, and used in eval mode.
-    Computed in fp32, as cuDNN's batch norm does for fp16 inputs."""
-
-    def forward(self, x, keep=None):
-        if not self.training:  # the running statistics, per row whatever x's leading shape
-            return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
-        rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
-        w = rows.new_ones(1, len(rows)) if keep is None else keep.reshape(1, -1).to(rows.dtype)  # (1, n)
-        # sums over the kept rows as products w @ rows, centred once, scale and shift fused: on CPU a CrOC step of
-        # repro.sh BN=1 takes 2.06 s, against 2.39 s elementwise and 2.02 s for nn.BatchNorm1d (BENCHMARKS.md)
-        n = _sum_over_ranks(w.sum()).clamp(min=1)  # no kept row anywhere: mean and variance 0, not NaN
-        mean = _sum_over_ranks(w @ rows)[0] / n
-        centred = rows - mean
-        var = _sum_over_ranks(w @ centred.square())[0] / n  # biased, as BatchNorm normalises
-        with torch.no_grad():
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(m * mean)
-            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))  # unbiased, as BatchNorm keeps
-            self.num_batches_tracked.add_(1)
-        y = torch.addcmul(self.bias, centred, self.weight / torch.sqrt(var + self.eps))  # centred / std * w + b
-        return y.to(x.dtype).reshape(x.shape)
-
-
-def _sum_over_ranks(t):
-    """Sum over the ranks with a gradient (each rank's loss depends on every rank's rows through the statistics)."""
-    return dist_nn.all_reduce(t) if world_size() > 1 else t
-
-
 class CrOCHead(nn.Module):
-    """MLP (in -> 2048 -> 2048 -> 256; hidden_dim, train.py --head_hidden_dim, sets the 2048), L2-normalise, then
-    one of two weight-normalised last layers:
+    """MLP (in -> 2048 -> 2048 -> 256; hidden_dim sets the 2048), L2-normalise, then one of two weight-normalised
+    last layers, the only weights the image-level and centroid heads do not share (Sec. 4.1):
     `last_layer` (L-bar = out_dim, image level, Eq. 5) or `last_layer_c` (L = out_dim_c, centroids, Eq. 3).
 
-    use_bn: a BatchNorm after each hidden linear layer, DINO's `--use_bn_in_head` (off in DINO's and CrOC's
-    runs). The images and the centroids are normalised as two batches, each over its own rows; on the centroids,
-    over the kept ones only (`keep`, HeadBatchNorm), as the official code's head does. Not in the paper; here so
-    that CrOC can run at the recipe where DINO learns the synthetic scenes (BENCHMARKS.md)."""
+    use_bn: DINO's `--use_bn_in_head` option, not the paper's (off in DINO's and CrOC's runs, App. B): a BatchNorm
+    after each hidden linear layer, HeadBatchNorm below."""
 
     def __init__(self, in_dim, out_dim=65536, out_dim_c=8192, hidden_dim=2048, bottleneck_dim=256, nlayers=3,
                  norm_last_layer=False, use_bn=False):
@@ -321,6 +283,49 @@ class CrOCHead(nn.Module):
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
 
+# DINO's `--use_bn_in_head` option (not in the paper): the BatchNorm of the head, for the centroids too
+class HeadBatchNorm(nn.BatchNorm1d):
+    """The BatchNorm1d of DINO's `--use_bn_in_head`, with two additions the centroid path needs. The images and
+    the centroids go through it as two batches, each normalised over its own rows.
+
+    - `keep`: the rows the batch statistics are taken over. On the centroids (Sec. 3.3) the batch is every slot
+      (V, B, K) of both views, and the pruned and padded slots (zero centroids, weight 0 in Eq. 4) must not move
+      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used. (The
+      official code indexes the kept centroids out before its head, so its BatchNorm sees only those.)
+    - The statistics are summed over the ranks (differentiably, as SyncBatchNorm, which DINO uses on GPUs), so
+      they are the same with any number of processes, on CPU as on GPU; SyncBatchNorm has neither a mask nor a
+      CPU kernel.
+    With every row kept, in one process, it is nn.BatchNorm1d (a test checks): mean and biased variance of the
+    batch in training mode, the running ones updated with the unbiased variance, and used in eval mode.
+    Computed in fp32, as cuDNN's batch norm does for fp16 inputs."""
+
+    def forward(self, x, keep=None):
+        if not self.training:  # the running statistics, per row whatever x's leading shape
+            return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
+        w = rows.new_ones(1, len(rows)) if keep is None else keep.reshape(1, -1).to(rows.dtype)  # (1, n)
+        # the sums over the kept rows as products w @ rows; centred once; scale and shift fused in one addcmul
+        n = _sum_over_ranks(w.sum()).clamp(min=1)  # no kept row anywhere: mean and variance 0, not NaN
+        mean = _sum_over_ranks(w @ rows)[0] / n
+        centred = rows - mean
+        var = _sum_over_ranks(w @ centred.square())[0] / n  # biased, as BatchNorm normalises
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean)
+            self.running_var.mul_(1 - m).add_(m * var * n / (n - 1).clamp(min=1))  # unbiased, as BatchNorm keeps
+            self.num_batches_tracked.add_(1)
+        y = torch.addcmul(self.bias, centred, self.weight / torch.sqrt(var + self.eps))  # centred / std * w + b
+        return y.to(x.dtype).reshape(x.shape)
+
+
+def _sum_over_ranks(t):
+    """Sum over the ranks with a gradient (each rank's loss depends on every rank's rows through the statistics)."""
+    return dist_nn.all_reduce(t) if world_size() > 1 else t
+
+
+# --------------------------------------------------------------------------------------------------------------
+# View centroids (Eq. 2) and the student-teacher pair (Sec. 3.2)
+# --------------------------------------------------------------------------------------------------------------
 def view_centroids(patch, cls, plan):
     """Centroids of each view (Eq. 2: C^T = Z^T Q*), L2-normalised and rescaled to the mean CLS norm.
 
@@ -331,6 +336,11 @@ def view_centroids(patch, cls, plan):
     """
     c = clustering.centroids(patch, rearrange(plan, "v b n k -> (v b) n k"))  # (2B, K, D) Eq. 2
     return cls.norm(dim=-1).mean() * F.normalize(rearrange(c, "(v b) k d -> v b k d", v=2), dim=-1)
+
+
+def both_views(valid):
+    """(B, K) kept centroids -> (2, B, K): a centroid is kept or pruned in both views together (Eq. 16)."""
+    return None if valid is None else valid.expand(2, *valid.shape)
 
 
 class CrOCModel(nn.Module):
@@ -352,48 +362,23 @@ class CrOCModel(nn.Module):
         return img, self.head(view_centroids(f.patch, f.cls, plan), centroids=True, keep=both_views(valid))
 
 
-def both_views(valid):
-    """(B, K) kept centroids -> (2, B, K): a centroid is kept or pruned in both views together (Eq. 16)."""
-    return None if valid is None else valid.expand(2, *valid.shape)
+def build_student_teacher(arch, patch_size, out_dim, out_dim_c, head_hidden_dim, norm_last_layer, use_bn_in_head,
+                          drop_path_rate):
+    """The student g_s and the teacher g_t (Sec. 3.2): each a ViT and the shared head, with the same initial weights
+    (DINO); the teacher has no stochastic depth (drop_path_rate is the student's) and gets no gradient."""
+    def make(drop_path):
+        backbone = build_vit(arch, patch_size, drop_path_rate=drop_path)
+        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, out_dim, out_dim_c, hidden_dim=head_hidden_dim,
+                                            norm_last_layer=norm_last_layer, use_bn=use_bn_in_head))
+    student, teacher = make(drop_path_rate), make(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The CrOC objective (Eq. 3-7) and one training step (Fig. 2); train.py runs it, bench.py times it
+# The CrOC objective (Eq. 3-7)
 # --------------------------------------------------------------------------------------------------------------
-def init_distributed(timeout_minutes=30.0, backend="auto"):
-    """-> (rank, world_size, local_rank, device) from torchrun's environment (a plain `python` run is one
-    process). backend auto: gloo on CPU, nccl on GPU. Training and the linear probe share it.
-
-    timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
-    down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
-    collective waits this long for it."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        local = local % torch.cuda.device_count()  # more ranks than GPUs: they share them (gloo; nccl may refuse)
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        if backend == "auto":
-            backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
-    return rank, world, local, device
-
-
-def all_reduce(t):
-    """Sum over the ranks in place (DDP training); the tensor itself in one process."""
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
 def teacher_distribution(logits, center, temp):
     """P_t = softmax((logits - center) / temp): Eq. 3 and 5's tempered softmax after DINO's centring (Caron et al.
     2021; the paper does not write it), and its entropy per row (nats), for the collapse diagnostics."""
@@ -412,17 +397,23 @@ def cross_view_entropy(student_logits, teacher_p, temp):
 
 
 class CrOCLoss(nn.Module):
-    """L = alpha * L_dense + L_glob (Eq. 7), each a cross-view cross-entropy between a centred, sharpened teacher
-    and the student (Eq. 3-6), with one running centre per head (image and centroids)."""
+    """L_glob and L_dense of Eq. 7 (train_step adds them, the second weighted by alpha), each a cross-view
+    cross-entropy between a centred, sharpened teacher and the student (Eq. 3-6), with one running centre per
+    head (image and centroids).
 
-    def __init__(self, out_dim, out_dim_c, args):
+    As DINO's DINOLoss: out_dim and out_dim_c are L-bar and L; the teacher's temperature rises linearly from
+    warmup_teacher_temp to teacher_temp over the first warmup_teacher_temp_epochs of nepochs, then stays
+    (tau_t, Eq. 3, 5); student_temp is tau_s; center_momentum is the momentum of both centres (DINO's centring)."""
+
+    def __init__(self, out_dim, out_dim_c, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                 student_temp, center_momentum):
         super().__init__()
-        self.student_temp, self.center_momentum = args.student_temp, args.center_momentum
+        self.student_temp, self.center_momentum = student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("center_c", torch.zeros(1, out_dim_c))
-        warm = min(args.warmup_teacher_temp_epochs, args.epochs)
-        self.teacher_temps = np.concatenate([np.linspace(args.warmup_teacher_temp, args.teacher_temp, warm),
-                                             np.full(args.epochs - warm, args.teacher_temp)])
+        warm = min(warmup_teacher_temp_epochs, nepochs)
+        self.teacher_temps = np.concatenate([np.linspace(warmup_teacher_temp, teacher_temp, warm),
+                                             np.full(nepochs - warm, teacher_temp)])
 
     def forward(self, s_img, t_img, s_cen, t_cen, valid, epoch):
         """s_img, t_img: (2, B, L); s_cen, t_cen: (2, B, K, Lc) or None; valid: (B, K) bool (Eq. 16).
@@ -460,8 +451,18 @@ class CrOCLoss(nn.Module):
         return loss_glob, loss_dense
 
 
-def train_step(student, teacher, loss_fn, views, positions, epoch, args, generator, autocast):
+# --------------------------------------------------------------------------------------------------------------
+# One training step (Fig. 2): train.py runs it, bench.py times it
+# --------------------------------------------------------------------------------------------------------------
+def train_step(student, teacher, loss_fn, views, positions, epoch, generator, autocast, *, alpha, which_features,
+               cluster_settings):
     """One CrOC step up to the loss (Fig. 2). views: (B, 2, 3, S, S); positions: (B, 2, N, 2). -> loss, stats.
+
+    alpha: the weight of the dense loss (Eq. 7; 0 is plain DINO, and the clustering is skipped); which_features:
+    the teacher's tokens to cluster ('q', 'k', 'v' of the last block, Eq. 21, or 'last', Table 6);
+    cluster_settings: the clustering's hyper-parameters, any object with the attributes clustering.CLUSTER_SETTINGS
+    (a PretrainConfig, train.py's flags). generator draws the clusters' seeds; autocast: the mixed-precision
+    context (nullcontext() for fp32).
 
     The parts are labelled with torch.profiler.record_function (free when no profiler runs; bench.py reads
     them). The heads run on every centroid slot, pruned ones included, which weigh 0 in Eq. 4: the same loss as
@@ -471,12 +472,12 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
     with autocast:
         with torch.no_grad():
             with record_function("teacher forward"):
-                tf = teacher.backbone.forward_features(x, which=args.which_features if args.alpha > 0 else None)
+                tf = teacher.backbone.forward_features(x, which=which_features if alpha > 0 else None)
                 t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
             plan = valid = res = t_cen = None
-            if args.alpha > 0:
+            if alpha > 0:
                 with record_function("clustering"):
-                    plan, valid, res = clustering.cluster_views(tf.tokens, positions, args, generator)
+                    plan, valid, res = clustering.cluster_views(tf.tokens, positions, cluster_settings, generator)
                 with record_function("teacher centroid head"):
                     t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True,
                                          keep=both_views(valid))  # Eq. 2-3
@@ -485,7 +486,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
     with record_function("loss"):
         loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
                                         None if t_cen is None else t_cen.float(), valid, epoch)
-        loss = loss_glob + args.alpha * loss_dense  # Eq. 7
+        loss = loss_glob + alpha * loss_dense  # Eq. 7
     stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
              **loss_fn.stats}
     if res is not None:
@@ -496,7 +497,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, args, generat
 
 
 # --------------------------------------------------------------------------------------------------------------
-# DINO's optimisation: AdamW groups, per-parameter clipping, last-layer freeze, teacher EMA, schedules
+# DINO's optimisation: AdamW groups, per-parameter clipping, last-layer freeze, teacher EMA
 # --------------------------------------------------------------------------------------------------------------
 def param_groups(model):
     """Weight decay on weights only, not on biases and norms (DINO)."""
@@ -514,15 +515,18 @@ def clip_gradients(model, clip):
             p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))  # per parameter, as DINO; no host sync
 
 
-def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, args):
-    """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update."""
+def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, *, clip_grad, freeze_last_layer):
+    """Backward, optional clipping, last-layer freeze, AdamW step, then the teacher's EMA update (DINO).
+
+    momentum: the teacher's EMA momentum at this step; clip_grad: the largest gradient norm of each parameter (0:
+    no clipping); freeze_last_layer: the epochs during which the heads' last layers get no update."""
     optimizer.zero_grad(set_to_none=True)
     with record_function("backward"):
         scaler.scale(loss).backward()
-    if args.clip_grad > 0:
+    if clip_grad > 0:
         scaler.unscale_(optimizer)
-        clip_gradients(student, args.clip_grad)
-    if epoch < args.freeze_last_layer:
+        clip_gradients(student, clip_grad)
+    if epoch < freeze_last_layer:
         for name, p in student.named_parameters():
             if "last_layer" in name:
                 p.grad = None
@@ -535,47 +539,93 @@ def optimizer_step(student, teacher, optimizer, scaler, loss, epoch, momentum, a
         torch._foreach_add_(t_params, list(student.parameters()), alpha=1 - momentum)
 
 
-def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
-    """DINO's per-iteration schedule: linear warm-up then cosine from base to final."""
-    warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
-    steps = np.arange(epochs * iters_per_epoch - len(warmup))
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
-    return np.concatenate([warmup, cosine])
-
-
-def build_student_teacher(args):
-    """Student and teacher with the same initial weights (DINO): the teacher has no stochastic depth and gets no
-    gradient. args: arch, patch_size, out_dim, out_dim_c, head_hidden_dim, norm_last_layer, use_bn_in_head,
-    drop_path_rate."""
-    def make(drop_path):
-        backbone = build_vit(args.arch, args.patch_size, drop_path_rate=drop_path)
-        return CrOCModel(backbone, CrOCHead(backbone.embed_dim, args.out_dim, args.out_dim_c,
-                                            hidden_dim=args.head_hidden_dim,
-                                            norm_last_layer=args.norm_last_layer,
-                                            use_bn=args.use_bn_in_head))
-    student, teacher = make(args.drop_path_rate), make(0.0)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    return student, teacher
-
-
-def pretraining_defaults(**overrides):
-    """The paper's pretraining settings (Sec. 4.1, App. B) that the models, the loss and the step read, for code
-    that runs a step without train.py's command line (bench.py): train.py's defaults, which a test keeps equal."""
-    paper = dict(arch="vit_small", patch_size=16, img_size=224, out_dim=65536, out_dim_c=8192, head_hidden_dim=2048,
-                 norm_last_layer=False, use_bn_in_head=False, momentum_teacher=0.996, drop_path_rate=0.1, alpha=1.0,
-                 which_features="v", k_start=12, k_max=None, lambda_pos=4.0, sinkhorn_lambda=20.0,
-                 sinkhorn_iterations=5, marginal_temp=2.0, uniform_marginals=False, warmup_teacher_temp=0.04,
-                 teacher_temp=0.07, warmup_teacher_temp_epochs=30, student_temp=0.1, center_momentum=0.9,
-                 precision="fp16", batch_size_per_gpu=128, epochs=300, lr=5e-4, min_lr=1e-5, warmup_epochs=10,
-                 weight_decay=0.04, weight_decay_end=0.4, clip_grad=0.0, freeze_last_layer=1,
-                 global_crops_scale=(0.25, 1.0))
-    return argparse.Namespace(**{**paper, **overrides})
+# --------------------------------------------------------------------------------------------------------------
+# The paper's pretraining settings (Sec. 4.1, App. B): train.py's defaults, and what bench.py and the tests run
+# --------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class PretrainConfig:
+    """The settings that the networks, the loss and the step read, at the paper's values: Sec. 4.1, and App. B,
+    which lists DINO's COCO run (its footnote 4: "CrOC uses the same setting"). train.py's parser takes its
+    defaults from here. Where the paper gives no value, the comment names whose value it is."""
+    # networks (Sec. 4.1)
+    arch: str = "vit_small"  # ViT-S/16
+    patch_size: int = 16
+    img_size: int = 224  # both views, DINO's global crops (App. B: local_crops_number 0)
+    out_dim: int = 65536  # L-bar, the image-level head (Sec. 4.1)
+    out_dim_c: int = 8192  # L, the centroid head (Sec. 4.1)
+    head_hidden_dim: int = 2048  # DINO's head: "identical to that of [6]" (Sec. 4.1)
+    norm_last_layer: bool = False  # App. B
+    use_bn_in_head: bool = False  # App. B
+    momentum_teacher: float = 0.996  # App. B; cosine to 1 (DINO)
+    drop_path_rate: float = 0.1  # App. B: the student's stochastic depth
+    # the dense loss and the clustering (Sec. 3.3, 4.1)
+    alpha: float = 1.0  # Eq. 7: "the same weight is given to the dense and global loss" (Sec. 4.1)
+    which_features: str = "v"  # the last block's values (Eq. 21; Sec. 4.1, the COCO runs)
+    k_start: int = 12  # K_start (Sec. 4.1)
+    k_max: Optional[int] = None  # the largest K the selection may pick; None: k_start (official code: 4, K_start 5)
+    lambda_pos: float = 4.0  # Eq. 18 (Sec. 4.1, COCO; 3 on ImageNet and in the ablations)
+    sinkhorn_lambda: float = 20.0  # lambda of Eq. 11 (Sec. 4.1)
+    sinkhorn_iterations: int = 5  # the official code's (the paper gives none)
+    marginal_temp: float = 2.0  # the official code's temperature of r and c (Eq. 10 has none)
+    uniform_marginals: bool = False  # False: r from the CLS token (Sec. 3.3), c by Eq. 10
+    # temperatures and centring (Eq. 3, 5)
+    warmup_teacher_temp: float = 0.04  # App. B
+    teacher_temp: float = 0.07  # tau_t = tau-bar_t (Sec. 4.1, App. B)
+    warmup_teacher_temp_epochs: int = 30  # App. B
+    student_temp: float = 0.1  # tau_s = tau-bar_s (Sec. 4.1)
+    center_momentum: float = 0.9  # DINO's
+    # optimisation: DINO's (Sec. 4.1, App. B)
+    precision: str = "fp16"  # App. B: use_fp16 true
+    batch_size_per_gpu: int = 128  # Sec. 4.1: a batch of 256 over 2 GPUs
+    epochs: int = 300  # Sec. 4.1, App. B
+    lr: float = 5e-4  # App. B, for a batch of 256 (scaled linearly, DINO)
+    min_lr: float = 1e-5  # App. B
+    warmup_epochs: int = 10  # App. B
+    weight_decay: float = 0.04  # App. B; cosine to weight_decay_end
+    weight_decay_end: float = 0.4  # App. B
+    clip_grad: float = 0.0  # App. B (official code: 3.0)
+    freeze_last_layer: int = 1  # App. B
+    global_crops_scale: Tuple[float, float] = (0.25, 1.0)  # App. B
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Checkpoints
+# Plumbing: distributed runs (torchrun), checkpoint loading, the scripts' shared flags, dense features
 # --------------------------------------------------------------------------------------------------------------
+def init_distributed(timeout_minutes=30.0, backend="auto"):
+    """-> (rank, world_size, local_rank, device) from torchrun's environment (a plain `python` run is one
+    process). backend auto: gloo on CPU, nccl on GPU. Training and the linear probe share it.
+
+    timeout_minutes bounds every collective: a rank that dies is noticed in seconds (torchrun tears the group
+    down), but a rank that is alive and silent (stopped, deadlocked, stuck on a file system) only when a
+    collective waits this long for it."""
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        local = local % torch.cuda.device_count()  # more ranks than GPUs: they share them (gloo; nccl may refuse)
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    return rank, world, local, device
+
+
+def all_reduce(t):
+    """Sum over the ranks in place (DDP training); the tensor itself in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+# Loading checkpoints: DINO's released weights, DINO and official CrOC training checkpoints, this project's
 def _print(*args):
     """Print on rank 0 only (torchrun sets RANK), so DDP evaluation and training logs are not doubled."""
     if int(os.environ.get("RANK", 0)) == 0:
@@ -692,6 +742,7 @@ def load_backbone(arch, patch_size=16, weights=None, checkpoint_key="teacher"):
     return model
 
 
+# Flags the scripts share, and the evaluations' dense features
 def bool_flag(s):
     """argparse type of a true/false flag (DINO's utils.bool_flag)."""
     if s.lower() in ("true", "1", "yes", "on"):

@@ -2,35 +2,33 @@
 # CrOC's claim on the synthetic scenes (synthetic.py): the same ViT (vit_nano/8, a CPU size, not the paper's ViT-S/16)
 # pretrained the same way with the same budget and seed as plain DINO (--alpha 0) and as CrOC (--alpha 1), and a
 # random init, each evaluated with eval_linear, eval_kmeans and eval_davis on the synthetic val data. Prints the
-# table at the end, with CrOC's K statistics (its last epoch's log.txt).
+# table at the end, with CrOC's K statistics (its last epoch's log.txt). About 50 min on 2 CPU cores.
 #   bash repro.sh [OUT]          (default OUT=repro)
 #   SEED=1 bash repro.sh OUT     (another seed for pretraining, the random init and the linear head; same data)
-#   EPOCHS=200 bash repro.sh OUT (another pretraining length; the schedules stretch with it)
-#   LAMBDA_POS=1 bash repro.sh OUT (the declared ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1;
-#                                the DINO run and the evaluations already in OUT are reused)
-#   DINO=0 bash repro.sh OUT     (the CrOC pipeline alone: no DINO pretraining and no DINO or random-init evaluation,
-#                                e.g. LAMBDA_POS=1 DINO=0 for the ablation beside a finished OUT of the same seed)
-#   BN=1 bash repro.sh OUT       (part 1's recipe, where DINO learns: DINO's BatchNorm head, train.py --use_bn_in_head
-#                                true, and 300 epochs unless EPOCHS says otherwise. CrOC's centroids go through
-#                                the same head, normalised over the kept ones. Use its own OUT)
-#   HEAD_HIDDEN=512 bash repro.sh OUT (both heads' hidden width, train.py --head_hidden_dim; default 2048, the paper's.
-#                                With BN=1, the recipe that fits the time budget on 2 CPU cores (BENCHMARKS.md, P43).
-#                                Use its own OUT)
-#   GREY=1 bash repro.sh OUT     (every scene and video in one grey palette: data.py --grey, train.py
-#                                --synthetic_grey true; only the texture tells instances apart. Use its own OUT)
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
+#   LAMBDA_POS=1 bash repro.sh OUT (the ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1; the DINO
+#                                run and the evaluations already in OUT are reused)
+#   DINO=0 bash repro.sh OUT     (the CrOC pipeline alone: no DINO pretraining, no DINO or random-init evaluation)
 #   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in about a minute, CrOC's evaluations only: CI runs it
 #                                so that the recipe cannot rot; its numbers mean nothing)
+# Other recipes (each in its own OUT):
+#   EPOCHS=N                     (another pretraining length; the schedules stretch with it)
+#   HEAD_HIDDEN=2048             (both heads' hidden width, train.py --head_hidden_dim; 2048 is the paper's, 512
+#                                DINO's width for ViT-S scaled to vit_nano's 96-d tokens)
+#   BN=0                         (no BatchNorm in the heads, and 100 epochs unless EPOCHS says otherwise: DINO
+#                                does not learn the patches there, CrOC does; see BENCHMARKS.md)
+#   GREY=1                       (every scene and video in one grey palette: data.py --grey, train.py
+#                                --synthetic_grey true; only the texture tells instances apart)
 # Re-running resumes: train.py continues from OUT/NAME/checkpoint.pth, and an evaluation whose results exist is
 # skipped. Each pretraining writes OUT/NAME/curves.png (visualize.py --log) with the teacher's k-means mIoU every
 # 20 epochs (--eval_every 20).
 # The two pretrainings run side by side, one core each (one thread each is faster in total than two in turn); each
 # model is evaluated as soon as its pretraining ends, the random init after DINO.
-# Settings (BENCHMARKS.md, "Pilots" and "A CrOC diagnostic"): 64-px scenes, 48-px views from crops of 0.5-1 of the
-# scene, 640 scenes x 100 epochs of 20 steps of 32 images, a 256-d output for both heads, a sharp teacher (0.02)
-# without warm-up, a trainable last layer, teacher momentum 0.996, no stochastic depth, constant weight decay,
-# gradient clipping at 3, a peak lr of 0.002 per 256 images. They were chosen on DINO pilots; CrOC runs with its
-# own defaults (K_start 12, lambda_pos 4, ...), untuned.
+# Settings: 64-px scenes, 48-px views from crops of 0.5-1 of the scene, 640 scenes x 300 epochs of 20 steps of 32
+# images, DINO's BatchNorm head (train.py --use_bn_in_head true) 512 wide with a 256-d output for both heads, a sharp
+# teacher (0.02) without warm-up, a trainable last layer, teacher momentum 0.996, no stochastic depth, constant
+# weight decay, gradient clipping at 3, a peak lr of 0.002 per 256 images. They were chosen for DINO; CrOC runs
+# with its own defaults (K_start 12, lambda_pos 4, ...), untuned.
 set -euo pipefail
 PY=${PYTHON:-python}
 if [ "${1:-}" = --table ]; then
@@ -92,11 +90,11 @@ OUT=${1:-repro}
 SEED=${SEED:-0}
 LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
 CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
-BN=${BN:-0}
+BN=${BN:-1}
 DINO=${DINO:-1}
 [ "$DINO" = 0 ] || [ "$DINO" = 1 ] || { echo "repro.sh: DINO must be 0 or 1, not '$DINO'" >&2; exit 2; }
 EPOCHS=${EPOCHS:-$([ "$BN" = 1 ] && echo 300 || echo 100)}
-HEAD="$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true) --head_hidden_dim ${HEAD_HIDDEN:-2048}"
+HEAD="$([ "$BN" = 1 ] && echo "--use_bn_in_head true" || true) --head_hidden_dim ${HEAD_HIDDEN:-512}"
 GREY=${GREY:-0}
 if [ "${QUICK:-0}" = 1 ]; then
   EPOCHS=1 IMAGES=32 BATCH=8 DATA="--n-train 8 --n-val 4 --n-videos 1 --n-frames 4" LINEAR_EPOCHS=1 KSEEDS=0

@@ -23,6 +23,7 @@ from pathlib import Path
 import argparse
 import copy
 import csv
+import dataclasses
 import inspect
 import io
 import json
@@ -728,7 +729,14 @@ def _args(extra=()):
 
 def _models(args):
     """Student and teacher as train.py builds them, without stochastic depth: a test's step is deterministic."""
-    return M.build_student_teacher(argparse.Namespace(**{**vars(args), "drop_path_rate": 0.0}))
+    return M.build_student_teacher(args.arch, args.patch_size, args.out_dim, args.out_dim_c, args.head_hidden_dim,
+                                   args.norm_last_layer, args.use_bn_in_head, drop_path_rate=0.0)
+
+
+def _loss(args, out_dim, out_dim_c):
+    """CrOCLoss with the flags' temperatures and centring, as train.py builds it."""
+    return M.CrOCLoss(out_dim, out_dim_c, args.warmup_teacher_temp, args.teacher_temp,
+                      args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
 
 
 def _batch(B=2, size=64, patch=16):
@@ -758,9 +766,9 @@ def test_teacher_and_student_centroids_pool_with_the_same_plan():
         return original(patch, cls, plan)
     M.view_centroids = spy
     try:
-        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
-        M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator().manual_seed(0),
-                         nullcontext())
+        loss_fn = _loss(args, args.out_dim, args.out_dim_c)
+        M.train_step(student, teacher, loss_fn, views, positions, 0, torch.Generator().manual_seed(0), nullcontext(),
+                     alpha=args.alpha, which_features=args.which_features, cluster_settings=args)
     finally:
         M.view_centroids = original
     teacher_plan, student_plan = seen["plans"]
@@ -834,7 +842,7 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
     valid = torch.rand(3, 5, generator=gen) > 0.4
     results = []
     for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
-        loss_fn = M.CrOCLoss(8, 4, args).double()
+        loss_fn = _loss(args, 8, 4).double()
         si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
         original, M.cross_view_entropy = M.cross_view_entropy, ce
         try:
@@ -849,7 +857,7 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
 
 def test_dense_loss_averages_over_kept_centroids_only():
     args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
+    loss_fn = _loss(args, 8, 4)
     s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
     valid = torch.tensor([[True, False, False], [True, True, False]])
     _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
@@ -861,7 +869,7 @@ def test_dense_loss_averages_over_kept_centroids_only():
 
 def test_dense_loss_without_kept_centroids_is_zero_not_nan():
     args = _args()
-    loss_fn = M.CrOCLoss(8, 4, args)
+    loss_fn = _loss(args, 8, 4)
     s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
     s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
     center_before = loss_fn.center_c.clone()
@@ -880,10 +888,10 @@ def _one_step():
     args = _args()
     args.k_max = args.k_start
     student, teacher = _models(args)
-    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args)
+    loss_fn = _loss(args, args.out_dim, args.out_dim_c)
     views, positions = _batch()
-    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, args, torch.Generator(),
-                                   nullcontext())
+    loss, stats = M.train_step(student, teacher, loss_fn, views, positions, 0, torch.Generator(), nullcontext(),
+                               alpha=args.alpha, which_features=args.which_features, cluster_settings=args)
     return loss, stats, student, teacher, loss_fn, args
 
 
@@ -910,7 +918,7 @@ def test_croc_loss_is_finite_with_gradients_in_the_student_only():
 
 
 def test_schedules_follow_dino():
-    s = M.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
+    s = train.cosine_schedule(1.0, 0.1, epochs=4, iters_per_epoch=5, warmup_epochs=1)
     assert len(s) == 20 and s[0] == 0.0 and abs(s[5] - 1.0) < 1e-9 and abs(s[-1] - 0.1) < 0.01
     assert np.all(np.diff(s[5:]) <= 0)
 
@@ -3056,11 +3064,14 @@ def test_scripts_import_only_hubs():
         visit(name, [])
 
 
-def test_pretraining_defaults_are_the_training_defaults():
-    """bench.py runs the step with model.pretraining_defaults, not train.py's parser: the two must stay equal."""
+def test_pretrain_config_is_the_source_of_the_training_defaults():
+    """bench.py and the tests run the step with model.PretrainConfig, train.py from its parser: every setting of
+    the config is a flag of train.py whose default is the config's value."""
     parser = train.get_args_parser()
-    for name, value in vars(M.pretraining_defaults()).items():
-        assert parser.get_default(name) == value, name
+    flags = {action.dest for action in parser._actions}
+    for field in dataclasses.fields(M.PretrainConfig):
+        assert field.name in flags, field.name
+        assert parser.get_default(field.name) == getattr(M.PretrainConfig(), field.name), field.name
 
 
 # ==============================================================================================================
@@ -3560,13 +3571,15 @@ def test_train_step_on_device_matches_cpu_within_tolerance(device, monkeypatch):
     results = {}
     for dev in (torch.device("cpu"), device):
         student, teacher = (copy.deepcopy(m).to(dev) for m in models)
-        loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args).to(dev)
+        loss_fn = _loss(args, args.out_dim, args.out_dim_c).to(dev)
         optimizer = torch.optim.AdamW(M.param_groups(student), lr=1e-3)
         scaler = torch.amp.GradScaler("cuda", enabled=False)
         views, positions = _batch(B=3)
-        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch, args,
-                                       torch.Generator(device=dev), nullcontext())
-        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, args)
+        loss, stats = M.train_step(student, teacher, loss_fn, views.to(dev), positions.to(dev), epoch,
+                                   torch.Generator(device=dev), nullcontext(), alpha=args.alpha,
+                                   which_features=args.which_features, cluster_settings=args)
+        M.optimizer_step(student, teacher, optimizer, scaler, loss, epoch, 0.996, clip_grad=args.clip_grad,
+                         freeze_last_layer=args.freeze_last_layer)
         results[dev.type] = ({k: v.cpu() for k, v in stats.items()},
                              [p.grad.cpu() for p in student.parameters() if p.grad is not None],
                              [p.cpu() for p in teacher.parameters()], [b.cpu() for b in loss_fn.buffers()])

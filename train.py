@@ -4,7 +4,9 @@ clustering finds in the joint tokens of two views.
     python train.py --output_dir out                       # one process (CPU or one GPU), synthetic scenes
     torchrun --nproc_per_node=2 train.py --data_path /coco/train2017 --output_dir out   # DDP
 
-Re-running the same command resumes from output_dir/checkpoint.pth.
+Re-running the same command resumes from output_dir/checkpoint.pth. `main` reads as DINO's `train_dino`, in
+stages, and `train_one_epoch` holds the step (model.train_step, then model.optimizer_step); the helpers that make
+a run survive kills and signals (exact resume, atomic writes, stop flags, log repair) come after them.
 """
 import argparse
 import datetime
@@ -26,13 +28,12 @@ from tqdm import tqdm
 
 import clustering
 import data
-from model import (CrOCLoss, all_reduce, bool_flag, build_student_teacher, cosine_schedule, init_distributed,
-                   optimizer_step, param_groups, torch_load, train_step)
+from model import (CrOCLoss, PretrainConfig, all_reduce, bool_flag, build_student_teacher, init_distributed,
+                   optimizer_step, param_groups, torch_load, train_step, world_size)
+
+DEFAULTS = PretrainConfig()  # the paper's settings (Sec. 4.1, App. B): the defaults of every flag they cover
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Distributed setup (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; a plain `python train.py` is one process)
-# --------------------------------------------------------------------------------------------------------------
 def is_main_process():
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -43,79 +44,104 @@ def is_main_process():
 def get_args_parser():
     p = argparse.ArgumentParser("CrOC pretraining", add_help=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("model")
-    g.add_argument("--arch", default="vit_small", choices=["vit_nano", "vit_tiny", "vit_small", "vit_base"],
+    add_model_args(p.add_argument_group("model"))
+    add_clustering_args(p.add_argument_group("CrOC clustering (Sec. 3.3)"))
+    add_loss_args(p.add_argument_group("temperatures and centring (Eq. 3, 5; App. B)"))
+    add_optimisation_args(p.add_argument_group("optimisation (DINO's defaults, App. B)"))
+    add_data_args(p.add_argument_group("data"))
+    add_run_args(p.add_argument_group("run"))
+    return p
+
+
+def add_model_args(g):
+    g.add_argument("--arch", default=DEFAULTS.arch, choices=["vit_nano", "vit_tiny", "vit_small", "vit_base"],
                    help="Backbone. The paper: ViT-S/16.")
-    g.add_argument("--patch_size", default=16, type=int, help="8 or 16. The paper: 16.")
-    g.add_argument("--out_dim", default=65536, type=int, help="Image head output L-bar (Sec. 4.1: 65,536).")
-    g.add_argument("--out_dim_c", default=8192, type=int, help="Centroid head output L (Sec. 4.1: 8,192).")
-    g.add_argument("--head_hidden_dim", default=2048, type=int,
-                   help="Width of the head's two hidden layers (DINO's and the paper's: 2048; other widths are not "
-                        "the paper's). Narrower for CPU runs of vit_nano: the centroid head takes 2 x B x 3 K_start "
-                        "rows per view pair, and at 2048 it is most of a CrOC step there (BENCHMARKS.md, P43).")
-    g.add_argument("--norm_last_layer", default=False, type=bool_flag,
-                   help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: false "
-                        "for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for ViT-S, true "
-                        "for ViT-B stability. The official CrOC parser defaults to true.")
-    g.add_argument("--use_bn_in_head", default=False, type=bool_flag,
+    g.add_argument("--patch_size", default=DEFAULTS.patch_size, type=int, help="8 or 16. The paper: 16.")
+    g.add_argument("--out_dim", default=DEFAULTS.out_dim, type=int,
+                   help="Image head output L-bar (Sec. 4.1: 65,536).")
+    g.add_argument("--out_dim_c", default=DEFAULTS.out_dim_c, type=int,
+                   help="Centroid head output L (Sec. 4.1: 8,192).")
+    g.add_argument("--head_hidden_dim", default=DEFAULTS.head_hidden_dim, type=int,
+                   help="Width of the head's two hidden layers (DINO's and the paper's: 2048). Narrower for CPU runs "
+                        "of vit_nano: the centroid head takes 2 x B x 3 K_start rows per view pair, and at 2048 it "
+                        "is most of a CrOC step there.")
+    g.add_argument("--norm_last_layer", default=DEFAULTS.norm_last_layer, type=bool_flag,
+                   help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: "
+                        "false for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for "
+                        "ViT-S, true for ViT-B stability. The official CrOC parser defaults to true.")
+    g.add_argument("--use_bn_in_head", default=DEFAULTS.use_bn_in_head, type=bool_flag,
                    help="BatchNorm after each hidden layer of the head: DINO's --use_bn_in_head (default false there, "
                         "and off in DINO's and CrOC's runs). Images and centroids are normalised as two batches, the "
                         "centroids over the kept ones only (not in the paper: model.HeadBatchNorm). The statistics "
                         "are summed over all processes, as DINO's SyncBatchNorm, on CPU too.")
-    g.add_argument("--momentum_teacher", default=0.996, type=float,
+    g.add_argument("--momentum_teacher", default=DEFAULTS.momentum_teacher, type=float,
                    help="Teacher EMA momentum, cosine to 1 (DINO). 0.996 for batch 256; with small batches use "
                         "0.9995 or more.")
-    g.add_argument("--drop_path_rate", default=0.1, type=float, help="Stochastic depth of the student.")
+    g.add_argument("--drop_path_rate", default=DEFAULTS.drop_path_rate, type=float,
+                   help="Stochastic depth of the student.")
 
-    g = p.add_argument_group("CrOC clustering (Sec. 3.3)")
-    g.add_argument("--alpha", default=1.0, type=float,
+
+def add_clustering_args(g):
+    g.add_argument("--alpha", default=DEFAULTS.alpha, type=float,
                    help="Weight of the dense loss (Eq. 7; paper 1.0). 0 = plain DINO, clustering skipped.")
-    g.add_argument("--which_features", default="v", choices=["last", "q", "k", "v"],
+    g.add_argument("--which_features", default=DEFAULTS.which_features, choices=["last", "q", "k", "v"],
                    help="Tokens clustered (Eq. 21, Table 6): last-block values (paper's COCO runs), keys "
                         "(ablations, ImageNet), queries, or the final tokens (`last`).")
-    g.add_argument("--k_start", default=12, type=int, help="Initial number of centroids K_start (paper: 12).")
-    g.add_argument("--k_max", default=None, type=int,
+    g.add_argument("--k_start", default=DEFAULTS.k_start, type=int,
+                   help="Initial number of centroids K_start (paper: 12).")
+    g.add_argument("--k_max", default=DEFAULTS.k_max, type=int,
                    help="Largest K the selection may pick (default: k_start; the official code: 4 with k_start 5).")
-    g.add_argument("--lambda_pos", default=4.0, type=float,
+    g.add_argument("--lambda_pos", default=DEFAULTS.lambda_pos, type=float,
                    help="Weight of the positional cost (Eq. 18; paper 4 on COCO, 3 on ImageNet and in ablations).")
-    g.add_argument("--sinkhorn_lambda", default=20.0, type=float, help="Entropy regularisation lambda (Eq. 11).")
-    g.add_argument("--sinkhorn_iterations", default=5, type=int, help="Sinkhorn rounds (official: 5).")
-    g.add_argument("--marginal_temp", default=2.0, type=float,
+    g.add_argument("--sinkhorn_lambda", default=DEFAULTS.sinkhorn_lambda, type=float,
+                   help="Entropy regularisation lambda (Eq. 11).")
+    g.add_argument("--sinkhorn_iterations", default=DEFAULTS.sinkhorn_iterations, type=int,
+                   help="Sinkhorn rounds (official: 5).")
+    g.add_argument("--marginal_temp", default=DEFAULTS.marginal_temp, type=float,
                    help="Temperature of the r and c marginals (official code: 2.0; Eq. 10 has none).")
-    g.add_argument("--uniform_marginals", action="store_true",
+    g.add_argument("--uniform_marginals", action="store_true", default=DEFAULTS.uniform_marginals,
                    help="Uniform r and c instead of the tokens' similarity to the CLS token.")
 
-    g = p.add_argument_group("temperatures and centring (Eq. 3, 5; App. B)")
-    g.add_argument("--warmup_teacher_temp", default=0.04, type=float, help="Initial teacher temperature.")
-    g.add_argument("--teacher_temp", default=0.07, type=float,
+
+def add_loss_args(g):
+    g.add_argument("--warmup_teacher_temp", default=DEFAULTS.warmup_teacher_temp, type=float,
+                   help="Initial teacher temperature.")
+    g.add_argument("--teacher_temp", default=DEFAULTS.teacher_temp, type=float,
                    help="Teacher temperature after warm-up (paper 0.07). If training collapses (loss stuck at "
                         "log(out_dim)), lower it to 0.04, as DINO advises.")
-    g.add_argument("--warmup_teacher_temp_epochs", default=30, type=int, help="Epochs of teacher-temp warm-up.")
-    g.add_argument("--student_temp", default=0.1, type=float, help="Student temperature (paper 0.1).")
-    g.add_argument("--center_momentum", default=0.9, type=float, help="Momentum of both running centres.")
+    g.add_argument("--warmup_teacher_temp_epochs", default=DEFAULTS.warmup_teacher_temp_epochs, type=int,
+                   help="Epochs of teacher-temp warm-up.")
+    g.add_argument("--student_temp", default=DEFAULTS.student_temp, type=float,
+                   help="Student temperature (paper 0.1).")
+    g.add_argument("--center_momentum", default=DEFAULTS.center_momentum, type=float,
+                   help="Momentum of both running centres.")
 
-    g = p.add_argument_group("optimisation (DINO's defaults, App. B)")
-    g.add_argument("--precision", default="fp16", choices=["fp16", "bf16", "fp32"],
+
+def add_optimisation_args(g):
+    g.add_argument("--precision", default=DEFAULTS.precision, choices=["fp16", "bf16", "fp32"],
                    help="Mixed precision on GPU (paper: fp16; bf16 avoids fp16 overflow NaNs). CPU always fp32.")
-    g.add_argument("--batch_size_per_gpu", default=128, type=int,
+    g.add_argument("--batch_size_per_gpu", default=DEFAULTS.batch_size_per_gpu, type=int,
                    help="Images per process. Paper: 256 in total over 2 GPUs.")
-    g.add_argument("--epochs", default=300, type=int, help="Paper: 300 on COCO.")
-    g.add_argument("--lr", default=5e-4, type=float, help="Peak lr for a total batch of 256, scaled linearly.")
-    g.add_argument("--min_lr", default=1e-5, type=float, help="Final lr of the cosine schedule.")
-    g.add_argument("--warmup_epochs", default=10, type=int, help="Linear lr warm-up epochs.")
-    g.add_argument("--weight_decay", default=0.04, type=float, help="Initial weight decay (cosine schedule).")
-    g.add_argument("--weight_decay_end", default=0.4, type=float, help="Final weight decay.")
-    g.add_argument("--clip_grad", default=0.0, type=float,
+    g.add_argument("--epochs", default=DEFAULTS.epochs, type=int, help="Paper: 300 on COCO.")
+    g.add_argument("--lr", default=DEFAULTS.lr, type=float, help="Peak lr for a total batch of 256, scaled linearly.")
+    g.add_argument("--min_lr", default=DEFAULTS.min_lr, type=float, help="Final lr of the cosine schedule.")
+    g.add_argument("--warmup_epochs", default=DEFAULTS.warmup_epochs, type=int, help="Linear lr warm-up epochs.")
+    g.add_argument("--weight_decay", default=DEFAULTS.weight_decay, type=float,
+                   help="Initial weight decay (cosine schedule).")
+    g.add_argument("--weight_decay_end", default=DEFAULTS.weight_decay_end, type=float, help="Final weight decay.")
+    g.add_argument("--clip_grad", default=DEFAULTS.clip_grad, type=float,
                    help="Max gradient norm per parameter; 0 disables (paper: none; official default 3.0).")
-    g.add_argument("--freeze_last_layer", default=1, type=int, help="Epochs during which the heads' last layers "
-                                                                    "stay fixed (DINO: 1).")
+    g.add_argument("--freeze_last_layer", default=DEFAULTS.freeze_last_layer, type=int,
+                   help="Epochs during which the heads' last layers stay fixed (DINO: 1).")
 
-    g = p.add_argument_group("data")
+
+def add_data_args(g):
     g.add_argument("--data_path", nargs="+", default=None,
                    help="Image folder(s), searched recursively (COCO+: train2017 unlabeled2017). "
                         "Default: the built-in synthetic scenes.")
-    g.add_argument("--img_size", default=224, type=int, help="Size of both views.")
-    g.add_argument("--global_crops_scale", nargs=2, default=(0.25, 1.0), type=float, help="Crop scale range.")
+    g.add_argument("--img_size", default=DEFAULTS.img_size, type=int, help="Size of both views.")
+    g.add_argument("--global_crops_scale", nargs=2, default=DEFAULTS.global_crops_scale, type=float,
+                   help="Crop scale range.")
     g.add_argument("--synthetic_images", default=2000, type=int, help="Size of the synthetic dataset.")
     g.add_argument("--synthetic_size", default=128, type=int, help="Side of the synthetic scene images.")
     g.add_argument("--synthetic_grey", default=False, type=bool_flag,
@@ -123,7 +149,8 @@ def get_args_parser():
                         "tells two instances apart (default false: random colours per instance).")
     g.add_argument("--num_workers", default=8, type=int, help="Data loading workers per process.")
 
-    g = p.add_argument_group("run")
+
+def add_run_args(g):
     g.add_argument("--output_dir", default="output", help="Checkpoints, log.txt and config.json go here.")
     g.add_argument("--saveckp_freq", default=20, type=int, help="Keep checkpoint{epoch:04}.pth every N epochs.")
     g.add_argument("--seed", default=0, type=int, help="Seed; each rank uses seed + rank.")
@@ -153,7 +180,6 @@ def get_args_parser():
     g.add_argument("--eval_args", default="--img_size 96 --n_last_blocks 1 --seeds 0 --n_pictures 0",
                    help="Further eval_kmeans.py flags of --eval_every (quick ones by default: 96 px, the last "
                         "block, one k-means seed).")
-    return p
 
 
 def check_args(args):
@@ -195,6 +221,204 @@ def check_args(args):
     need(args.data_path or args.synthetic_images >= 1, "synthetic_images", "must be at least 1")
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Training (DINO's train_dino and train_one_epoch)
+# --------------------------------------------------------------------------------------------------------------
+def main(args):
+    check_args(args)  # before any work: a bad flag costs no process group, no dataset scan
+    rank, world, local_rank, device = init_distributed(args.dist_timeout, args.dist_backend)
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    if args.k_max is None:
+        args.k_max = args.k_start
+    if device.type == "cpu" and args.precision != "fp32":
+        args.precision = "fp32"  # autocast on CPU would be bf16 and slow; the paper's fp16 is a GPU setting
+    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
+    ckpt = prepare_output_dir(args, ckpt_path)  # prints the config; None: a new run
+
+    # ============ preparing data ... ============
+    dataset = data.pretraining_dataset(args)  # a bad --data_path fails here, before any model work
+    sampler, loader = pretraining_loader(dataset, rank, world, device, args)
+
+    # ============ building student and teacher networks ... ============
+    student, teacher = build_student_teacher(  # same init; the teacher: no stochastic depth, no gradient
+        args.arch, args.patch_size, args.out_dim, args.out_dim_c, head_hidden_dim=args.head_hidden_dim,
+        norm_last_layer=args.norm_last_layer, use_bn_in_head=args.use_bn_in_head, drop_path_rate=args.drop_path_rate)
+    student, teacher = student.to(device), teacher.to(device)
+    ddp_student = student
+    if world > 1:
+        ddp_student = nn.parallel.DistributedDataParallel(
+            student, device_ids=[local_rank] if device.type == "cuda" else None,
+            find_unused_parameters=args.alpha == 0)  # plain DINO never uses the centroid last layer
+    teacher.load_state_dict(student.state_dict())  # after DDP has broadcast rank 0's student
+    torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own crops, seeds and drop paths
+    np.random.seed(args.seed + rank)
+
+    # ============ preparing loss / optimizer / schedules ... ============
+    loss_fn = CrOCLoss(args.out_dim, args.out_dim_c, args.warmup_teacher_temp, args.teacher_temp,
+                       args.warmup_teacher_temp_epochs, args.epochs, student_temp=args.student_temp,
+                       center_momentum=args.center_momentum).to(device)
+    optimizer = torch.optim.AdamW(param_groups(student))
+    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    iters = len(loader)
+    total_batch = args.batch_size_per_gpu * world
+    lr_sched = cosine_schedule(args.lr * total_batch / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
+    wd_sched = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
+    mom_sched = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
+
+    # ============ optionally resuming from a checkpoint ... ============
+    parts = {"student": student, "teacher": teacher, "optimizer": optimizer, "scaler": scaler, "loss": loss_fn}
+    # where an epoch's order is fixed: a checkpoint taken mid-epoch continues only under the same order
+    order = {"images": len(dataset), "world_size": world, "batch_size_per_gpu": args.batch_size_per_gpu,
+             "seed": args.seed}
+    start_epoch, start_step, partial, history, ckpt_rng = resume_from(ckpt, ckpt_path, parts, order, iters, args)
+    del ckpt
+    cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.dist_timeout)) \
+        if dist.is_initialized() else None  # stop flag and random states: CPU collectives, no device sync
+
+    # ============ training ... ============
+    if args.visualize_every > 0 and is_main_process() and start_epoch == 0 and not start_step:
+        draw_initial_clusters(teacher, args, device)
+    stop = StopFlag(cpu_group)  # from here on, SIGTERM, SIGINT and SIGHUP save the run and exit
+    generator = torch.Generator(device=device).manual_seed(args.seed * 1000 + rank)  # the clustering's seeds
+    restore_rng(ckpt_rng, generator, rank, world, ckpt_path)
+    if start_epoch >= args.epochs and is_main_process():
+        print(f"{ckpt_path} has already trained {start_epoch} epochs of --epochs {args.epochs}: nothing to do")
+    for epoch in range(start_epoch, args.epochs):
+        first = start_step if epoch == start_epoch else 0  # steps of this epoch done before a resume
+        sampler.set_epoch(epoch, skip=first * args.batch_size_per_gpu)
+        # ============ training one epoch of CrOC ... ============
+        t0 = time.time()
+        sums, skipped, steps, stopped = train_one_epoch(
+            ddp_student, teacher, loss_fn, optimizer, scaler, loader, (lr_sched, wd_sched, mom_sched), epoch,
+            generator, autocast, stop, args, first, partial if first else None)
+        if stopped:  # by a signal, mid-epoch: save the steps done and the epoch's sums so far, then exit
+            save_checkpoint(ckpt_path, parts, epoch, args, history, generator, cpu_group,
+                            partial_epoch(sums, skipped, steps, order))
+            return finish_run(stop, f"saved {ckpt_path} at epoch {epoch}, step {steps} of {iters}")
+        elapsed = time.time() - t0
+        # ============ writing logs and the checkpoint ... ============
+        means = (all_reduce(torch.stack([v / steps for v in sums.values()])) / world).tolist()
+        last = (epoch + 1) * iters - 1  # the epoch's last step
+        log = {"epoch": epoch, **dict(zip(sums.keys(), means)), "lr": float(lr_sched[last]),
+               "wd": float(wd_sched[last]), "momentum": float(mom_sched[last]),
+               "images_per_s": (steps - first) * total_batch / elapsed,
+               "skipped_files": round(all_reduce(skipped).item()), "teacher_sync_error": teacher_sync_error(teacher)}
+        if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
+            eval_during_training(teacher, args, epoch + 1, stop, log)
+        history.append(log)
+        # in this order, so that a kill between two writes loses nothing: the checkpoint holds the log records,
+        # and a resumed run restores checkpointNNNN.pth and the log lines it finds missing
+        state = save_checkpoint(ckpt_path, parts, epoch + 1, args, history, generator, cpu_group)
+        if is_main_process():
+            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
+                save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
+            del state
+            if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
+                draw_clusters(args, device, epoch + 1, ckpt_path, stop)
+            append_line(os.path.join(args.output_dir, "log.txt"), json.dumps(log))
+            print(json.dumps(log))
+        if epoch + 1 < args.epochs and stop.should_stop():
+            return finish_run(stop, f"saved {ckpt_path} at the end of epoch {epoch}")
+    finish_run(stop)
+
+
+def train_one_epoch(student, teacher, loss_fn, optimizer, scaler, loader, schedules, epoch, generator, autocast,
+                    stop, args, first=0, partial=None):
+    """One epoch of CrOC steps: the schedules' values, then model.train_step and model.optimizer_step.
+
+    student: DDP-wrapped in a distributed run; schedules: the per-step lr, weight decay and teacher momentum;
+    first and partial: the steps of this epoch done before a resume, and the checkpoint's record of them.
+    -> (sums, skipped, steps, stopped): this rank's logged statistics summed over the epoch's steps (device
+    tensors), the unreadable files replaced, the steps done (first included), and whether a stop signal ended
+    the epoch before its last step."""
+    lr_schedule, wd_schedule, momentum_schedule = schedules
+    plain_student = student.module if isinstance(student, nn.parallel.DistributedDataParallel) else student
+    device, world = next(teacher.parameters()).device, world_size()
+    iters = first + len(loader)  # the epoch's steps: on a resume, the sampler skips the samples of the first ones
+    plain_student.train()
+    sums, steps = {}, first
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+    skipped = torch.zeros((), device=device)
+    if first:  # the epoch's sums so far, all ranks together: spread so that the epoch's mean comes out whole
+        sums = {k: torch.tensor(v / world, device=device) for k, v in partial["sums"].items()}
+        skipped += partial["skipped"] / world
+    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(), leave=False,
+               total=iters, initial=first)
+    for it, (views, positions, n_skipped) in enumerate(bar, start=first):
+        step = epoch * iters + it  # the global step: the schedules' index
+        for i, group in enumerate(optimizer.param_groups):
+            group["lr"] = float(lr_schedule[step])
+            if i == 0:  # the weights; biases and norms have no weight decay (model.param_groups)
+                group["weight_decay"] = float(wd_schedule[step])
+        views = views.to(device, non_blocking=True)
+        positions = positions.to(device, non_blocking=True)
+        loss, stats = train_step(student, teacher, loss_fn, views, positions, epoch, generator, autocast,
+                                 alpha=args.alpha, which_features=args.which_features, cluster_settings=args)
+        optimizer_step(plain_student, teacher, optimizer, scaler, loss, epoch, float(momentum_schedule[step]),
+                       clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer)
+        nonfinite |= ~torch.isfinite(loss.detach())
+        skipped += n_skipped.sum().to(device)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0) + v
+        steps += 1
+        if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the only host syncs of the loop: logging
+            raise_if_nonfinite(nonfinite, epoch, it, args)
+            shown = ("loss", "teacher_entropy")  # the losses and the collapse diagnostic, epoch means so far
+            bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith(shown)})
+        # the stop flag is agreed on every step, so that all ranks leave after the same step: a CPU all-reduce
+        # of one number (gloo), which waits for the other ranks' CPUs, never for a device
+        if stop.should_stop() and it + 1 < iters:
+            raise_if_nonfinite(nonfinite, epoch, it, args)  # never save a non-finite state
+            return sums, skipped, steps, True
+    return sums, skipped, steps, False
+
+
+def pretraining_loader(dataset, rank, world, device, args):
+    """-> (sampler, loader) of this rank's share of the images, each giving two views and their positions."""
+    # the epoch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index): a run
+    # resumed mid-epoch skips the batches it has seen, unloaded, and draws the same views as an uninterrupted run
+    sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(data.SeededSamples(dataset, args.seed), sampler=sampler,
+                                         batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda", drop_last=True,
+                                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
+                                         generator=torch.Generator().manual_seed(args.seed))  # global RNG untouched
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
+                         f"{args.batch_size_per_gpu} on {world} process(es)")
+    return sampler, loader
+
+
+def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
+    """DINO's per-iteration schedule: linear warm-up then cosine from base to final."""
+    warmup = np.linspace(warmup_start, base, warmup_epochs * iters_per_epoch)
+    steps = np.arange(epochs * iters_per_epoch - len(warmup))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(len(steps), 1)))
+    return np.concatenate([warmup, cosine])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Starting and resuming a run: config.json, flag changes, log repair, random states (exact resume)
+# --------------------------------------------------------------------------------------------------------------
+def prepare_output_dir(args, ckpt_path):
+    """Create output_dir and remove what a killed write left there; read the checkpoint to resume from and refuse
+    a flag change it cannot take (resume_changes: config.json stays intact); print the config, warn of the other
+    changed flags, write config.json. -> the checkpoint, or None for a new run."""
+    os.makedirs(args.output_dir, exist_ok=True)
+    if is_main_process():
+        remove_temporary_files(args.output_dir)
+    ckpt = torch_load(ckpt_path) if os.path.isfile(ckpt_path) else None
+    changes = resume_changes(ckpt.get("args", {}), args) if ckpt is not None else []  # refused: config.json intact
+    if is_main_process():
+        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        for change in changes:
+            print(f"warning: resuming {ckpt_path} with {change}", file=sys.stderr)
+        save_atomic(json.dumps(vars(args), indent=2).encode(), os.path.join(args.output_dir, "config.json"))
+    return ckpt
+
+
 # Resuming with other flags. These fix the shapes of the saved weights or the optimizer's parameter groups: the
 # checkpoint cannot be loaded under other values.
 STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "head_hidden_dim", "norm_last_layer", "use_bn_in_head")
@@ -221,48 +445,6 @@ def _as_saved(v):
     return list(v) if isinstance(v, tuple) else v  # a checkpoint stores tuples as lists
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, resume, SIGTERM
-# --------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def teacher_sync_error(teacher):
-    """Largest spread across ranks of the teacher's parameter sum and sum of squares: 0 when all ranks hold the
-    same teacher (a cheap per-epoch check that the EMA and DDP keep the replicas identical)."""
-    params = list(teacher.parameters())
-    stats = torch.stack([sum(p.double().sum() for p in params), sum(p.double().square().sum() for p in params)])
-    if not dist.is_initialized():
-        return 0.0
-    hi, lo = stats.clone(), stats.clone()
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    return (hi - lo).max().item()
-
-
-def fsync_dir(path):
-    """Make a rename in folder path durable (POSIX: the folder entry is flushed separately from the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, flush it to the disk, rename it over path, flush the folder.
-    A kill at any point leaves the old file or the new one, never half of one; only the temporary file can
-    remain, and the next start removes it (remove_temporary_files)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if isinstance(obj, bytes):
-            f.write(obj)
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
 def remove_temporary_files(output_dir):
     """Delete what save_atomic leaves behind when killed mid-write (checkpoint.pth.tmp<pid>, possibly GBs)."""
     for name in os.listdir(output_dir):
@@ -271,11 +453,40 @@ def remove_temporary_files(output_dir):
             os.remove(os.path.join(output_dir, name))
 
 
-def append_line(path, line):
-    with open(path, "a") as f:
-        f.write(line + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+def resume_from(ckpt, ckpt_path, parts, order, iters, args):
+    """Load a checkpoint's states into parts (student, teacher, optimizer, scaler, loss); ckpt None: a new run.
+    -> (start_epoch, start_step, partial, history, rng): partial is the record of a stop mid-epoch (partial_epoch),
+    or None when the epoch starts from its first batch (also when its order changed, with a warning); rng: every
+    rank's random states. Rank 0 also restores what a kill between the checkpoint and the next writes left out:
+    log.txt's lines and checkpointNNNN.pth."""
+    if ckpt is None:
+        return 0, 0, None, [], None
+    for name in ("student", "teacher", "optimizer", "loss"):
+        parts[name].load_state_dict(ckpt[name])
+    if ckpt["scaler"] and parts["scaler"].is_enabled():  # empty when saved without fp16 (--precision changed: warned)
+        parts["scaler"].load_state_dict(ckpt["scaler"])
+    start_epoch, history, rng = ckpt["epoch"], ckpt.get("log", []), ckpt.get("rng")
+    partial = ckpt.get("partial_epoch")
+    if partial is not None and partial["order"] != order:
+        if is_main_process():
+            print(f"warning: {ckpt_path} stopped at step {partial['steps']} of epoch {start_epoch} under "
+                  f"{partial['order']}, now {order}: that epoch order cannot continue, the epoch restarts "
+                  f"from its first batch", file=sys.stderr)
+        partial = None
+    start_step = partial["steps"] if partial is not None else 0
+    if is_main_process():
+        print(f"resumed from {ckpt_path} at epoch {start_epoch}"
+              + (f", step {start_step} of {iters}" if start_step else ""))
+        # writes the last start may have been killed between (checkpoint, checkpointNNNN.pth, log line)
+        for epoch in repair_log(os.path.join(args.output_dir, "log.txt"), history, start_epoch):
+            print(f"log.txt: restored the line of epoch {epoch} from {ckpt_path}")
+        kept = os.path.join(args.output_dir, f"checkpoint{start_epoch:04}.pth")
+        if (not start_step and start_epoch and args.saveckp_freq and start_epoch % args.saveckp_freq == 0
+                and not os.path.exists(kept)):
+            with open(ckpt_path, "rb") as f:
+                save_atomic(f.read(), kept)
+            print(f"restored {kept} from {ckpt_path}")
+    return start_epoch, start_step, partial, history, rng
 
 
 def repair_log(path, records, start_epoch):
@@ -302,6 +513,117 @@ def repair_log(path, records, start_epoch):
     return sorted(missing)
 
 
+def restore_rng(saved, generator, rank, world, ckpt_path):
+    """Continue this rank's random streams (drop path, the clustering's seeds) where the checkpoint left them;
+    saved: every rank's rng_state, None for a new run. Written by another number of processes: warn, start
+    afresh."""
+    if saved is not None and len(saved) == world:
+        set_rng_state(saved[rank], generator)
+    elif saved is not None and is_main_process():
+        print(f"warning: {ckpt_path} was written by {len(saved)} process(es), this run has {world}: the random "
+              f"streams start afresh", file=sys.stderr)
+
+
+def rng_state(generator):
+    """This rank's random streams (drop path, the clustering's seeds) for an exact resume."""
+    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+    if generator.device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(generator.device)
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["generator"])
+    if "cuda" in state and generator.device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], generator.device)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints and durable writes (a kill at any point leaves a whole file), per-epoch checks
+# --------------------------------------------------------------------------------------------------------------
+def save_checkpoint(path, parts, epoch, args, history, generator, cpu_group, partial_epoch=None):
+    """Called on every rank (the random states are gathered); rank 0 writes the states of parts (student, teacher,
+    optimizer, scaler, loss), epoch, the flags, every rank's random states and the log records. partial_epoch: the
+    steps done in epoch and the epoch's sums so far, for a stop mid-epoch; None when epoch is the next one to
+    start. -> the state written on rank 0, None on the others."""
+    rng = [rng_state(generator)]
+    if cpu_group is not None:
+        rng = [None] * world_size()
+        dist.all_gather_object(rng, rng_state(generator), group=cpu_group)
+    if is_main_process():
+        state = {name: part.state_dict() for name, part in parts.items()}
+        state.update({"epoch": epoch, "args": vars(args), "rng": rng, "log": history, "partial_epoch": partial_epoch})
+        save_atomic(state, path)
+        return state
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, flush it to the disk, rename it over path, flush the folder.
+    A kill at any point leaves the old file or the new one, never half of one; only the temporary file can
+    remain, and the next start removes it (remove_temporary_files)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        if isinstance(obj, bytes):
+            f.write(obj)
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path):
+    """Make a rename in folder path durable (POSIX: the folder entry is flushed separately from the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def append_line(path, line):
+    """Append one line and flush it to the disk (log.txt: one JSON line per epoch)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def partial_epoch(sums, skipped, steps, order):
+    """The record of an epoch a stop signal ended: the steps done, the epoch's order, and its sums so far over all
+    ranks (train_one_epoch spreads them back over the ranks on resume)."""
+    names = list(sums)
+    totals = all_reduce(torch.stack([sums[k] for k in names] + [skipped.float()])).tolist()
+    return {"steps": steps, "order": order, "sums": dict(zip(names, totals)), "skipped": totals[-1]}
+
+
+def raise_if_nonfinite(nonfinite, epoch, it, args):
+    """FloatingPointError on every rank once any rank has had a non-finite loss (nonfinite: this rank's flag)."""
+    if bool(all_reduce(nonfinite.float()) > 0):
+        raise FloatingPointError(
+            f"non-finite loss at epoch {epoch}, step {it}: stopping; {os.path.join(args.output_dir, 'checkpoint.pth')} "
+            "holds the last good state. Try --precision bf16, a lower --lr, --clip_grad 3.0 or a lower --teacher_temp.")
+
+
+@torch.no_grad()
+def teacher_sync_error(teacher):
+    """Largest spread across ranks of the teacher's parameter sum and sum of squares: 0 when all ranks hold the
+    same teacher (a cheap per-epoch check that the EMA and DDP keep the replicas identical)."""
+    params = list(teacher.parameters())
+    stats = torch.stack([sum(p.double().sum() for p in params), sum(p.double().square().sum() for p in params)])
+    if not dist.is_initialized():
+        return 0.0
+    hi, lo = stats.clone(), stats.clone()
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    return (hi - lo).max().item()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stop signals: SIGTERM, SIGINT and SIGHUP save the run, then it exits
+# --------------------------------------------------------------------------------------------------------------
 class StopFlag:
     """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
     flag: the step in progress finishes, and the loop saves and exits once all ranks have agreed on the flag
@@ -349,234 +671,19 @@ def stop_workers():
         worker.join()
 
 
-def rng_state(generator):
-    """This rank's random streams (drop path, the clustering's seeds) for an exact resume."""
-    state = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-    if generator.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(generator.device)
-    return state
+def finish_run(stop, stopped=None):
+    """Restore the signal handlers and leave the process group; stopped: what a signal made us save."""
+    stop.restore()
+    if stopped and is_main_process():
+        print(f"signal received: {stopped}; exiting. Re-run the same command to continue.")
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    generator.set_state(state["generator"])
-    if "cuda" in state and generator.device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], generator.device)
-
-
-def main(args):
-    check_args(args)  # before any work: a bad flag costs no process group, no dataset scan
-    rank, world, local_rank, device = init_distributed(args.dist_timeout, args.dist_backend)
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    if args.k_max is None:
-        args.k_max = args.k_start
-    if device.type == "cpu" and args.precision != "fp32":
-        args.precision = "fp32"  # autocast on CPU would be bf16 and slow; the paper's fp16 is a GPU setting
-    os.makedirs(args.output_dir, exist_ok=True)
-    if is_main_process():
-        remove_temporary_files(args.output_dir)
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    ckpt = torch_load(ckpt_path) if os.path.isfile(ckpt_path) else None
-    changes = resume_changes(ckpt.get("args", {}), args) if ckpt is not None else []  # refused: config.json intact
-    if is_main_process():
-        print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-        for change in changes:
-            print(f"warning: resuming {ckpt_path} with {change}", file=sys.stderr)
-        save_atomic(json.dumps(vars(args), indent=2).encode(), os.path.join(args.output_dir, "config.json"))
-
-    dataset = data.pretraining_dataset(args)  # a bad --data_path fails here, before any model work
-    # the epoch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index): a run
-    # resumed mid-epoch skips the batches it has seen, unloaded, and draws the same views as an uninterrupted run
-    sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(data.SeededSamples(dataset, args.seed), sampler=sampler,
-                                         batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
-                                         generator=torch.Generator().manual_seed(args.seed))  # global RNG untouched
-    if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
-                         f"{args.batch_size_per_gpu} on {world} process(es)")
-
-    student, teacher = build_student_teacher(args)  # same init; the teacher: no stochastic depth, no gradient
-    student, teacher = student.to(device), teacher.to(device)
-    ddp_student = student
-    if world > 1:
-        ddp_student = nn.parallel.DistributedDataParallel(
-            student, device_ids=[local_rank] if device.type == "cuda" else None,
-            find_unused_parameters=args.alpha == 0)  # plain DINO never uses the centroid last layer
-    teacher.load_state_dict(student.state_dict())  # after DDP has broadcast rank 0's student
-    torch.manual_seed(args.seed + rank)  # from here on, each rank draws its own crops, seeds and drop paths
-    np.random.seed(args.seed + rank)
-    loss_fn = CrOCLoss(args.out_dim, args.out_dim_c, args).to(device)
-    optimizer = torch.optim.AdamW(param_groups(student))
-    scaler = torch.amp.GradScaler("cuda", enabled=args.precision == "fp16")
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.precision)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-    iters = len(loader)
-    total_batch = args.batch_size_per_gpu * world
-    lr_sched = cosine_schedule(args.lr * total_batch / 256, args.min_lr, args.epochs, iters, args.warmup_epochs)
-    wd_sched = cosine_schedule(args.weight_decay, args.weight_decay_end, args.epochs, iters)
-    mom_sched = cosine_schedule(args.momentum_teacher, 1.0, args.epochs, iters)
-
-    # where an epoch's order is fixed: a checkpoint taken mid-epoch continues only under the same order
-    order = {"images": len(dataset), "world_size": world, "batch_size_per_gpu": args.batch_size_per_gpu,
-             "seed": args.seed}
-    start_epoch, start_step, partial, history, ckpt_rng = 0, 0, None, [], None
-    if ckpt is not None:
-        student.load_state_dict(ckpt["student"])
-        teacher.load_state_dict(ckpt["teacher"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["scaler"] and scaler.is_enabled():  # empty when saved without fp16 (--precision changed: warned)
-            scaler.load_state_dict(ckpt["scaler"])
-        loss_fn.load_state_dict(ckpt["loss"])
-        start_epoch, history, ckpt_rng = ckpt["epoch"], ckpt.get("log", []), ckpt.get("rng")
-        partial = ckpt.get("partial_epoch")
-        if partial is not None and partial["order"] != order:
-            if is_main_process():
-                print(f"warning: {ckpt_path} stopped at step {partial['steps']} of epoch {start_epoch} under "
-                      f"{partial['order']}, now {order}: that epoch order cannot continue, the epoch restarts "
-                      f"from its first batch", file=sys.stderr)
-            partial = None
-        start_step = partial["steps"] if partial is not None else 0
-        if is_main_process():
-            print(f"resumed from {ckpt_path} at epoch {start_epoch}"
-                  + (f", step {start_step} of {iters}" if start_step else ""))
-            # writes the last start may have been killed between (checkpoint, checkpointNNNN.pth, log line)
-            for epoch in repair_log(os.path.join(args.output_dir, "log.txt"), history, start_epoch):
-                print(f"log.txt: restored the line of epoch {epoch} from {ckpt_path}")
-            kept = os.path.join(args.output_dir, f"checkpoint{start_epoch:04}.pth")
-            if (not start_step and start_epoch and args.saveckp_freq and start_epoch % args.saveckp_freq == 0
-                    and not os.path.exists(kept)):
-                with open(ckpt_path, "rb") as f:
-                    save_atomic(f.read(), kept)
-                print(f"restored {kept} from {ckpt_path}")
-    del ckpt
-    cpu_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(minutes=args.dist_timeout)) \
-        if dist.is_initialized() else None  # stop flag and random states: CPU collectives, no device sync
-
-    def checkpoint(epoch, partial_epoch=None):
-        """On every rank (the random states are gathered); rank 0 writes. partial_epoch: the steps done in epoch
-        and the epoch's sums so far, for a stop mid-epoch; None when epoch is the next one to start."""
-        rng = [rng_state(generator)]
-        if cpu_group is not None:
-            rng = [None] * world
-            dist.all_gather_object(rng, rng_state(generator), group=cpu_group)
-        if is_main_process():
-            state = {"student": student.state_dict(), "teacher": teacher.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                     "loss": loss_fn.state_dict(), "epoch": epoch, "args": vars(args), "rng": rng, "log": history,
-                     "partial_epoch": partial_epoch}
-            save_atomic(state, ckpt_path)
-            return state
-
-    def draw_clusters(epochs_done, weights, stop=None):
-        """Rank 0: visualize.py, in a process of its own, draws the teacher in weights on a fixed batch (the first 4
-        training images, cropped with --seed) to clusters_epochNNNN.png. Training's random streams are untouched."""
-        path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
-        run_script("visualize.py", ["--weights", weights, "--training_images", "4", "--seed", str(args.seed),
-                                    "--device", str(device), "--output", path], "--visualize_every", stop)
-
-    if args.visualize_every > 0 and is_main_process() and start_epoch == 0 and not start_step:
-        initial = os.path.join(args.output_dir, f"checkpoint0000.pth.tmp{os.getpid()}")  # a crash: the next start
-        torch.save({"teacher": teacher.state_dict(), "args": vars(args), "epoch": 0}, initial)  # removes it
-        try:
-            draw_clusters(0, initial)
-        finally:
-            os.remove(initial)
-
-    stop = StopFlag(cpu_group)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(args.seed * 1000 + rank)
-    if ckpt_rng is not None and len(ckpt_rng) == world:
-        set_rng_state(ckpt_rng[rank], generator)  # drop path and clustering seeds continue where they were
-    elif ckpt_rng is not None and is_main_process():
-        print(f"warning: {ckpt_path} was written by {len(ckpt_rng)} process(es), this run has {world}: the random "
-              f"streams start afresh", file=sys.stderr)
-
-    def check_finite(it):
-        if bool(all_reduce(nonfinite.float()) > 0):
-            raise FloatingPointError(
-                f"non-finite loss at epoch {epoch}, step {it}: stopping; {ckpt_path} holds the last good "
-                "state. Try --precision bf16, a lower --lr, --clip_grad 3.0 or a lower --teacher_temp.")
-
-    if start_epoch >= args.epochs and is_main_process():
-        print(f"{ckpt_path} has already trained {start_epoch} epochs of --epochs {args.epochs}: nothing to do")
-    for epoch in range(start_epoch, args.epochs):
-        first = start_step if epoch == start_epoch else 0  # steps of this epoch done before a resume
-        sampler.set_epoch(epoch, skip=first * args.batch_size_per_gpu)
-        student.train()
-        sums, steps, t0 = {}, first, time.time()
-        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
-        skipped = torch.zeros((), device=device)
-        if first:  # the epoch's sums so far, all ranks together: spread so that the epoch's mean comes out whole
-            sums = {k: torch.tensor(v / world, device=device) for k, v in partial["sums"].items()}
-            skipped += partial["skipped"] / world
-        bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(), leave=False,
-                   total=iters, initial=first)
-        for it, (views, positions, n_skipped) in enumerate(bar, start=first):
-            step = epoch * iters + it
-            for i, group in enumerate(optimizer.param_groups):
-                group["lr"] = float(lr_sched[step])
-                if i == 0:
-                    group["weight_decay"] = float(wd_sched[step])
-            views = views.to(device, non_blocking=True)
-            positions = positions.to(device, non_blocking=True)
-            loss, stats = train_step(ddp_student, teacher, loss_fn, views, positions, epoch, args, generator,
-                                     autocast)
-            optimizer_step(student, teacher, optimizer, scaler, loss, epoch, float(mom_sched[step]), args)
-            nonfinite |= ~torch.isfinite(loss.detach())
-            skipped += n_skipped.sum().to(device)
-            for k, v in stats.items():
-                sums[k] = sums.get(k, 0) + v
-            steps += 1
-            if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the only host syncs of the loop: logging
-                check_finite(it)
-                shown = ("loss", "teacher_entropy")  # the losses and the collapse diagnostic, epoch means so far
-                bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith(shown)})
-            # the stop flag is agreed on every step, so that all ranks leave after the same step: a CPU all-reduce
-            # of one number (gloo), which waits for the other ranks' CPUs, never for a device
-            if stop.should_stop() and it + 1 < iters:
-                check_finite(it)  # never save a non-finite state
-                names = list(sums)
-                totals = all_reduce(torch.stack([sums[k] for k in names] + [skipped.float()])).tolist()
-                checkpoint(epoch, {"steps": it + 1, "order": order, "sums": dict(zip(names, totals)),
-                                   "skipped": totals[-1]})
-                return finish(stop, f"saved {ckpt_path} at epoch {epoch}, step {it + 1} of {iters}")
-        elapsed = time.time() - t0
-        means = torch.stack([v / steps for v in sums.values()])
-        means = (all_reduce(means) / world).tolist()
-        log = {"epoch": epoch, **dict(zip(sums.keys(), means)), "lr": float(lr_sched[step]),
-               "wd": float(wd_sched[step]), "momentum": float(mom_sched[step]),
-               "images_per_s": (steps - first) * total_batch / elapsed,
-               "skipped_files": round(all_reduce(skipped).item()), "teacher_sync_error": teacher_sync_error(teacher)}
-        if args.eval_every > 0 and (epoch + 1) % args.eval_every == 0:
-            if is_main_process():
-                miou = dense_eval(teacher, args, epoch + 1, stop)
-                if miou is None:  # the run's stop signal ended the evaluation: the epoch is saved without it
-                    print(f"--eval_every: the evaluation after epoch {epoch} was ended by a stop signal; the epoch "
-                          "is logged without eval_kmeans_miou", file=sys.stderr)
-                else:
-                    log["eval_kmeans_miou"] = miou
-            if dist.is_initialized():
-                dist.barrier(group=stop.group)  # the other ranks wait on the CPU group, not on a device
-        history.append(log)
-        # in this order, so that a kill between two writes loses nothing: the checkpoint holds the log records,
-        # and a resumed run restores checkpointNNNN.pth and the log lines it finds missing
-        state = checkpoint(epoch + 1)
-        if is_main_process():
-            if args.saveckp_freq and (epoch + 1) % args.saveckp_freq == 0:
-                save_atomic(state, os.path.join(args.output_dir, f"checkpoint{epoch + 1:04}.pth"))
-            del state
-            if args.visualize_every > 0 and (epoch + 1) % args.visualize_every == 0:
-                draw_clusters(epoch + 1, ckpt_path, stop)
-            append_line(os.path.join(args.output_dir, "log.txt"), json.dumps(log))
-            print(json.dumps(log))
-        if epoch + 1 < args.epochs and stop.should_stop():
-            return finish(stop, f"saved {ckpt_path} at the end of epoch {epoch}")
-    finish(stop)
-
-
+# --------------------------------------------------------------------------------------------------------------
+# Scripts run during training, each as a process of its own: visualize.py, eval_kmeans.py
+# --------------------------------------------------------------------------------------------------------------
 def run_script(name, arguments, flag, stop=None):
     """Run this repository's script `name` as a process of its own (the scripts do not import each other), out
     of torchrun's variables; a failure raises with the end of its output. -> True when it ran to its end.
@@ -597,6 +704,24 @@ def run_script(name, arguments, flag, stop=None):
         raise RuntimeError(f"{flag}: {name} failed (exit {proc.returncode}); the run's checkpoint is intact. Its "
                            f"last output:\n{(proc.stdout + proc.stderr)[-2000:]}")
     return True
+
+
+def draw_clusters(args, device, epochs_done, weights, stop=None):
+    """Rank 0: visualize.py, in a process of its own, draws the teacher in weights on a fixed batch (the first 4
+    training images, cropped with --seed) to clusters_epochNNNN.png. Training's random streams are untouched."""
+    path = os.path.join(args.output_dir, f"clusters_epoch{epochs_done:04}.png")
+    run_script("visualize.py", ["--weights", weights, "--training_images", "4", "--seed", str(args.seed),
+                                "--device", str(device), "--output", path], "--visualize_every", stop)
+
+
+def draw_initial_clusters(teacher, args, device):
+    """--visualize_every, before the first epoch: the initial teacher, saved to a temporary file for visualize.py."""
+    initial = os.path.join(args.output_dir, f"checkpoint0000.pth.tmp{os.getpid()}")  # a crash: the next start
+    torch.save({"teacher": teacher.state_dict(), "args": vars(args), "epoch": 0}, initial)  # removes it
+    try:
+        draw_clusters(args, device, 0, initial)
+    finally:
+        os.remove(initial)
 
 
 def dense_eval(teacher, args, epochs_done, stop):
@@ -620,14 +745,17 @@ def dense_eval(teacher, args, epochs_done, stop):
         return 100 * float(json.load(f)["miou_mean"])
 
 
-def finish(stop, stopped=None):
-    """Restore the signal handlers and leave the process group; stopped: what a signal made us save."""
-    stop.restore()
-    if stopped and is_main_process():
-        print(f"signal received: {stopped}; exiting. Re-run the same command to continue.")
+def eval_during_training(teacher, args, epochs_done, stop, log):
+    """--eval_every: rank 0 runs dense_eval and adds eval_kmeans_miou to log; the other ranks wait for it."""
+    if is_main_process():
+        miou = dense_eval(teacher, args, epochs_done, stop)
+        if miou is None:  # the run's stop signal ended the evaluation: the epoch is saved without it
+            print(f"--eval_every: the evaluation after epoch {epochs_done - 1} was ended by a stop signal; the epoch "
+                  "is logged without eval_kmeans_miou", file=sys.stderr)
+        else:
+            log["eval_kmeans_miou"] = miou
     if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        dist.barrier(group=stop.group)  # the other ranks wait on the CPU group, not on a device
 
 
 if __name__ == "__main__":
