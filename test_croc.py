@@ -2400,8 +2400,9 @@ def test_repro_script_is_valid_bash_and_its_training_flags_parse():
 
 def _repro_quick(tmp_path, grey):
     out = tmp_path / "repro"
-    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey)), "BN": str(int(grey)),
-           "HEAD_HIDDEN": "64" if grey else "2048"}
+    env = {"QUICK": "1", "PYTHON": sys.executable, "GREY": str(int(grey))}
+    if grey:  # the recipe's other switches too: no BatchNorm head, another width
+        env.update(BN="0", HEAD_HIDDEN="64")
     return out, run(["bash", "repro.sh", str(out)], env, timeout=900)
 
 
@@ -2409,8 +2410,9 @@ def _repro_quick(tmp_path, grey):
 @pytest.mark.parametrize("grey", [False, True])
 def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(early_run, grey):
     """QUICK=1 bash repro.sh: data, both pretrainings with --eval_every, the curves, and the three evaluations of
-    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing). GREY=1 BN=1: the same in
-    the grey world, trained and evaluated on grey scenes, with a narrow BatchNorm head (one run tests all three)."""
+    one model on tiny data, so that the recipe cannot rot (its numbers mean nothing): the default recipe (the
+    BatchNorm head, 512 wide), and GREY=1 BN=0 HEAD_HIDDEN=64: the grey world, trained and evaluated on grey
+    scenes, without the BatchNorm head and with a narrow one (one run tests all three)."""
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| croc |" in proc.stdout
@@ -2419,8 +2421,8 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
         assert "eval_kmeans_miou" in json.loads((out / name / "log.txt").read_text().splitlines()[-1])
         config = json.loads((out / name / "config.json").read_text())
         assert config["synthetic_grey"] is grey and (config["eval_data_path"] == str(out / "data")) is grey
-        assert config["use_bn_in_head"] is grey and config["epochs"] == 1
-        assert config["head_hidden_dim"] == (64 if grey else 2048)
+        assert config["use_bn_in_head"] is not grey and config["epochs"] == 1
+        assert config["head_hidden_dim"] == (64 if grey else 512)
     assert json.loads((out / "data/VOCdevkit/VOC2012/synthetic.json").read_text())["grey"] is grey
     # the table over several runs (one per seed): mean +- std, and CrOC's K statistics from its log
     table = run(["bash", "repro.sh", "--table", str(out), str(out)], {"PYTHON": sys.executable}, timeout=120)
@@ -2431,7 +2433,7 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
 
 
 def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
-    """DINO=0 bash repro.sh: the CrOC pipeline alone (the declared ablation beside a finished OUT of the same seed).
+    """DINO=0 bash repro.sh: the CrOC pipeline alone (the lambda_pos ablation beside a finished OUT of the same seed).
     Seconds, not a whole QUICK run: a CrOC flag that train.py refuses (--lambda_pos -1) ends it at its start, and
     what the script left shows which pipelines ran. The success path is the QUICK test's pipeline."""
     out = tmp_path / "repro"
