@@ -14,8 +14,12 @@ val split. Two protocols:
   (`configs/_base_/datasets/ade20k.py`: random resize 0.5-2.0 of (2048, 512), 512 crop with cat_max_ratio 0.75,
   flip, photometric distortion), the 40k poly schedule (`configs/_base_/schedules/schedule_40k.py`, power 0.9),
   sliding inference (512 windows, stride 341) on the image resized to short side 512, logits resized back to
-  the original image and scored there. Departures (README): Adam as App. C's linear probe (the sweep's learning
-  rates are Adam's, not SGD's), the poly floor scaled to 1% of each learning rate, no weight decay.
+  the original image and scored there; label 0 ("other") ignored (`reduce_zero_label`). Where it departs from
+  MMSegmentation: Adam without weight decay as App. C's linear probe, not SGD (the sweep's learning rates are
+  Adam's); the poly floor at 1% of each learning rate (schedule_40k.py's absolute 1e-4 would exceed two of the
+  swept rates); the head is FCNHead with num_convs=0 on the concatenated blocks; the photometric distortion in
+  Pillow's HSV; padding with 0 after normalisation (the mean colour), ignored by the loss either way; windows
+  smaller than 512 padded to 512; only the final head scored (MMSegmentation also validates every 4,000 steps).
 
 Every (n_b, lr) pair gets its own head; all heads see the same batches and the same features, so one feature
 pass serves the whole learning-rate sweep and every n_b. Each head's result is printed and written, then the
