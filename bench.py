@@ -25,7 +25,7 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange, reduce, repeat
+from einops import rearrange, repeat
 from torch.nn.utils.rnn import pad_sequence
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
