@@ -9,7 +9,7 @@ Sections, the paper's part first
   6. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
   7. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
   8. Plumbing: seeded, resumable sampling (train.py)
-  9. Plumbing: reading and checking image and mask files
+  9. Plumbing: input errors; reading and checking image and mask files
  10. Command line
 
 Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1) x [i, i+1), so its centre is
@@ -774,8 +774,34 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 9. Plumbing: reading and checking image and mask files
+# 9. Plumbing: input errors; reading and checking image and mask files
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class InputError(ValueError):
+    """A user's mistake: a bad path, flag, checkpoint or dataset. Each script's entry point (`cli`) prints it as
+    one line that names its cause and exits 2, as argparse does for a bad flag; any other exception is a bug and
+    keeps its traceback. A ValueError, so that code calling the library can catch it as one."""
+
+
+class MissingInput(InputError, FileNotFoundError):
+    """An input file or folder that is not there (also a FileNotFoundError)."""
+
+
+def cli(main, parser, check=None, cleanup=None):
+    """A script's entry point: parse the command line, run check(args) and main(args), and turn the project's
+    own InputError into `prog: error: message`, exit 2. cleanup(), if given, runs first on any exception."""
+    args = parser.parse_args()
+    try:
+        if check is not None:
+            check(args)
+        return main(args)
+    except BaseException as e:
+        if cleanup is not None:
+            cleanup()
+        if isinstance(e, InputError):
+            parser.exit(2, f"{parser.prog}: error: {e}\n")
+        raise
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
