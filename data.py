@@ -95,7 +95,7 @@ class TwoViews:
     def __init__(self, img_size: int = 224, patch_size: int = 16, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3),
                  interpolation: InterpolationMode = InterpolationMode.BICUBIC):
         if img_size % patch_size != 0:
-            raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
+            raise InputError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         self.img_size, self.patch_size = img_size, patch_size
         self.scale, self.ratio, self.interpolation = tuple(scale), tuple(ratio), interpolation
         blur_scale = img_size / 224  # DINO's blur radii are for 224-px views (RandomGaussianBlurPIL)
@@ -153,7 +153,7 @@ class PretrainImages(Dataset):
     def __init__(self, roots, transform=None):
         roots = [roots] if isinstance(roots, (str, os.PathLike)) else list(roots)
         if not roots:
-            raise ValueError("PretrainImages needs at least one image folder")
+            raise InputError("PretrainImages needs at least one image folder")
         self.roots = [os.fspath(r) for r in roots]
         self.files = [f for root in self.roots for f in list_images(root)]
         self.transform = transform
@@ -172,11 +172,12 @@ class PretrainImages(Dataset):
                 skipped += 1
                 if path not in self._warned:
                     self._warned.add(path)
-                    warnings.warn(f"skipping unreadable image {path}: {type(e).__name__}: {e}", RuntimeWarning)
+                    reason = e if isinstance(e, InputError) else f"{path}: {type(e).__name__}: {e}"  # names the file
+                    warnings.warn(f"skipping an unreadable image: {reason}", RuntimeWarning)
                 continue
             out = img if self.transform is None else self.transform(img)
             return (*out, skipped) if isinstance(out, tuple) else (out, skipped)
-        raise RuntimeError(f"no readable image in {self.roots}")
+        raise InputError(f"no readable image in {self.roots}")
 
 
 def pretraining_dataset(args):
@@ -300,32 +301,55 @@ VOC_PALETTE = voc_colormap().flatten().tolist()
 class SegmentationDataset(Dataset):
     """(image, mask) files -> (PIL RGB image, np.uint8 (H, W) mask of class ids 0..C-1, 255 = ignore).
 
-    Raw mask values go through `lut` (256 entries). Files are validated in __init__ (see check_samples).
+    Raw mask values go through `lut` (256 entries). A mask may hold the raw values 0..raw_max (default C-1: the
+    classes, and the ids the label map ignores on purpose, e.g. COCO-Things' stuff ids) and 255. Files are
+    validated in __init__ (check_samples), and every mask is read once there (check_labels): any other value
+    is refused unless ignore_unknown_labels, which scores it as ignore.
     """
     ignore_index = IGNORE_INDEX
 
     def __init__(self, samples, num_classes: int, class_names, lut=None, name: str = "", source: str = "",
-                 validate: bool = True, progress: bool = True):
+                 validate: bool = True, progress: bool = True, raw_max: int | None = None,
+                 ignore_unknown_labels: bool = False):
         if len(class_names) != num_classes:
             raise ValueError(f"{name}: {len(class_names)} class names for {num_classes} classes")
         self.samples = [(str(i), str(m)) for i, m in samples]
         self.num_classes, self.class_names, self.name = num_classes, list(class_names), name
-        self.lut = _range_lut(num_classes) if lut is None else np.asarray(lut, dtype=np.uint8)
+        self.raw_max = num_classes - 1 if raw_max is None else raw_max
+        values = np.arange(256)
+        self.known = (values <= self.raw_max) | (values == IGNORE_INDEX)  # (256,) raw values a mask may hold
+        lut = _range_lut(num_classes) if lut is None else np.asarray(lut, dtype=np.uint8)
+        self.lut = np.where(self.known, lut, IGNORE_INDEX).astype(np.uint8)  # an unknown value is never a class
         if not self.samples:
-            raise ValueError(f"{name}: no samples found{f' in {source}' if source else ''}")
+            raise InputError(f"{name}: no samples found{f' in {source}' if source else ''}")
         if validate:
-            check_samples(self.samples, source, progress)
+            check_samples(self.samples, source, progress, name or "dataset")
+            self.check_labels(ignore_unknown_labels, progress)
+
+    def check_labels(self, ignore_unknown_labels: bool = False, progress: bool = True) -> int:
+        """Count the mask pixels whose raw value is neither 0..raw_max nor 255, over every mask: InputError naming
+        the values, their pixel counts and the first masks holding them, unless ignore_unknown_labels (then a
+        warning, and the pixels are 'ignore'). Returns the count."""
+        counts, files = unknown_label_counts([m for _, m in self.samples], self.known, progress)
+        if not files:
+            return 0
+        values = np.flatnonzero(counts)
+        found = ", ".join(f"{v} ({counts[v]} pixels)" for v in values[:10]) + (", ..." if len(values) > 10 else "")
+        message = (f"{self.name}: {counts.sum()} mask pixels in {len(files)} of {len(self.samples)} masks hold "
+                   f"values other than this dataset's 0..{self.raw_max} and {IGNORE_INDEX} (ignore): {found}; "
+                   f"first in {name_few(files)}")
+        if not ignore_unknown_labels:
+            raise InputError(f"{message}. Check --dataset and the masks, or pass --ignore_unknown_labels to score "
+                             f"these pixels as ignore")
+        warnings.warn(f"{message}; scored as ignore (--ignore_unknown_labels)", RuntimeWarning, stacklevel=2)
+        return int(counts.sum())
 
     def __len__(self):
         return len(self.samples)
 
     def __getitem__(self, index):
         image, mask = self.samples[index]
-        try:
-            img = load_rgb(image)
-        except Exception as e:
-            raise OSError(f"cannot read image {image}: {type(e).__name__}: {e}") from e
-        return img, self.lut[read_mask(mask)]
+        return load_rgb(image), self.lut[read_mask(mask)]
 
     def __repr__(self):
         return f"SegmentationDataset({self.name}, {len(self)} images, {self.num_classes} classes)"
@@ -354,7 +378,7 @@ def _first_dir(what, candidates) -> Path:
     for c in candidates:
         if c.is_dir():
             return c
-    raise ValueError(f"{what} not found; looked in:\n  " + "\n  ".join(str(c) for c in candidates))
+    raise MissingInput(f"{what} not found; looked in: " + ", ".join(str(c) for c in candidates))
 
 
 def _find_voc(root) -> tuple[Path, dict]:
@@ -368,8 +392,8 @@ def _find_voc(root) -> tuple[Path, dict]:
     for folder, layout in candidates:
         if (folder / layout["images"]).is_dir() and (folder / layout["sets"]).is_dir():
             return folder, layout
-    looked = "\n  ".join(f"{f / layout['images']} + {f / layout['sets']}" for f, layout in candidates)
-    raise ValueError(f"no PASCAL VOC layout found under {root}; looked for:\n  {looked}")
+    looked = ", ".join(f"{f / layout['images']} + {f / layout['sets']}" for f, layout in candidates)
+    raise MissingInput(f"no PASCAL VOC layout found under {root}; looked for: {looked}")
 
 
 def _voc_samples(root, split):
@@ -377,13 +401,13 @@ def _voc_samples(root, split):
     folder, layout = _find_voc(root)
     split_file = folder / layout["sets"] / f"{split}.txt"
     if not split_file.is_file():
-        raise ValueError(f"split file {split_file} does not exist")
+        raise MissingInput(f"split file {split_file} does not exist")
     aug = folder / "SegmentationClassAug"
     if split == "trainaug" and not aug.is_dir():
-        raise ValueError(f"mask folder {aug} does not exist (the trainaug split needs the SBD-augmented masks)")
+        raise MissingInput(f"mask folder {aug} does not exist (the trainaug split needs the SBD-augmented masks)")
     mask_dir = aug if split != "val" and aug.is_dir() else folder / "SegmentationClass"
     if not mask_dir.is_dir():
-        raise ValueError(f"mask folder {mask_dir} does not exist (needed for split {split!r})")
+        raise MissingInput(f"mask folder {mask_dir} does not exist (needed for split {split!r})")
     ids = [line.strip() for line in split_file.read_text().splitlines() if line.strip()]
     images = folder / layout["images"]
     return [(images / f"{i}.jpg", mask_dir / f"{i}.png") for i in ids], split_file
@@ -403,40 +427,32 @@ _COCO_MASK_DIRS = {
 def _coco_samples(name, root, split):
     """Leopart layout (root/coco/images/<s>2017 + root/annotations/...) or plain COCO (root/<s>2017 + ...).
 
-    The image list is the sorted listing of the image folder, keeping the images that have a mask.
+    The image list is the sorted listing of the image folder; every image needs its mask (paired_files).
     """
     s = {"train": "train", "val": "val", "train2017": "train", "val2017": "val"}.get(split)
     if s is None:
-        raise ValueError(f"{name}: unknown split {split!r} (use 'train' or 'val')")
+        raise InputError(f"{name}: unknown split {split!r} (use 'train' or 'val')")
     root = Path(root)
     bases = [root, root / "coco", root.parent]
     image_dir = _first_dir(f"COCO {s}2017 image folder",
                            [b / rel for b in bases[:2] for rel in (f"images/{s}2017", f"{s}2017")])
     mask_dir = _first_dir(f"{name} {s}2017 mask folder",
                           [b / rel.format(s=s) for b in bases for rel in _COCO_MASK_DIRS[name]])
-    samples = []
-    for f in sorted(os.listdir(image_dir)):
-        stem, ext = os.path.splitext(f)
-        if ext.lower() in IMG_EXTENSIONS and (mask_dir / f"{stem}.png").is_file():
-            samples.append((image_dir / f, mask_dir / f"{stem}.png"))
-    if not samples:
-        raise ValueError(f"{name}: no image of {image_dir} has a mask in {mask_dir}")
-    return samples, str(image_dir)
+    return paired_files(f"{name}/{split}", image_dir, mask_dir), str(image_dir)
 
 
 def _ade20k_samples(root, split):
     sub = {"train": "training", "training": "training", "val": "validation", "validation": "validation"}.get(split)
     if sub is None:
-        raise ValueError(f"ade20k: unknown split {split!r} (use 'train' or 'val')")
+        raise InputError(f"ade20k: unknown split {split!r} (use 'train' or 'val')")
     root = Path(root)
     base = _first_dir("ADE20K (ADEChallengeData2016)", [root / "ADEChallengeData2016", root])
     image_dir = base / "images" / sub
     mask_dir = base / "annotations" / sub
     for d in (image_dir, mask_dir):
         if not d.is_dir():
-            raise ValueError(f"ade20k: folder {d} does not exist")
-    images = sorted(f for f in os.listdir(image_dir) if os.path.splitext(f)[1].lower() in IMG_EXTENSIONS)
-    return [(image_dir / f, mask_dir / f"{os.path.splitext(f)[0]}.png") for f in images], str(image_dir)
+            raise MissingInput(f"ade20k: folder {d} does not exist")
+    return paired_files(f"ade20k/{split}", image_dir, mask_dir), str(image_dir)
 
 
 SEGMENTATION_DATASETS = ("pvoc", "coco_things", "coco_stuff", "ade20k", "synthetic")
@@ -444,22 +460,25 @@ SYNTHETIC_SPLIT_SIZES = {"train": 64, "val": 32}  # defaults of the in-memory sy
 
 
 def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | None = None, size: int = 64,
-                               seed: int = 0, validate: bool = True, progress: bool = True) -> SegmentationDataset:
+                               seed: int = 0, validate: bool = True, progress: bool = True,
+                               ignore_unknown_labels: bool = False) -> SegmentationDataset:
     """A SegmentationDataset by name: 'pvoc' (21 classes), 'coco_things' (12), 'coco_stuff' (15), 'ade20k' (150),
     'synthetic' (4; root=None generates the scenes in memory: n_images/size/seed apply; a root reads the
-    PVOC-layout folder written by write_synthetic). Validates the files before returning (ValueError naming them).
+    PVOC-layout folder written by write_synthetic). Validates the files and the mask values before returning
+    (InputError naming them); ignore_unknown_labels scores mask values outside the dataset's range as ignore.
     """
     if name not in SEGMENTATION_DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose from {SEGMENTATION_DATASETS}")
+        raise InputError(f"unknown dataset {name!r}; choose from {SEGMENTATION_DATASETS}")
     if root is None and name != "synthetic":
-        raise ValueError(f"{name}: a data root is needed (only 'synthetic' can be generated without one)")
+        raise InputError(f"{name}: a data root is needed (only 'synthetic' can be generated without one)")
     if root is not None and not os.path.isdir(root):
-        raise ValueError(f"{name}: data root {root} does not exist or is not a folder")
-    kw = dict(name=f"{name}/{split}", validate=validate, progress=progress)
+        raise MissingInput(f"{name}: data root {root} does not exist or is not a folder")
+    kw = dict(name=f"{name}/{split}", validate=validate, progress=progress,
+              ignore_unknown_labels=ignore_unknown_labels)
     if name == "synthetic":
         if root is None:
             if split not in SYNTHETIC_SPLIT_SIZES:
-                raise ValueError(f"synthetic: unknown split {split!r} (use 'train' or 'val')")
+                raise InputError(f"synthetic: unknown split {split!r} (use 'train' or 'val')")
             n = SYNTHETIC_SPLIT_SIZES[split] if n_images is None else n_images
             first = 0 if split == "train" else VAL_FIRST_INDEX
             return SyntheticSegmentation(SyntheticScenes(n, size, seed, first), name=kw["name"])
@@ -469,14 +488,16 @@ def build_segmentation_dataset(name: str, root, split: str, *, n_images: int | N
     if name == "pvoc":
         samples, source = _voc_samples(root, split)
         return SegmentationDataset(samples, 21, VOC_CLASSES, VOC_LUT, source=str(source), **kw)
-    if name == "coco_things":
+    if name == "coco_things":  # raw: panoptic category ids 1..200 (stuff ids ignored), 0 unlabeled
         samples, source = _coco_samples(name, root, split)
-        return SegmentationDataset(samples, 12, COCO_THINGS_CLASSES, COCO_THINGS_LUT, source=source, **kw)
-    if name == "coco_stuff":
+        return SegmentationDataset(samples, 12, COCO_THINGS_CLASSES, COCO_THINGS_LUT, source=source, raw_max=200,
+                                   **kw)
+    if name == "coco_stuff":  # raw: stuff pixel-map ids 92..182, 183 "other" (things), 0 unlabeled
         samples, source = _coco_samples(name, root, split)
-        return SegmentationDataset(samples, 15, COCO_STUFF_CLASSES, COCO_STUFF_LUT, source=source, **kw)
-    samples, source = _ade20k_samples(root, split)
-    return SegmentationDataset(samples, 150, ADE20K_CLASSES, ADE20K_LUT, source=source, **kw)
+        return SegmentationDataset(samples, 15, COCO_STUFF_CLASSES, COCO_STUFF_LUT, source=source, raw_max=183,
+                                   **kw)
+    samples, source = _ade20k_samples(root, split)  # raw: 1..150, 0 "other"
+    return SegmentationDataset(samples, 150, ADE20K_CLASSES, ADE20K_LUT, source=source, raw_max=150, **kw)
 
 
 def raw_mask_values(dataset, max_files: int = 20) -> str:
@@ -577,7 +598,7 @@ def panoptic_to_semantic(panoptic_rgb: np.ndarray, segments_info) -> np.ndarray:
     ids = rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
     lut = {int(s["id"]): int(s["category_id"]) for s in segments_info}
     if any(c > 255 for c in lut.values()):
-        raise ValueError("a panoptic category id does not fit a uint8 PNG")
+        raise InputError("a panoptic category id does not fit a uint8 PNG")
     seg_ids = np.fromiter(lut, dtype=np.uint32, count=len(lut))
     out = np.zeros(ids.shape, dtype=np.uint8)
     if len(seg_ids):
@@ -596,22 +617,31 @@ def prepare_coco(root, split: str, panoptic_json=None, panoptic_dir=None, stuff_
     root/annotations/panoptic_annotations/semantic_segmentation_<s>2017 and
     root/annotations/stuff_annotations/stuff_<s>2017_pixelmaps. Returns the report of every dataset written."""
     root, reports = Path(root), []
+    if not root.is_dir():
+        raise MissingInput(f"--root {root} does not exist or is not a folder")
+    if panoptic_json is not None and panoptic_dir is None:
+        raise InputError("--panoptic_json needs --panoptic_dir, the unzipped panoptic_<split>2017/ PNG folder")
+    if panoptic_dir is not None and panoptic_json is None:
+        raise InputError("--panoptic_dir needs --panoptic_json, annotations/panoptic_<split>2017.json")
+    for flag, folder in (("--panoptic_dir", panoptic_dir), ("--stuff_pixelmaps", stuff_pixelmaps)):
+        if folder is not None and not os.path.isdir(folder):
+            raise MissingInput(f"{flag} {folder} does not exist or is not a folder")
     if panoptic_json is not None:
-        with open(panoptic_json) as f:
-            meta = json.load(f)
+        meta = read_panoptic_json(panoptic_json)
         sizes = {im["file_name"].rsplit(".", 1)[0]: (im["width"], im["height"]) for im in meta["images"]}
         out = root / "annotations" / "panoptic_annotations" / f"semantic_segmentation_{split}2017"
         out.mkdir(parents=True, exist_ok=True)
         for ann in tqdm(meta["annotations"], desc="panoptic -> semantic", disable=not progress):
-            with Image.open(Path(panoptic_dir) / ann["file_name"]) as im:
+            with open_image(Path(panoptic_dir) / ann["file_name"], "panoptic PNG") as im:
                 semantic = panoptic_to_semantic(np.asarray(im.convert("RGB")), ann["segments_info"])
             stem = ann["file_name"].rsplit(".", 1)[0]
             if stem in sizes and semantic.shape[::-1] != tuple(sizes[stem]):
-                raise ValueError(f"{ann['file_name']}: {semantic.shape[::-1]} but {panoptic_json} says {sizes[stem]}")
+                raise InputError(f"{ann['file_name']}: {semantic.shape[::-1]} but {panoptic_json} says "
+                                 f"{sizes[stem]}")
             Image.fromarray(semantic, "L").save(out / f"{stem}.png")
         dataset = build_segmentation_dataset("coco_things", root, split, progress=progress)
         if len(dataset) != len(meta["annotations"]):
-            raise ValueError(f"{len(meta['annotations'])} panoptic annotations but {len(dataset)} images of "
+            raise InputError(f"{len(meta['annotations'])} panoptic annotations but {len(dataset)} images of "
                              f"{root} have a mask")
         reports.append(dataset_report(dataset, OFFICIAL_COUNTS.get(("coco", split))))
     if stuff_pixelmaps is not None:
@@ -619,24 +649,42 @@ def prepare_coco(root, split: str, panoptic_json=None, panoptic_dir=None, stuff_
         out.mkdir(parents=True, exist_ok=True)
         files = sorted(Path(stuff_pixelmaps).glob("*.png"))
         if not files:
-            raise ValueError(f"no .png stuff pixel map in {stuff_pixelmaps}")
+            raise InputError(f"no .png stuff pixel map in {stuff_pixelmaps}")
         for f in tqdm(files, desc="stuff pixel maps", disable=not progress):
             if f.resolve() != (out / f.name).resolve():
                 Image.fromarray(read_mask(f), "L").save(out / f.name)  # read_mask: rejects colour PNGs
         dataset = build_segmentation_dataset("coco_stuff", root, split, progress=progress)
         if len(dataset) != len(files):
-            raise ValueError(f"{len(files)} stuff pixel maps but {len(dataset)} images of {root} have a mask")
+            raise InputError(f"{len(files)} stuff pixel maps but {len(dataset)} images of {root} have a mask")
         reports.append(dataset_report(dataset, OFFICIAL_COUNTS.get(("coco", split))))
     if not reports:
-        raise ValueError("prepare_coco: give --panoptic_json with --panoptic_dir, and/or --stuff_pixelmaps")
+        raise InputError("prepare_coco: give --panoptic_json with --panoptic_dir, and/or --stuff_pixelmaps")
     return "\n".join(reports)
+
+
+def read_panoptic_json(path) -> dict:
+    """The panoptic release's JSON ({'images': [...], 'annotations': [...]}); MissingInput / InputError naming it."""
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except FileNotFoundError as e:
+        raise MissingInput(f"--panoptic_json {path} does not exist") from e
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"--panoptic_json {path} is not readable JSON (truncated?): {type(e).__name__}: {e}") from e
+    if not isinstance(meta, dict) or not {"images", "annotations"} <= meta.keys():
+        raise InputError(f"--panoptic_json {path} holds no 'images' and 'annotations' lists: not a COCO panoptic "
+                         f"annotation file")
+    return meta
 
 
 def sbd_segmentation(mat_path) -> np.ndarray:
     """(H, W) uint8 class ids of an SBD cls/<id>.mat (field GTcls.Segmentation; 0..20, no boundary label)."""
     from scipy.io import loadmat  # only the VOC preparation needs scipy.io
-    gt = loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"]
-    return np.asarray(gt.Segmentation, dtype=np.uint8)
+    try:
+        gt = loadmat(mat_path, squeeze_me=True, struct_as_record=False)["GTcls"]
+        return np.asarray(gt.Segmentation, dtype=np.uint8)
+    except Exception as e:  # truncated or foreign .mat files: scipy's and numpy's errors do not name the file
+        raise InputError(f"cannot read SBD mask {mat_path}: {type(e).__name__}: {e}") from e
 
 
 def prepare_voc(voc_root, sbd_cls_dir, trainaug_list, progress: bool = True) -> str:
@@ -644,6 +692,10 @@ def prepare_voc(voc_root, sbd_cls_dir, trainaug_list, progress: bool = True) -> 
     SegmentationClass PNG when the image has one (it carries the 255 boundaries) and otherwise from SBD's
     cls/<id>.mat; the list is copied to ImageSets/Segmentation/trainaug.txt. Returns the report of both splits."""
     folder, layout = _find_voc(voc_root)
+    if not os.path.isfile(trainaug_list):
+        raise MissingInput(f"--trainaug_list {trainaug_list} does not exist")
+    if not os.path.isdir(sbd_cls_dir):
+        raise MissingInput(f"--sbd_cls {sbd_cls_dir} does not exist or is not a folder")
     ids = [line.strip() for line in Path(trainaug_list).read_text().splitlines() if line.strip()]
     aug = folder / "SegmentationClassAug"
     aug.mkdir(exist_ok=True)
@@ -654,9 +706,9 @@ def prepare_voc(voc_root, sbd_cls_dir, trainaug_list, progress: bool = True) -> 
         elif mat.is_file():
             labels = sbd_segmentation(mat)
         else:
-            raise ValueError(f"{i} (listed in {trainaug_list}): neither {voc_png} nor {mat} exists")
+            raise MissingInput(f"{i} (listed in {trainaug_list}): neither {voc_png} nor {mat} exists")
         if labels[(labels > 20) & (labels != IGNORE_INDEX)].size:
-            raise ValueError(f"{i}: labels outside 0..20 and 255")
+            raise InputError(f"{i}: labels outside 0..20 and 255")
         Image.fromarray(labels, "L").save(aug / f"{i}.png")
     (folder / layout["sets"] / "trainaug.txt").write_text("\n".join(ids) + "\n")
     reports = [dataset_report(build_segmentation_dataset("pvoc", folder, "trainaug", progress=progress),
@@ -800,8 +852,23 @@ def cli(main, parser, check=None, cleanup=None):
         if cleanup is not None:
             cleanup()
         if isinstance(e, InputError):
-            parser.exit(2, f"{parser.prog}: error: {e}\n")
+            parser.exit(2, f"{parser.prog}: error: {one_line(str(e))}\n")
         raise
+
+
+def one_line(message: str) -> str:
+    """A user's mistake on one line. One raised in a DataLoader worker arrives wrapped in the worker's traceback
+    (torch's ExceptionWrapper: 'Caught InputError in DataLoader worker ...'), whose last line is the original."""
+    lines = [line.strip() for line in message.strip().splitlines()]
+    if len(lines) > 2 and lines[0].startswith("Caught ") and lines[1].startswith("Original Traceback"):
+        return lines[-1].split(": ", 1)[-1]  # 'data.InputError: cannot read ...' -> 'cannot read ...'
+    return " ".join(lines)
+
+
+def name_few(paths, n: int = 3) -> str:
+    """'a, b, c and 7 more': the first n of a list of files, for a message that must stay one line."""
+    paths = [str(p) for p in paths]
+    return ", ".join(paths[:n]) + (f" and {len(paths) - n} more" if len(paths) > n else "")
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -825,35 +892,49 @@ def to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # L, 1, P, CMYK, YCbCr, RGBX, ...
 
 
-def load_rgb(path) -> Image.Image:
-    """Read an image fully (truncated files raise here, not later) and return it as RGB."""
-    with Image.open(path) as im:
+def open_image(path, what: str = "image") -> Image.Image:
+    """Image.open + load (a truncated file raises here, not later); MissingInput or InputError naming the file."""
+    im = None
+    try:
+        im = Image.open(path)
         im.load()
+        return im
+    except FileNotFoundError as e:
+        raise MissingInput(f"{what} {path} does not exist") from e
+    except Exception as e:  # any decoder error: truncated, corrupt, not an image, too large
+        if im is not None:
+            im.close()
+        raise InputError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from e
+
+
+def load_rgb(path) -> Image.Image:
+    """Read an image fully and return it as RGB (InputError naming the file if it cannot be decoded)."""
+    with open_image(path) as im:
         return to_rgb(im)
 
 
 def read_mask(path) -> np.ndarray:
     """A single-channel PNG of class indices (palette or grayscale) -> np.uint8 (H, W)."""
-    with Image.open(path) as im:
+    with open_image(path, "mask") as im:
         if im.mode in ("P", "L"):
             return np.array(im, dtype=np.uint8)
         if im.mode == "1" or im.mode.startswith("I"):
             a = np.array(im)
             if a.max(initial=0) > 255 or a.min(initial=0) < 0:
-                raise ValueError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
+                raise InputError(f"mask {path} holds values outside 0..255 (mode {im.mode})")
             return a.astype(np.uint8)
-        raise ValueError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
+        raise InputError(f"mask {path} is a {im.mode} image: expected a single-channel PNG of class indices "
                          f"(palette 'P' or grayscale 'L'); convert colour-coded masks to indices first")
 
 
 def list_images(root) -> list[str]:
     """Every image file under root, recursively, sorted; hidden files and folders skipped; symlinks followed, each
-    real folder read once. ValueError if none."""
+    real folder read once. InputError if none."""
     root = os.fspath(root)
     if not os.path.exists(root):
-        raise ValueError(f"image folder {root!r} does not exist")
+        raise MissingInput(f"image folder {root!r} does not exist")
     if not os.path.isdir(root):
-        raise ValueError(f"image folder {root!r} is not a directory")
+        raise InputError(f"image folder {root!r} is not a directory")
     files, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)  # a symlinked folder is followed once: a loop (`ln -s . loop`) or a second link to a
@@ -865,35 +946,69 @@ def list_images(root) -> list[str]:
         files += [os.path.join(dirpath, f) for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMG_EXTENSIONS]
     if not files:
-        raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
+        raise InputError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {root!r}")
     return sorted(files)
 
 
-def _image_size(path, what):
-    """(W, H) and mode from the file header only; ValueError naming the file if it cannot be opened."""
+def image_header(path, what: str = "image"):
+    """(W, H) and mode from the file header only; InputError naming the file if it cannot be opened."""
     try:
         with Image.open(path) as im:
             return im.size, im.mode
+    except FileNotFoundError as e:
+        raise MissingInput(f"{what} {path} does not exist") from e
     except Exception as e:
-        raise ValueError(f"cannot open {what} {path}: {type(e).__name__}: {e}") from e
+        raise InputError(f"cannot open {what} {path}: {type(e).__name__}: {e}") from e
 
 
-def check_samples(samples, source: str = "", progress: bool = True) -> None:
-    """Every (image, mask) pair exists, the mask is single-channel and has its image's size; else ValueError."""
+def refuse_unmatched(name: str, groups, where: str = "") -> None:
+    """MissingInput naming the first few files of each (what, files) group, e.g. images without a mask: a partly
+    copied or unpacked folder must not be scored as a silent subset."""
+    parts = [f"{what}: {len(files)} ({name_few(files)})" for what, files in groups if files]
+    if parts:
+        raise MissingInput(f"{name}: {'; '.join(parts)}{where}")
+
+
+def check_samples(samples, source: str = "", progress: bool = True, name: str = "dataset") -> None:
+    """Every (image, mask) pair exists, the mask is single-channel and has its image's size; else InputError."""
     origin = f" (listed in {source})" if source else ""
+    refuse_unmatched(name, [("images that do not exist", [i for i, _ in samples if not os.path.isfile(i)]),
+                            ("masks that do not exist", [m for _, m in samples if not os.path.isfile(m)])], origin)
     for image, mask in tqdm(samples, desc="checking dataset files", leave=False,
                             disable=not progress or len(samples) < 2000):
-        if not os.path.isfile(image):
-            raise ValueError(f"image {image}{origin} does not exist")
-        if not os.path.isfile(mask):
-            raise ValueError(f"mask {mask}{origin} does not exist")
-        image_size, _ = _image_size(image, "image")
-        mask_size, mask_mode = _image_size(mask, "mask")
+        image_size, _ = image_header(image, "image")
+        mask_size, mask_mode = image_header(mask, "mask")
         if mask_mode not in ("P", "L", "1") and not mask_mode.startswith("I"):
-            raise ValueError(f"mask {mask} is a {mask_mode} image: expected a single-channel PNG of class indices")
+            raise InputError(f"mask {mask} is a {mask_mode} image: expected a single-channel PNG of class indices")
         if image_size != mask_size:
-            raise ValueError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
+            raise InputError(f"mask {mask} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image} is "
                              f"{image_size[0]}x{image_size[1]}")
+
+
+def paired_files(name: str, image_dir, mask_dir) -> list:
+    """(image, mask) pairs of two folders matched by file stem, sorted (COCO, ADE20K). Every image needs its
+    <stem>.png mask and every mask its image; else MissingInput naming the first few of each."""
+    def listing(folder, extensions):
+        return {os.path.splitext(f)[0]: Path(folder) / f for f in os.listdir(folder)
+                if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions}
+    images, masks = listing(image_dir, IMG_EXTENSIONS), listing(mask_dir, (".png",))
+    refuse_unmatched(name, [(f"images of {image_dir} without a mask in {mask_dir}",
+                             [images[k].name for k in sorted(images.keys() - masks.keys())]),
+                            (f"masks of {mask_dir} without an image in {image_dir}",
+                             [masks[k].name for k in sorted(masks.keys() - images.keys())])])
+    return [(images[k], masks[k]) for k in sorted(images)]
+
+
+def unknown_label_counts(masks, known: np.ndarray, progress: bool = True):
+    """Every mask read once: (256,) int64 pixel counts of the raw values that `known` (256 bools) does not allow,
+    and the masks holding any, in order. Vectorised per mask (one bincount)."""
+    counts, files = np.zeros(256, dtype=np.int64), []
+    for mask in tqdm(masks, desc="checking mask values", leave=False, disable=not progress or len(masks) < 2000):
+        unknown = np.bincount(read_mask(mask).ravel(), minlength=256) * ~known  # (256,) pixels of unknown values
+        if unknown.any():
+            counts += unknown
+            files.append(mask)
+    return counts, files
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -902,7 +1017,7 @@ def check_samples(samples, source: str = "", progress: bool = True) -> None:
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser("CrOC data utilities", add_help=True)
+    p = argparse.ArgumentParser(description="CrOC data utilities")
     p.add_argument("--write-synthetic", metavar="DIR", default=None,
                    help="write the synthetic scenes as DIR/VOCdevkit/VOC2012 (PVOC12 layout) and the synthetic "
                         "videos as DIR/DAVIS (DAVIS-2017 layout), for the evaluation scripts")
@@ -932,8 +1047,18 @@ def get_args_parser():
     return p
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def check_args(args):
+    """InputError naming the flag for a synthetic-data size that would write nothing or fail deep in the writer."""
+    for flag in ("n_train", "n_val", "n_videos", "size"):
+        if getattr(args, flag) < 1:
+            raise InputError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.n_frames < 3:  # DAVIS scores neither the first nor the last frame
+        raise InputError(f"--n-frames {args.n_frames}: must be at least 3 (J and F skip the first and last frame)")
+    if min(args.video_size) < 1:
+        raise InputError(f"--video-size {args.video_size}: both sides must be at least 1")
+
+
+def main(args):
     if args.command == "prepare_coco":
         print(prepare_coco(args.root, args.split, args.panoptic_json, args.panoptic_dir, args.stuff_pixelmaps))
     elif args.command == "prepare_voc":
@@ -945,3 +1070,7 @@ if __name__ == "__main__":
         paths = write_synthetic(args.write_synthetic, args.n_train, args.n_val, args.n_videos, args.n_frames,
                                 args.size, tuple(args.video_size), args.seed, grey=args.grey)
         print(json.dumps(paths, indent=2))
+
+
+if __name__ == "__main__":
+    cli(main, get_args_parser(), check=check_args)

@@ -48,7 +48,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import metrics
-from data import VOC_PALETTE, read_mask, save_palette_png
+from data import VOC_PALETTE, InputError, MissingInput, cli, image_header, load_rgb, read_mask, save_palette_png
 from model import add_backbone_args, backbone_from_args, dense_features
 
 # DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
@@ -202,7 +202,7 @@ def summarize(per_object):
     per_object: list of (name '<seq>_<k>', J values (T-2,), F values (T-2,)). Returns (global dict, rows).
     """
     if not per_object:
-        raise ValueError("no object to evaluate: the first annotations hold no object id")
+        raise InputError("no object to evaluate: the first annotations hold no object id")
     j_stats = np.array([per_object_statistics(j) for _, j, _ in per_object])  # (n_objects, 3): M, R, D
     f_stats = np.array([per_object_statistics(f) for _, _, f in per_object])
     j_mean, f_mean = j_stats.mean(axis=0), f_stats.mean(axis=0)
@@ -272,49 +272,49 @@ def davis_root(data_path):
 
 
 def load_davis_index(data_path, set_name="val", seqs=None):
-    """Lists and checks every sequence before any model work; a problem raises ValueError naming the file."""
+    """Lists and checks every sequence before any model work; a problem raises InputError naming the file."""
     root = davis_root(data_path)
     list_file = root / "ImageSets" / "2017" / f"{set_name}.txt"
     if not list_file.is_file():
-        raise ValueError(f"{list_file}: sequence list not found (is --data_path the DAVIS folder holding "
-                         f"JPEGImages/, Annotations/ and ImageSets/?)")
+        raise MissingInput(f"{list_file}: sequence list not found (is --data_path the DAVIS folder holding "
+                           f"JPEGImages/, Annotations/ and ImageSets/?)")
     names = [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
     if seqs:
         missing = [s for s in seqs if s not in names]
         if missing:
-            raise ValueError(f"{list_file}: --seqs {missing} are not in this list")
+            raise InputError(f"{list_file}: --seqs {missing} are not in this list")
         names = [n for n in names if n in seqs]
     if not names:
-        raise ValueError(f"{list_file}: no sequence to evaluate")
+        raise InputError(f"{list_file}: no sequence to evaluate")
     index = []
     for name in names:
         frame_dir = root / "JPEGImages" / "480p" / name
         ann_dir = root / "Annotations" / "480p" / name
         frames = sorted(frame_dir.glob("*.jpg")) if frame_dir.is_dir() else []
         if not frames:
-            raise ValueError(f"{frame_dir}: sequence folder missing or without .jpg frames (listed in {list_file})")
+            raise MissingInput(f"{frame_dir}: sequence folder missing or without .jpg frames (listed in "
+                               f"{list_file})")
         first_ann = ann_dir / (frames[0].stem + ".png")
         if not first_ann.is_file():
-            raise ValueError(f"{first_ann}: first-frame annotation missing")
+            raise MissingInput(f"{first_ann}: first-frame annotation missing")
         anns = sorted(ann_dir.glob("*.png"))
         if len(anns) != len(frames):
-            raise ValueError(f"{ann_dir}: {len(anns)} annotations for {len(frames)} frames in {frame_dir}; "
-                             f"J and F need the annotation of every frame")
+            raise MissingInput(f"{ann_dir}: {len(anns)} annotations for {len(frames)} frames in {frame_dir}; "
+                               f"J and F need the annotation of every frame")
         for frame, ann in zip(frames, anns):
             if frame.stem != ann.stem:
-                raise ValueError(f"{ann}: annotation name does not match frame {frame.name}")
+                raise InputError(f"{ann}: annotation name does not match frame {frame.name}")
         if len(frames) < 3:
-            raise ValueError(f"{frame_dir}: {len(frames)} frames; frames 0 and T-1 are not scored, so at least 3 "
+            raise InputError(f"{frame_dir}: {len(frames)} frames; frames 0 and T-1 are not scored, so at least 3 "
                              f"are needed")
-        with Image.open(frames[0]) as img:
-            size = img.size
+        size, _ = image_header(frames[0], "frame")
         for path in frames + anns:
-            with Image.open(path) as img:
-                if img.size != size:
-                    raise ValueError(f"{path}: size {img.size} differs from {frames[0]} {size}")
-                if path.suffix == ".png" and img.mode not in ("P", "L"):
-                    raise ValueError(f"{path}: annotation has mode {img.mode!r}; DAVIS annotations are indexed "
-                                     f"(palette, mode 'P') PNGs whose pixel values are object ids")
+            path_size, mode = image_header(path, "annotation" if path.suffix == ".png" else "frame")
+            if path_size != size:
+                raise InputError(f"{path}: size {path_size} differs from {frames[0]} {size}")
+            if path.suffix == ".png" and mode not in ("P", "L"):
+                raise InputError(f"{path}: annotation has mode {mode!r}; DAVIS annotations are indexed "
+                                 f"(palette, mode 'P') PNGs whose pixel values are object ids")
         index.append(Sequence(name, frames, anns, size))
     return index
 
@@ -329,7 +329,7 @@ def working_size(width, height, short_side=480):
     else:
         th, tw = short_side, int((short_side * width / height) // LONG_SIDE_MULTIPLE * LONG_SIDE_MULTIPLE)
     if min(th, tw) <= 0:
-        raise ValueError(f"--short_side {short_side} on a {width}x{height} frame floors the long side to 0 "
+        raise InputError(f"--short_side {short_side} on a {width}x{height} frame floors the long side to 0 "
                          f"(it is a multiple of {LONG_SIDE_MULTIPLE})")
     return th, tw
 
@@ -337,8 +337,7 @@ def working_size(width, height, short_side=480):
 def read_frame(path, size):
     """(3, th, tw) normalised frame (DINO's read_frame). Bilinear as cv2.resize: align_corners=False, no antialias,
     result rounded to uint8 like cv2 on a uint8 image."""
-    with Image.open(path) as img:
-        x = torch.from_numpy(np.array(img.convert("RGB"))).float()
+    x = torch.from_numpy(np.array(load_rgb(path))).float()  # InputError naming a truncated or corrupt frame
     x = rearrange(x, "h w c -> 1 c h w")
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=False)
@@ -501,7 +500,7 @@ def evaluate_results(index, results_dir, bound_th=0.008):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("DAVIS-2017 video object segmentation by label propagation", add_help=True)
+    parser = argparse.ArgumentParser(description="DAVIS-2017 video object segmentation by label propagation")
     parser.add_argument("--data_path", default="/path/to/DAVIS", type=str,
                         help="DAVIS folder holding JPEGImages/480p, Annotations/480p and ImageSets/2017 (or a "
                              "folder holding DAVIS/, as data.py --write-synthetic writes it)")
@@ -530,22 +529,35 @@ def get_args_parser():
     return parser
 
 
-def main(args):
-    if args.short_side % args.patch_size or LONG_SIDE_MULTIPLE % args.patch_size:
-        raise ValueError(f"--short_side {args.short_side} and {LONG_SIDE_MULTIPLE} must be multiples of "
-                         f"--patch_size {args.patch_size}")
-    index = load_davis_index(args.data_path, args.set, args.seqs)  # every input check before the model
+def check_args(args):
+    """The range of every numeric flag (InputError naming it), before any work."""
+    need = metrics.need
+    need(args.patch_size >= 1 and LONG_SIDE_MULTIPLE % args.patch_size == 0, args, "patch_size",
+         f"must divide {LONG_SIDE_MULTIPLE} (DINO floors the long side to a multiple of {LONG_SIDE_MULTIPLE})")
+    need(args.short_side >= 1 and args.short_side % args.patch_size == 0, args, "short_side",
+         f"must be a positive multiple of --patch_size {args.patch_size}")
+    need(args.n_last_blocks >= 1, args, "n_last_blocks", "must be at least 1")
+    need(args.n_last_frames >= 0, args, "n_last_frames", "must be >= 0")
+    need(args.size_mask_neighborhood >= 0, args, "size_mask_neighborhood", "must be >= 0 (0: no restriction)")
+    need(args.topk >= 1, args, "topk", "must be at least 1")
+    need(args.frames_per_forward >= 1, args, "frames_per_forward", "must be at least 1")
+    return args
 
+
+def main(args):
+    check_args(args)
+    metrics.print_config(args)
+    index = load_davis_index(args.data_path, args.set, args.seqs)  # every input check before the model
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    backbone = backbone_from_args(args).to(device)
+
+    # only once the inputs are checked: a failed rerun leaves the old folder as it was
     os.makedirs(args.output_dir, exist_ok=True)
     for stale in official_csvs(args.output_dir):  # the official tool would echo them instead of re-scoring
         print(f"removing {stale}: a results CSV in the PNG folder stops evaluation_method.py from re-scoring")
         stale.unlink()
-    metrics.print_config(args)
     metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
-
-    device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    backbone = backbone_from_args(args).to(device)
     for seq in tqdm(index, desc="videos"):
         segment_video(backbone, seq, args, device)
 
@@ -560,4 +572,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    cli(main, get_args_parser(), check=check_args)

@@ -41,7 +41,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 import metrics
-from data import Transformed, ValTransform, build_segmentation_dataset
+from data import InputError, Transformed, ValTransform, build_segmentation_dataset, cli
 from metrics import count_pairs, match_clusters, match_many_to_one
 from model import backbone_from_args, dense_features
 
@@ -249,28 +249,42 @@ def evaluate_blocks(n, tokens, masks, mean, std, subsample, embed_dim, num_clust
     return run, first_pred
 
 
+def check_args(args):
+    """The range of every numeric flag (InputError naming it), before any work."""
+    metrics.check_feature_size(args)
+    need = metrics.need
+    need(args.mask_size >= 1, args, "mask_size", "must be at least 1")
+    need(args.num_clusters is None or args.num_clusters >= 1, args, "num_clusters",
+         "must be at least 1 (and at least the number of classes)")
+    need(args.pca >= 0, args, "pca", "must be >= 0 (0: no PCA)")
+    need(args.fit_samples >= 1, args, "fit_samples", "must be at least 1")
+    need(min(args.seeds) >= 0, args, "seeds", "must be >= 0 (scikit-learn's random_state)")
+    need(args.kmeans_iters >= 1, args, "kmeans_iters", "must be at least 1")
+    return args
+
+
 def main(args):
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise ValueError("eval_kmeans.py runs in one process (k-means needs every point in one place): "
+        raise InputError("eval_kmeans.py runs in one process (k-means needs every point in one place): "
                          "launch it with python, not torchrun")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    metrics.check_feature_size(args)
-    if args.pca < 0 or args.fit_samples < 1:
-        raise ValueError("--pca must be >= 0 and --fit_samples >= 1")
+    check_args(args)
     metrics.print_config(args)
-    os.makedirs(args.output_dir, exist_ok=True)
-    metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
 
-    val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split)
+    val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split,
+                                         ignore_unknown_labels=args.ignore_unknown_labels)
     num_classes, class_names = val_set.num_classes, list(val_set.class_names)
     num_clusters = args.num_clusters or num_classes
     if num_clusters < num_classes:
-        raise ValueError(f"--num_clusters {num_clusters} < {num_classes} classes: matching needs K >= C")
+        raise InputError(f"--num_clusters {num_clusters} < {num_classes} classes: matching needs K >= C")
     torch.manual_seed(args.seed)  # a --random_init backbone is the same in every run
     backbone = backbone_from_args(args).to(device)
     if args.pca >= min(args.n_last_blocks) * backbone.embed_dim:
-        raise ValueError(f"--pca {args.pca} must be smaller than the feature dimension "
+        raise InputError(f"--pca {args.pca} must be smaller than the feature dimension "
                          f"{min(args.n_last_blocks) * backbone.embed_dim}")
+    # only once the inputs are checked: a failed rerun leaves the old config beside its results
+    os.makedirs(args.output_dir, exist_ok=True)
+    metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
 
     start_time = time.time()
     data = Transformed(val_set, ValTransform(args.img_size, args.mask_size))
@@ -324,5 +338,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    main(parser.parse_args())
+    cli(main, argparse.ArgumentParser(parents=[get_args_parser()]), check=check_args)

@@ -30,6 +30,7 @@ best. Run as one process or with torchrun (one process per GPU):
 """
 import argparse
 import json
+import math
 import os
 import time
 
@@ -46,7 +47,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import metrics
-from data import IGNORE_INDEX, Transformed, ValTransform, build_segmentation_dataset, resize_mask, to_input
+from data import (IGNORE_INDEX, InputError, Transformed, ValTransform, build_segmentation_dataset, cli, resize_mask,
+                  to_input)
 from model import backbone_from_args, dense_features, init_distributed
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
@@ -103,12 +105,23 @@ def resolve_defaults(args):
         args.lr = list(ADE20K_LRS) if args.protocol == "mmseg" else [1e-3]
     if args.batch_size is None:
         args.batch_size = 16 if args.protocol == "mmseg" else 32  # App. C: 16 on ADE20K; not given otherwise
-    if args.protocol == "mmseg":
-        if args.cache_train_features:
-            raise ValueError("--cache_train_features is for the croc protocol (the mmseg crops change every step)")
-        if args.crop_size % args.patch_size or args.slide_stride < 1:
-            raise ValueError(f"--crop_size {args.crop_size} must be a multiple of --patch_size {args.patch_size} "
-                             f"and --slide_stride >= 1")
+    if args.protocol == "mmseg" and args.cache_train_features:
+        raise InputError("--cache_train_features is for the croc protocol (the mmseg crops change every step)")
+    return args
+
+
+def check_args(args):
+    """resolve_defaults, then the range of every numeric flag (InputError naming it), before any work."""
+    resolve_defaults(args)
+    metrics.check_feature_size(args)
+    need = metrics.need
+    need(args.epochs >= 1, args, "epochs", "must be at least 1")
+    need(args.iters >= 1, args, "iters", "must be at least 1")
+    need(all(math.isfinite(lr) and lr > 0 for lr in args.lr), args, "lr", "every rate must be finite and > 0")
+    need(args.train_mask_size >= 1, args, "train_mask_size", "must be at least 1")
+    need(args.crop_size >= 1 and (args.protocol != "mmseg" or args.crop_size % args.patch_size == 0), args,
+         "crop_size", f"must be a positive multiple of --patch_size {args.patch_size} (--protocol mmseg)")
+    need(args.slide_stride >= 1, args, "slide_stride", "must be at least 1")
     return args
 
 
@@ -489,20 +502,22 @@ def main(args):
     main_process = rank == 0
     if args.device is not None and world_size == 1:
         device = torch.device(args.device)
-    resolve_defaults(args)
-    metrics.check_feature_size(args)
+    check_args(args)
     if main_process:
         metrics.print_config(args)
-        os.makedirs(args.output_dir, exist_ok=True)
-        metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
 
     # datasets first: a bad layout fails before any model work
-    train_set = build_segmentation_dataset(args.dataset, args.data_path, args.train_split)
-    val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split)
+    train_set = build_segmentation_dataset(args.dataset, args.data_path, args.train_split,
+                                           ignore_unknown_labels=args.ignore_unknown_labels)
+    val_set = build_segmentation_dataset(args.dataset, args.data_path, args.val_split,
+                                         ignore_unknown_labels=args.ignore_unknown_labels)
     num_classes, class_names = val_set.num_classes, list(val_set.class_names)
 
     torch.manual_seed(args.seed)  # same on every rank: identical random-init backbones
     backbone = backbone_from_args(args).to(device)
+    if main_process:  # only once the inputs are checked: a failed rerun leaves the old config beside its results
+        os.makedirs(args.output_dir, exist_ok=True)
+        metrics.write_json(os.path.join(args.output_dir, "config.json"), vars(args))
     heads = build_heads(args, backbone.embed_dim, num_classes, device)
     lr_of = {run_name(n, lr): lr for n in args.n_last_blocks for lr in args.lr}
     optimizer = torch.optim.Adam([{"params": h.parameters(), "lr": lr_of[n], "initial_lr": lr_of[n]}
@@ -577,5 +592,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(parents=[get_args_parser()])
-    main(parser.parse_args())
+    cli(main, argparse.ArgumentParser(parents=[get_args_parser()]), check=check_args)

@@ -13,7 +13,6 @@ Sections
 import argparse
 import json
 import os
-import sys
 import warnings
 
 import numpy as np
@@ -23,7 +22,7 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, Subset
 
-from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, raw_mask_values
+from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, InputError, MissingInput, cli, raw_mask_values
 import model
 from model import dense_features
 
@@ -113,7 +112,7 @@ def hungarian_miou(pred, gt, num_classes, ignore_index=IGNORE_INDEX, num_cluster
     >= num_classes; cluster ids outside 0..K-1 on valid pixels raise ValueError."""
     num_clusters = num_classes if num_clusters is None else num_clusters
     if num_clusters < num_classes:
-        raise ValueError(f"num_clusters={num_clusters} < num_classes={num_classes}: Hungarian matching needs K >= C")
+        raise InputError(f"num_clusters={num_clusters} < num_classes={num_classes}: Hungarian matching needs K >= C")
     return match_clusters(count_pairs(pred, gt, num_classes, num_clusters, ignore_index))
 
 
@@ -126,7 +125,7 @@ def check_scored_pixels(n_valid, n_total, dataset, what="evaluation"):
     name = getattr(dataset, "name", str(dataset))
     if n_total == 0 or n_valid == 0:
         found = raw_mask_values(dataset)
-        raise ValueError(
+        raise InputError(
             f"{name}: no pixel to score in the {what}: all {n_total} mask pixels are 'ignore' ({IGNORE_INDEX}) "
             f"after the label map, which keeps classes 0..{dataset.num_classes - 1} only. {found}. "
             f"Check --dataset and the mask folder (masks must hold class ids, not colours).")
@@ -214,6 +213,12 @@ def add_backbone_args(parser):
                         help="Dataset root (see data.py for the layouts and its prepare_* commands). Optional only "
                              "for --dataset synthetic.")
     parser.add_argument("--val_split", default="val", type=str, help="Evaluation split (default: val).")
+    parser.add_argument("--ignore_unknown_labels", action="store_true",
+                        help="Score mask pixels whose raw value is outside the dataset's ids (pvoc 0..20, "
+                             "coco_things 0..200, coco_stuff 0..183, ade20k 0..150, synthetic 0..3; 255 is always "
+                             "ignore) as ignore. Default: refuse them, naming the values, their pixel counts and the "
+                             "first masks holding them; a wrong --dataset or a damaged mask folder would otherwise "
+                             "give an mIoU over fewer pixels without a word.")
     model.add_backbone_args(parser)
     parser.add_argument("--n_last_blocks", default=[4], type=int, nargs="+",
                         help="Concatenate the patch tokens of the last n_b blocks, each through the final LayerNorm "
@@ -239,11 +244,25 @@ def add_backbone_args(parser):
     return parser
 
 
+def need(ok, args, flag, why):
+    """InputError '--flag value: why' for a flag whose value is out of its range."""
+    if not ok:
+        raise InputError(f"--{flag} {getattr(args, flag)}: {why}")
+
+
+def check_backbone_args(args):
+    """The ranges of add_backbone_args' numeric flags, checked before any work (data.cli's check)."""
+    need(args.patch_size >= 1, args, "patch_size", "must be at least 1")
+    need(args.img_size >= 1 and args.img_size % args.patch_size == 0, args, "img_size",
+         f"must be a positive multiple of --patch_size {args.patch_size}")
+    need(min(args.n_last_blocks) >= 1, args, "n_last_blocks", "every value must be at least 1")
+    need(args.batch_size is None or args.batch_size >= 1, args, "batch_size", "must be at least 1")
+    need(args.num_workers >= 0, args, "num_workers", "must be >= 0")
+    need(args.n_pictures >= 0, args, "n_pictures", "must be >= 0 (0: no pictures)")
+
+
 def check_feature_size(args):
-    if args.img_size % args.patch_size:
-        raise ValueError(f"--img_size {args.img_size} is not a multiple of --patch_size {args.patch_size}")
-    if min(args.n_last_blocks) < 1:
-        raise ValueError(f"--n_last_blocks {args.n_last_blocks}: every value must be >= 1")
+    check_backbone_args(args)
     args.n_last_blocks = sorted(set(args.n_last_blocks))
 
 
@@ -252,8 +271,18 @@ def print_config(args):
 
 
 def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
+    """Atomically: a temporary file in the same folder, flushed, then renamed over path. A run that fails or is
+    killed leaves the old file whole (e.g. the config.json that describes the results beside it) or the new one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def loader(dataset, args, shuffle=False, sampler=None, batch_size=None):
@@ -274,8 +303,13 @@ def combined_table(result_paths):
     lines = [f"{'run':<28} {'script':<7} {'dataset':<12} {'setting':<18} {'mIoU / J&F (%)':>15}"]
     for path in result_paths:
         path = os.path.join(path, "results.json") if os.path.isdir(path) else path
-        with open(path) as f:
-            res = json.load(f)
+        try:
+            with open(path) as f:
+                res = json.load(f)
+        except FileNotFoundError as e:
+            raise MissingInput(f"{path} does not exist") from e
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path} is not a readable results.json: {type(e).__name__}: {e}") from e
         run = os.path.basename(os.path.dirname(os.path.abspath(path)))[:28]
         if "J&F-Mean" in res:
             lines.append(f"{run:<28} {'davis':<7} {'davis2017':<12} {'':<18} {100 * res['J&F-Mean']:>15.2f}")
@@ -290,15 +324,17 @@ def combined_table(result_paths):
 
 
 def get_args_parser():
-    parser = argparse.ArgumentParser("Evaluation helpers", add_help=True)
+    parser = argparse.ArgumentParser(description="Evaluation helpers")
     sub = parser.add_subparsers(dest="command", required=True)
     table = sub.add_parser("table", help="print one table over several results.json (or their folders)")
     table.add_argument("results", nargs="+")
     return parser
 
 
-if __name__ == "__main__":
-    args = get_args_parser().parse_args()
+def main(args):
     if args.command == "table":
-        print(combined_table(args.results))
-        sys.stdout.flush()
+        print(combined_table(args.results), flush=True)
+
+
+if __name__ == "__main__":
+    cli(main, get_args_parser())

@@ -1568,19 +1568,142 @@ def test_no_scorable_pixel_fails_naming_the_dataset_and_what_was_found(tmp_path)
     base = tmp_path / "VOCdevkit/VOC2012"
     _voc_fixture(base, aug=False)
     for mask in (base / "SegmentationClass").glob("*.png"):
-        _write_mask(mask, np.full((10, 20), 50), palette=False)  # 50: outside VOC's 0..20 -> ignore
+        _write_mask(mask, np.full((10, 20), 50), palette=False)  # 50: outside VOC's 0..20 -> ignore (with the flag)
     args = eval_kmeans.get_args_parser().parse_args(
         ["--dataset", "pvoc", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init", "--img_size",
          "32", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--mask_size", "8", "--pca", "0",
-         "--output_dir", str(tmp_path / "out")])
-    with pytest.raises(ValueError, match=r"pvoc/val: no pixel to score.*0\.\.20.*raw mask values.*: 50"):
+         "--output_dir", str(tmp_path / "out"), "--ignore_unknown_labels"])
+    with pytest.warns(RuntimeWarning, match="--ignore_unknown_labels"), \
+            pytest.raises(ValueError, match=r"pvoc/val: no pixel to score.*0\.\.20.*raw mask values.*: 50"):
         eval_kmeans.main(args)
-    val = data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    with pytest.warns(RuntimeWarning, match="50 \\(200 pixels\\)"):
+        val = data.build_segmentation_dataset("pvoc", tmp_path, "val", ignore_unknown_labels=True)
     with pytest.warns(UserWarning, match=r"pvoc/val: 95.0% of the 100 mask pixels"):
         metrics.check_scored_pixels(5, 100, val)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         metrics.check_scored_pixels(50, 100, val)  # half ignored (e.g. COCO-Things' stuff): no warning
+
+
+def _small_synthetic(root):
+    """The synthetic scenes (4 classes) as a PVOC-layout folder: 2 train and 2 val scenes of 32 px, one video."""
+    data.write_synthetic(str(root), n_train=2, n_val=2, n_videos=1, n_frames=3, size=32, video_size=(32, 48),
+                         progress=False)
+    return root
+
+
+KMEANS_SMALL = ["--dataset", "synthetic", "--arch", "vit_nano", "--patch_size", "8", "--img_size", "32",
+                "--mask_size", "8", "--pca", "0", "--seeds", "0", "--num_workers", "0", "--device", "cpu",
+                "--n_last_blocks", "1", "--n_pictures", "0", "--random_init"]
+
+
+def test_mask_values_outside_the_class_range_are_refused_naming_them_unless_the_flag_scores_them_as_ignore(tmp_path):
+    root = _small_synthetic(tmp_path / "synth")
+    mask = root / "VOCdevkit/VOC2012/SegmentationClass/val_000001.png"
+    labels = data.read_mask(mask)
+    labels[:8] = 50  # a 4-class dataset: 50 is neither a class nor 255
+    data.save_palette_png(labels, mask)
+    with pytest.raises(data.InputError,
+                       match=r"50 \(256 pixels\).*first in .*val_000001\.png.*--ignore_unknown_labels"):
+        data.build_segmentation_dataset("synthetic", root, "val")
+    out = tmp_path / "out"
+    refused = run([sys.executable, "eval_kmeans.py", *KMEANS_SMALL, "--data_path", root, "--output_dir", out],
+                  in_process=True)
+    assert refused.returncode == 2 and "50 (256 pixels)" in refused.stderr and not out.exists()
+
+    with pytest.warns(RuntimeWarning, match=r"50 \(256 pixels\).*scored as ignore"):
+        val = data.build_segmentation_dataset("synthetic", root, "val", ignore_unknown_labels=True)
+    assert (val[1][1] == 255).sum() == 256 and (val[1][1][:8] == 255).all() and (val[0][1] != 255).all()
+    args = eval_kmeans.get_args_parser().parse_args(KMEANS_SMALL + ["--data_path", str(root), "--output_dir",
+                                                                    str(out), "--ignore_unknown_labels"])
+    with pytest.warns(RuntimeWarning, match="scored as ignore"):
+        results = eval_kmeans.main(args)
+    masks = [m for _, m in data.Transformed(val, data.ValTransform(32, 8))]
+    assert results["n_valid_pixels"] == sum(int((m != 255).sum()) for m in masks) == 2 * 8 * 8 - 8 * 2
+
+
+def test_a_failed_rerun_leaves_the_old_config_json_byte_identical(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    old = b'{"dataset": "synthetic", "written by": "the run whose results are here"}'
+    (out / "config.json").write_bytes(old)
+    (out / "results.json").write_text("{}")
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(data.MissingInput, match="nowhere"):
+        run_linear(missing, str(out), "--random_init")
+    with pytest.raises(ValueError, match="nowhere"):  # the (in-memory) dataset is fine, the weights are not
+        eval_linear.main(eval_linear.get_args_parser().parse_args(COMMON + ["--weights", missing, "--output_dir",
+                                                                            str(out)]))
+    with pytest.raises(data.MissingInput, match="nowhere"):
+        run_kmeans(missing, str(out), "--random_init")
+    with pytest.raises(data.MissingInput, match="nowhere"):
+        ed.main(run_args(missing, out))
+    assert (out / "config.json").read_bytes() == old and sorted(os.listdir(out)) == ["config.json", "results.json"]
+
+
+@pytest.mark.parametrize("script,flags,named", [
+    (eval_linear, ["--epochs", "0"], "--epochs 0: must be at least 1"),
+    (eval_linear, ["--lr", "1e-3", "inf"], r"--lr \[0.001, inf\]: every rate must be finite and > 0"),
+    (eval_linear, ["--lr", "nan"], "--lr"), (eval_linear, ["--lr", "0"], "--lr"),
+    (eval_linear, ["--batch_size", "0"], "--batch_size 0"), (eval_linear, ["--n_last_blocks", "0"], "--n_last_blocks"),
+    (eval_linear, ["--img_size", "-8"], "--img_size -8"), (eval_linear, ["--iters", "0"], "--iters 0"),
+    (eval_linear, ["--protocol", "mmseg", "--crop_size", "500"], "--crop_size 500"),
+    (eval_kmeans, ["--num_clusters", "0"], "--num_clusters 0"), (eval_kmeans, ["--mask_size", "0"], "--mask_size 0"),
+    (eval_kmeans, ["--seeds", "0", "-1"], "--seeds"), (eval_kmeans, ["--fit_samples", "0"], "--fit_samples 0"),
+    (eval_kmeans, ["--kmeans_iters", "0"], "--kmeans_iters 0"), (eval_kmeans, ["--pca", "-1"], "--pca -1"),
+    (ed, ["--topk", "0"], "--topk 0"), (ed, ["--frames_per_forward", "0"], "--frames_per_forward 0"),
+    (ed, ["--n_last_blocks", "0"], "--n_last_blocks 0"), (ed, ["--patch_size", "0"], "--patch_size 0"),
+    (ed, ["--short_side", "50"], "--short_side 50"), (ed, ["--n_last_frames", "-1"], "--n_last_frames -1")])
+def test_eval_flags_out_of_range_are_refused_at_parse_time_with_their_range(script, flags, named):
+    args = script.get_args_parser().parse_args(["--random_init"] + flags)
+    with pytest.raises(data.InputError, match=named):
+        script.check_args(args)
+
+
+@pytest.mark.parametrize("cmd,named", [
+    (["eval_linear.py", "--dataset", "pvoc", "--data_path", "NOWHERE", "--random_init"], "data root NOWHERE"),
+    (["eval_kmeans.py", "--dataset", "pvoc", "--data_path", "NOWHERE", "--random_init"], "data root NOWHERE"),
+    (["eval_davis.py", "--data_path", "NOWHERE", "--random_init"], "sequence list not found"),
+    (["metrics.py", "table", "NOWHERE"], "NOWHERE does not exist"),
+    (["data.py", "prepare_voc", "--voc_root", "NOWHERE", "--sbd_cls", "x", "--trainaug_list", "x"],
+     "no PASCAL VOC layout found under NOWHERE")])
+def test_each_script_reports_a_users_mistake_in_one_line_with_exit_status_2(tmp_path, cmd, named):
+    cmd = [str(tmp_path / "nowhere") if a == "NOWHERE" else a for a in cmd]
+    r = run([sys.executable, *cmd, *(["--output_dir", str(tmp_path / "out")] if "eval" in cmd[0] else [])],
+            in_process=True)
+    named = named.replace("NOWHERE", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and r.stderr.startswith(f"{cmd[0]}: error: ") and named in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def _truncate(path):
+    """Cut a file written by a fixture to half its bytes, as an interrupted copy or unpacking leaves it."""
+    full = Path(path).read_bytes()
+    Path(path).write_bytes(full[:len(full) // 2])
+    return str(path)
+
+
+def test_truncated_masks_and_images_are_named_in_one_line_with_exit_status_2(tmp_path):
+    root = _small_synthetic(tmp_path / "synth")
+    voc = root / "VOCdevkit/VOC2012"
+    mask = _truncate(voc / "SegmentationClass/val_000001.png")
+    with pytest.raises(data.InputError, match=f"cannot read mask {mask}: OSError"):
+        data.read_mask(mask)
+    kmeans = [sys.executable, "eval_kmeans.py", *KMEANS_SMALL, "--data_path", root]
+    r = run(kmeans + ["--output_dir", tmp_path / "km"], in_process=True)
+    assert r.returncode == 2 and f"mask {mask}: OSError" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    shutil.copy(voc / "SegmentationClass/val_000000.png", mask)  # the mask is whole again: now the image is cut
+    image = _truncate(voc / "JPEGImages/val_000001.jpg")  # its header is whole: found when a worker loads it
+    r = run(kmeans + ["--output_dir", tmp_path / "km", "--num_workers", "1"], in_process=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr  # the worker's traceback unwrapped
+    assert r.stderr.splitlines()[-1].startswith(f"eval_kmeans.py: error: cannot read image {image}: OSError: image "
+                                                f"file is truncated")  # after the progress bar of the features
+    ann = _truncate(root / "DAVIS/Annotations/480p/synth-000/00001.png")
+    r = run([sys.executable, "eval_davis.py", "--data_path", root, "--output_dir", tmp_path / "davis", "--arch",
+             "vit_nano", "--patch_size", "8", "--short_side", "32", "--device", "cpu", "--random_init"],
+            in_process=True)
+    assert r.returncode == 2 and r.stderr.startswith("eval_davis.py: error: cannot ") and f" {ann}: OSError" in r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "davis").exists()  # found before the model
 
 
 def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
@@ -2893,7 +3016,7 @@ def _coco_fixture(tmp_path, kind, leopart=True):
     for name in ("000000000002", "000000000001"):
         _write_image(image_dir / f"{name}.jpg", (5, 3))
         _write_mask(mask_dir / f"{name}.png", np.tile(np.array(values, dtype=np.uint8), (3, 1)), palette=False)
-    _write_image(image_dir / "000000000003.jpg", (5, 3))  # no mask: not listed
+    return image_dir, mask_dir
 
 
 @pytest.mark.parametrize("leopart", [True, False])
@@ -2977,6 +3100,46 @@ def test_build_segmentation_dataset_rejects_unknown_names_and_missing_root():
         data.build_segmentation_dataset("pvoc", None, "val")
 
 
+@pytest.mark.parametrize("kind", ["things", "stuff", "ade20k"])
+def test_coco_and_ade20k_layouts_refuse_unmatched_images_and_masks_naming_the_first_few(tmp_path, kind):
+    if kind == "ade20k":
+        image_dir, mask_dir = tmp_path / "ADEChallengeData2016/images/validation", \
+            tmp_path / "ADEChallengeData2016/annotations/validation"
+        for i in (1, 2):
+            _write_image(image_dir / f"ADE_val_{i:08d}.jpg", (4, 2))
+            _write_mask(mask_dir / f"ADE_val_{i:08d}.png", np.ones((2, 4)), palette=False)
+        name, first = "ade20k", "ADE_val_00000003.jpg"
+    else:
+        image_dir, mask_dir = _coco_fixture(tmp_path, kind)
+        name, first = f"coco_{kind}", "000000000003.jpg"
+    assert len(data.build_segmentation_dataset(name, tmp_path, "val")) == 2
+    stem = first[:-4]
+    for k in range(4):  # 4 images, 2 masks: a partly unpacked mask folder
+        _write_image(image_dir / f"{stem[:-1]}{3 + k}.jpg", (5, 3))
+    with pytest.raises(data.MissingInput, match=rf"{name}/val: images of {image_dir} without a mask in {mask_dir}: "
+                                                rf"4 \({first}, .*, .* and 1 more\)"):
+        data.build_segmentation_dataset(name, tmp_path, "val")
+    for k in range(4):
+        (image_dir / f"{stem[:-1]}{3 + k}.jpg").unlink()
+    (image_dir / f"{stem[:-1]}1.jpg").unlink()  # and a mask without its image
+    with pytest.raises(data.MissingInput, match=rf"masks of {mask_dir} without an image in {image_dir}: 1 "
+                                                rf"\({stem[:-1]}1.png\)"):
+        data.build_segmentation_dataset(name, tmp_path, "val")
+
+
+def test_pvoc_and_synthetic_layouts_name_the_first_few_listed_files_that_are_missing(tmp_path):
+    base = tmp_path / "VOCdevkit/VOC2012"
+    _voc_fixture(base)
+    (base / "ImageSets/Segmentation/val.txt").write_text("v1\nv2\nv3\nv4\nv5\n")
+    with pytest.raises(data.MissingInput, match=r"pvoc/val: images that do not exist: 4 \(.*v2.jpg, .*v3.jpg, "
+                                                r".*v4.jpg and 1 more\); masks that do not exist: 4 .* \(listed in "):
+        data.build_segmentation_dataset("pvoc", tmp_path, "val")
+    root = _small_synthetic(tmp_path / "synth")
+    (root / "VOCdevkit/VOC2012/SegmentationClass/train_000001.png").unlink()
+    with pytest.raises(data.MissingInput, match=r"synthetic/train: masks that do not exist: 1 \(.*train_000001.png\)"):
+        data.build_segmentation_dataset("synthetic", root, "train")
+
+
 def _panoptic_fixture(root):
     """Two COCO val images with a panoptic PNG + JSON (segment ids in RGB) and a stuff pixel map each."""
     rng = np.random.default_rng(0)
@@ -3013,6 +3176,23 @@ def test_prepare_coco_converts_panoptic_png_and_json_and_stuff_maps_and_checks_t
     assert (stuff[1][1] == np.select([raw == 96, raw == 157], [0, 8], 255)).all()  # building, sky
     assert "coco_things/val: 2 images, 2 masks" in report and "official split has 5000 images" in report
     assert "person" in report and "ignore (255)" in report
+
+
+def test_prepare_coco_names_a_truncated_panoptic_json_or_png_and_a_missing_panoptic_dir(tmp_path):
+    _panoptic_fixture(tmp_path)
+    panoptic = [sys.executable, "data.py", "prepare_coco", "--root", tmp_path, "--panoptic_json",
+                tmp_path / "panoptic_val2017.json"]
+    r = run(panoptic, in_process=True)  # no --panoptic_dir
+    assert r.returncode == 2 and "--panoptic_json needs --panoptic_dir" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.startswith("data.py: error: ") and len(r.stderr.splitlines()) == 1
+    png = _truncate(tmp_path / "panoptic_val2017" / "000000000002.png")
+    with pytest.raises(data.InputError, match=f"cannot read panoptic PNG {png}"):
+        data.prepare_coco(tmp_path, "val", tmp_path / "panoptic_val2017.json", tmp_path / "panoptic_val2017",
+                          progress=False)
+    meta = _truncate(tmp_path / "panoptic_val2017.json")
+    r = run(panoptic + ["--panoptic_dir", tmp_path / "panoptic_val2017"], in_process=True)
+    assert r.returncode == 2 and f"--panoptic_json {meta} is not readable JSON" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
 
 
 def test_prepare_voc_builds_trainaug_from_sbd_mat_files_on_the_command_line(tmp_path):
