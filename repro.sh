@@ -59,6 +59,28 @@ def mean_std(rs, key, fmt):
     return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
 
 
+def gaps(outs, rows):
+    """Per run folder (one per seed), the gaps CrOC - DINO and DINO - random, and in how many folders each is > 0:
+    "in every seed" is then read off the script, not the table."""
+    pairs = [(a, b) for a, b in [("croc", "dino"), ("dino", "random")] if a in rows and b in rows]
+    by_out = {run: {r["out"]: r for r in rs} for run, rs in rows.items()}
+    keys = [("linear", ".2f"), ("kmeans", ".2f"), ("J&F", ".3f")]
+    for a, b in pairs:
+        both = [o for o in outs if o in by_out[a] and o in by_out[b]]
+        if not both:
+            continue
+        print(f"\n| {a} - {b} | linear mIoU | k-means mIoU | J&F |")
+        print("|---|---|---|---|")
+        diffs = {k: [by_out[a][o][k] - by_out[b][o][k] for o in both] for k, _ in keys}
+        for i, o in enumerate(both):
+            print(f"| {o} | " + " | ".join(f"{diffs[k][i]:+{f}}" for k, f in keys) + " |")
+        std = {k: statistics.stdev(v) if len(v) > 1 else float("nan") for k, v in diffs.items()}
+        print("| mean +- std | " + " | ".join(f"{statistics.mean(diffs[k]):+{f}} +- {std[k]:{f}}" for k, f in keys)
+              + " |")
+        print(f"| {a} > {b} in | " + " | ".join(f"{sum(d > 0 for d in diffs[k])} of {len(both)}" for k, _ in keys)
+              + " |")
+
+
 outs, rows = sys.argv[1:], {}
 if not outs:
     sys.exit("usage: bash repro.sh --table OUT [OUT ...] (folders of finished repro.sh runs)")
@@ -73,6 +95,7 @@ for out in outs:
             r = row(out, run)
         except FileNotFoundError as e:
             sys.exit(f"{out}: no results for {run} ({e.filename}): run repro.sh on it first")
+        r["out"] = out
         rows.setdefault(run, []).append(r)
         name = run if len(outs) == 1 else f"{run}, {out}"
         print(f"| {name} | {r['linear']:.2f} | {r['kmeans']:.2f} +- {r['kmeans_std']:.2f} | {r['J&F']:.3f} | "
@@ -84,6 +107,7 @@ if len(outs) > 1:  # mean +- sample std over the runs; for k-means, of each run'
         ks = f"{mean_std(rs, 'mean_k', '.2f')} | {mean_std(rs, 'kept', '.1f')}" if "mean_k" in rs[0] else "- | -"
         print(f"| {run} ({len(rs)}) | {mean_std(rs, 'linear', '.2f')} | {mean_std(rs, 'kmeans', '.2f')} | "
               f"{mean_std(rs, 'J&F', '.3f')} | {ks} |")
+    gaps(outs, rows)
 PYEOF
 fi
 OUT=${1:-repro}
