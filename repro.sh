@@ -8,6 +8,8 @@
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
 #   LAMBDA_POS=1 bash repro.sh OUT (the ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1; the DINO
 #                                run and the evaluations already in OUT are reused)
+#   K_MAX=4 / K_START=8 bash repro.sh OUT (the same for --k_max / --k_start, in OUT/croc_k_max4 / OUT/croc_k_start8;
+#                                several variables together name the run after each: croc_k_start8_k_max4)
 #   DINO=0 bash repro.sh OUT     (the CrOC pipeline alone: no DINO pretraining, no DINO or random-init evaluation)
 #   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in about a minute, CrOC's evaluations only: CI runs it
 #                                so that the recipe cannot rot; its numbers mean nothing)
@@ -112,8 +114,11 @@ PYEOF
 fi
 OUT=${1:-repro}
 SEED=${SEED:-0}
-LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
-CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
+LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's defaults: lambda_pos 4, K_start 12, K_max = K_start
+CROC=croc CROC_FLAGS="--lambda_pos $LAMBDA_POS"
+[ "$LAMBDA_POS" = 4 ] || CROC="${CROC}_lambda_pos$LAMBDA_POS"
+[ -z "${K_START:-}" ] || CROC="${CROC}_k_start$K_START" CROC_FLAGS="$CROC_FLAGS --k_start $K_START"
+[ -z "${K_MAX:-}" ] || CROC="${CROC}_k_max$K_MAX" CROC_FLAGS="$CROC_FLAGS --k_max $K_MAX"
 BN=${BN:-1}
 DINO=${DINO:-1}
 [ "$DINO" = 0 ] || [ "$DINO" = 1 ] || { echo "repro.sh: DINO must be 0 or 1, not '$DINO'" >&2; exit 2; }
@@ -157,7 +162,7 @@ evaluate() {  # linear, k-means and DAVIS of one run; one whose results file exi
 pipeline() {  # pretrain one model (one thread), draw its curves, then evaluate the runs named after it
   local name=$1 flags run
   shift
-  if [ "$name" = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
+  if [ "$name" = dino ]; then flags="--alpha 0"; else flags="--alpha 1 $CROC_FLAGS"; fi
   OMP_NUM_THREADS=1 $PY train.py $COMMON $WORLD $flags --eval_every $EVAL_EVERY \
       --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
       >> "$OUT/$name.log" 2>&1
