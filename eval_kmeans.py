@@ -18,8 +18,8 @@ Several `--n_last_blocks` values come from one feature pass and are reported eac
 
 Differences from the reference (Leopart) that the numbers inherit:
 - all 1,449 PVOC12 val images are used; Leopart's loader (drop_last=True) silently drops 9 of them;
-- scikit-learn k-means (k-means++, Lloyd, one run per seed) on at most --fit_samples points instead of faiss
-  (niter 50, nredo 5, K x 256 subsample); PCA is fitted on a subsample instead of the first 4M pixels.
+- scikit-learn k-means (k-means++, Lloyd, --n_init runs per seed, default 1) on at most --fit_samples points
+  instead of faiss (niter 50, nredo 5, K x 256 subsample); PCA is fitted on a subsample instead of the first 4M pixels.
 
 Memory: the token maps are kept (float16, N x n_b D x h x w, 12.75x smaller than the 100x100 pixel features at
 448/16) and the pixel features exist as float16 only after standardisation + PCA (N x 10^4 x 50); standardisation,
@@ -156,8 +156,8 @@ def fit_kmeans(z, num_clusters, seed, args):
     """Centroids (K, d) float32 of k-means (k-means++ init, Lloyd) on <= --fit_samples random rows of z."""
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(z.shape[0], generator=generator)[:args.fit_samples]
-    kmeans = KMeans(n_clusters=num_clusters, init="k-means++", n_init=1, max_iter=args.kmeans_iters,
-                    random_state=seed)
+    kmeans = KMeans(n_clusters=num_clusters, init="k-means++", n_init=args.n_init, max_iter=args.kmeans_iters,
+                    random_state=seed)  # n_init > 1: the fit of lowest inertia (Leopart's faiss nredo)
     kmeans.fit(z[idx].float().numpy())
     return torch.from_numpy(kmeans.cluster_centers_).float()
 
@@ -213,6 +213,9 @@ def get_args_parser():
                              "assigned (default: 200,000; Leopart's faiss fits on K x 256 points).")
     parser.add_argument("--seeds", default=[0, 1, 2, 3, 4], type=int, nargs="+",
                         help="One full k-means fit per seed (default: 0 1 2 3 4, App. C: five seeds).")
+    parser.add_argument("--n_init", default=1, type=int,
+                        help="k-means restarts per seed, the one of lowest inertia kept (scikit-learn's n_init; "
+                             "Leopart's faiss nredo is 5). Default: 1.")
     parser.add_argument("--kmeans_iters", default=100, type=int,
                         help="Maximum Lloyd iterations per fit (default: 100, Leopart's sup_overcluster niter).")
     return parser

@@ -8,6 +8,8 @@
 #   bash repro.sh --table OUT... (the tables of finished runs, e.g. one per seed, and their mean +- std)
 #   LAMBDA_POS=1 bash repro.sh OUT (the ablation: CrOC with another --lambda_pos, in OUT/croc_lambda_pos1; the DINO
 #                                run and the evaluations already in OUT are reused)
+#   K_MAX=4 / K_START=8 bash repro.sh OUT (the same for --k_max / --k_start, in OUT/croc_k_max4 / OUT/croc_k_start8;
+#                                several variables together name the run after each: croc_k_start8_k_max4)
 #   DINO=0 bash repro.sh OUT     (the CrOC pipeline alone: no DINO pretraining, no DINO or random-init evaluation)
 #   QUICK=1 bash repro.sh OUT    (the same steps on tiny data in about a minute, CrOC's evaluations only: CI runs it
 #                                so that the recipe cannot rot; its numbers mean nothing)
@@ -59,6 +61,28 @@ def mean_std(rs, key, fmt):
     return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
 
 
+def gaps(outs, rows):
+    """Per run folder (one per seed), the gaps CrOC - DINO and DINO - random, and in how many folders each is > 0:
+    "in every seed" is then read off the script, not the table."""
+    pairs = [(a, b) for a, b in [("croc", "dino"), ("dino", "random")] if a in rows and b in rows]
+    by_out = {run: {r["out"]: r for r in rs} for run, rs in rows.items()}
+    keys = [("linear", ".2f"), ("kmeans", ".2f"), ("J&F", ".3f")]
+    for a, b in pairs:
+        both = [o for o in outs if o in by_out[a] and o in by_out[b]]
+        if not both:
+            continue
+        print(f"\n| {a} - {b} | linear mIoU | k-means mIoU | J&F |")
+        print("|---|---|---|---|")
+        diffs = {k: [by_out[a][o][k] - by_out[b][o][k] for o in both] for k, _ in keys}
+        for i, o in enumerate(both):
+            print(f"| {o} | " + " | ".join(f"{diffs[k][i]:+{f}}" for k, f in keys) + " |")
+        std = {k: statistics.stdev(v) if len(v) > 1 else float("nan") for k, v in diffs.items()}
+        print("| mean +- std | " + " | ".join(f"{statistics.mean(diffs[k]):+{f}} +- {std[k]:{f}}" for k, f in keys)
+              + " |")
+        print(f"| {a} > {b} in | " + " | ".join(f"{sum(d > 0 for d in diffs[k])} of {len(both)}" for k, _ in keys)
+              + " |")
+
+
 outs, rows = sys.argv[1:], {}
 if not outs:
     sys.exit("usage: bash repro.sh --table OUT [OUT ...] (folders of finished repro.sh runs)")
@@ -73,6 +97,7 @@ for out in outs:
             r = row(out, run)
         except FileNotFoundError as e:
             sys.exit(f"{out}: no results for {run} ({e.filename}): run repro.sh on it first")
+        r["out"] = out
         rows.setdefault(run, []).append(r)
         name = run if len(outs) == 1 else f"{run}, {out}"
         print(f"| {name} | {r['linear']:.2f} | {r['kmeans']:.2f} +- {r['kmeans_std']:.2f} | {r['J&F']:.3f} | "
@@ -84,12 +109,16 @@ if len(outs) > 1:  # mean +- sample std over the runs; for k-means, of each run'
         ks = f"{mean_std(rs, 'mean_k', '.2f')} | {mean_std(rs, 'kept', '.1f')}" if "mean_k" in rs[0] else "- | -"
         print(f"| {run} ({len(rs)}) | {mean_std(rs, 'linear', '.2f')} | {mean_std(rs, 'kmeans', '.2f')} | "
               f"{mean_std(rs, 'J&F', '.3f')} | {ks} |")
+    gaps(outs, rows)
 PYEOF
 fi
 OUT=${1:-repro}
 SEED=${SEED:-0}
-LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's default
-CROC=$([ "$LAMBDA_POS" = 4 ] && echo croc || echo "croc_lambda_pos$LAMBDA_POS")
+LAMBDA_POS=${LAMBDA_POS:-4}  # CrOC's defaults: lambda_pos 4, K_start 12, K_max = K_start
+CROC=croc CROC_FLAGS="--lambda_pos $LAMBDA_POS"
+[ "$LAMBDA_POS" = 4 ] || CROC="${CROC}_lambda_pos$LAMBDA_POS"
+[ -z "${K_START:-}" ] || CROC="${CROC}_k_start$K_START" CROC_FLAGS="$CROC_FLAGS --k_start $K_START"
+[ -z "${K_MAX:-}" ] || CROC="${CROC}_k_max$K_MAX" CROC_FLAGS="$CROC_FLAGS --k_max $K_MAX"
 BN=${BN:-1}
 DINO=${DINO:-1}
 [ "$DINO" = 0 ] || [ "$DINO" = 1 ] || { echo "repro.sh: DINO must be 0 or 1, not '$DINO'" >&2; exit 2; }
@@ -133,7 +162,7 @@ evaluate() {  # linear, k-means and DAVIS of one run; one whose results file exi
 pipeline() {  # pretrain one model (one thread), draw its curves, then evaluate the runs named after it
   local name=$1 flags run
   shift
-  if [ "$name" = dino ]; then flags="--alpha 0"; else flags="--alpha 1 --lambda_pos $LAMBDA_POS"; fi
+  if [ "$name" = dino ]; then flags="--alpha 0"; else flags="--alpha 1 $CROC_FLAGS"; fi
   OMP_NUM_THREADS=1 $PY train.py $COMMON $WORLD $flags --eval_every $EVAL_EVERY \
       --eval_args "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0" --output_dir "$OUT/$name" \
       >> "$OUT/$name.log" 2>&1

@@ -1406,12 +1406,31 @@ def test_projecting_tokens_then_upsampling_equals_upsampling_then_projecting():
 def test_fit_kmeans_is_deterministic_per_seed_and_finds_separated_blobs():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
     z = (centres.repeat_interleave(200, 0) + torch.randn(600, 2, generator=torch.Generator().manual_seed(0)))
-    args = argparse.Namespace(fit_samples=300, kmeans_iters=50)
+    args = argparse.Namespace(fit_samples=300, kmeans_iters=50, n_init=1)
     a, b = eval_kmeans.fit_kmeans(z.half(), 3, 0, args), eval_kmeans.fit_kmeans(z.half(), 3, 0, args)
     assert torch.equal(a, b)
     gt = torch.arange(3).repeat_interleave(200)
     counts = eval_kmeans.assign_and_count(z.half(), gt, a, 3, "cpu")
     assert metrics.match_clusters(counts)[0] == pytest.approx(1.0)
+
+
+def test_kmeans_restarts_keep_the_fit_of_lowest_inertia():
+    # --n_init (Leopart's nredo): the first restart is the single fit, so the kept one is never worse, and on
+    # 12 close blobs in 2-d some seed's single fit is a poor local optimum that a restart improves
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.rand(12, 2, generator=gen) * 10
+    z = centres.repeat_interleave(50, 0) + 0.6 * torch.randn(600, 2, generator=gen)
+
+    def inertia(c):
+        return torch.cdist(z, c).min(1).values.square().sum()
+
+    gains = []
+    for seed in range(5):
+        one, five = (inertia(eval_kmeans.fit_kmeans(z, 12, seed, argparse.Namespace(
+            fit_samples=600, kmeans_iters=100, n_init=n))) for n in (1, 5))
+        assert five <= one + 1e-3
+        gains.append(one - five)
+    assert max(gains) > 1e-2
 
 
 def test_token_kmeans_and_over_clustering_recover_a_known_partition():
@@ -1425,7 +1444,8 @@ def test_token_kmeans_and_over_clustering_recover_a_known_partition():
     size = 8
     masks = F.interpolate(labels[None, None].float().expand(4, 1, 4, 4), size=(size, size), mode="nearest")
     gt = masks.long().reshape(-1)
-    args = argparse.Namespace(mask_size=size, batch_size=2, granularity="tokens", fit_samples=1000, kmeans_iters=50)
+    args = argparse.Namespace(mask_size=size, batch_size=2, granularity="tokens", fit_samples=1000, kmeans_iters=50,
+                              n_init=1)
     z = eval_kmeans.project(tokens.half(), torch.zeros(3), torch.ones(3), None, args, "cpu", main=False)
     assert z.shape == (4 * 16, 3)  # one point per token, not per pixel
     results = {}
@@ -2555,6 +2575,31 @@ def test_repro_quick_mode_runs_every_step_of_the_recipe_and_prints_the_table(ear
     assert croc_mean[4] == f"{last['mean_k']:.2f} +- 0.00"  # the same run twice: std 0
 
 
+def test_repro_table_prints_each_seeds_gaps_and_counts_the_seeds_where_each_is_positive(tmp_path):
+    """repro.sh --table OUT... : besides the means, CrOC - DINO and DINO - random per folder (one per seed), their
+    mean +- std, and in how many folders each gap is > 0, from results files in the layout the scripts write."""
+    scores = {"s0": {"random": (16.0, 22.0, 0.300), "dino": (29.0, 25.0, 0.310), "croc": (80.0, 28.0, 0.360)},
+              "s1": {"random": (17.0, 23.0, 0.305), "dino": (28.0, 26.5, 0.320), "croc": (75.0, 26.0, 0.340)}}
+    for seed, runs in scores.items():
+        for name, (lin, km, jf) in runs.items():
+            run_dir = tmp_path / seed / name
+            for sub in ("linear", "kmeans", "davis/scores"):
+                (run_dir / sub).mkdir(parents=True)
+            (run_dir / "linear/results.json").write_text(json.dumps({"miou": lin / 100}))
+            (run_dir / "kmeans/results.json").write_text(json.dumps({"miou_mean": km / 100, "miou_std": 0.01}))
+            (run_dir / "davis/scores/global_results-val.csv").write_text(
+                f"J&F-Mean,J-Mean,F-Mean\n{jf},{jf},{jf}\n")
+    proc = run(["bash", "repro.sh", "--table", str(tmp_path / "s0"), str(tmp_path / "s1")],
+               {"PYTHON": sys.executable}, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert f"| {tmp_path / 's0'} | +51.00 | +3.00 | +0.050 |" in lines  # CrOC - DINO, seed folder s0
+    assert f"| {tmp_path / 's1'} | +47.00 | -0.50 | +0.020 |" in lines
+    assert "| mean +- std | +49.00 +- 2.83 | +1.25 +- 2.47 | +0.035 +- 0.021 |" in lines
+    assert "| croc > dino in | 2 of 2 | 1 of 2 | 2 of 2 |" in lines
+    assert "| dino > random in | 2 of 2 | 2 of 2 | 2 of 2 |" in lines
+
+
 def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
     """DINO=0 bash repro.sh: the CrOC pipeline alone (the lambda_pos ablation beside a finished OUT of the same seed).
     Seconds, not a whole QUICK run: a CrOC flag that train.py refuses (--lambda_pos -1) ends it at its start, and
@@ -2566,6 +2611,12 @@ def test_repro_dino_0_runs_the_croc_pipeline_alone(tmp_path):
     assert "the CrOC pipeline failed" in proc.stderr and "DINO pipeline" not in proc.stderr
     assert "--lambda_pos" in (out / "croc_lambda_pos-1.log").read_text()  # CrOC ran, with the ablation's flag
     assert (out / "data").is_dir() and not list(out.glob("dino*")) and not list(out.glob("random*"))
+    # the K ablations: the run is named after each variable, and train.py gets each flag (--k_max 1 < 2: refused)
+    proc = run(["bash", "repro.sh", str(out)],
+               {"QUICK": "1", "PYTHON": sys.executable, "DINO": "0", "K_START": "8", "K_MAX": "1"}, timeout=300)
+    assert proc.returncode == 1 and "the CrOC pipeline failed" in proc.stderr
+    log = (out / "croc_k_start8_k_max1.log").read_text()
+    assert "--k_max" in log and "[2, --k_start 8]" in log
     bad = run(["bash", "repro.sh", str(out / "bad")], {"PYTHON": sys.executable, "DINO": "no"}, timeout=60)
     assert bad.returncode == 2 and "DINO must be 0 or 1, not 'no'" in bad.stderr
     assert not (out / "bad").exists()
