@@ -263,6 +263,7 @@ def check_args(args):
     need(args.fit_samples >= 1, args, "fit_samples", "must be at least 1")
     need(min(args.seeds) >= 0, args, "seeds", "must be >= 0 (scikit-learn's random_state)")
     need(args.kmeans_iters >= 1, args, "kmeans_iters", "must be at least 1")
+    need(args.n_init >= 1, args, "n_init", "must be at least 1")
     return args
 
 
