@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 import metrics
 from data import VOC_PALETTE, read_mask, save_palette_png
-from model import add_backbone_args, backbone_from_args, dense_features
+from model import add_backbone_args, backbone_from_args, dense_features, resolve_backbone_args
 
 # DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
 DAVIS_MEAN = (0.485, 0.456, 0.406)
@@ -531,6 +531,7 @@ def get_args_parser():
 
 
 def main(args):
+    resolve_backbone_args(args)  # --arch and --patch_size: the checkpoint's
     if args.short_side % args.patch_size or LONG_SIDE_MULTIPLE % args.patch_size:
         raise ValueError(f"--short_side {args.short_side} and {LONG_SIDE_MULTIPLE} must be multiples of "
                          f"--patch_size {args.patch_size}")

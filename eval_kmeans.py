@@ -43,7 +43,7 @@ from tqdm import tqdm
 import metrics
 from data import Transformed, ValTransform, build_segmentation_dataset
 from metrics import count_pairs, match_clusters, match_many_to_one
-from model import backbone_from_args, dense_features
+from model import backbone_from_args, dense_features, resolve_backbone_args
 
 STD_EPS = 1e-5  # Leopart PredsmIoUKmeans: (x - mean) / (std + 1e-5)
 ASSIGN_CHUNK = 1 << 18  # points per assignment chunk: chunk x K distances at a time
@@ -254,6 +254,7 @@ def main(args):
         raise ValueError("eval_kmeans.py runs in one process (k-means needs every point in one place): "
                          "launch it with python, not torchrun")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    resolve_backbone_args(args)  # --arch and --patch_size: the checkpoint's
     metrics.check_feature_size(args)
     if args.pca < 0 or args.fit_samples < 1:
         raise ValueError("--pca must be >= 0 and --fit_samples >= 1")

@@ -47,7 +47,7 @@ from tqdm import tqdm
 
 import metrics
 from data import IGNORE_INDEX, Transformed, ValTransform, build_segmentation_dataset, resize_mask, to_input
-from model import backbone_from_args, dense_features, init_distributed
+from model import backbone_from_args, dense_features, init_distributed, resolve_backbone_args
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
 DEFAULT_EPOCHS = {"pvoc": 45, "coco_things": 10, "coco_stuff": 10, "ade20k": 10, "synthetic": 5}  # App. C
@@ -489,6 +489,7 @@ def main(args):
     main_process = rank == 0
     if args.device is not None and world_size == 1:
         device = torch.device(args.device)
+    resolve_backbone_args(args)  # --arch and --patch_size: the checkpoint's
     resolve_defaults(args)
     metrics.check_feature_size(args)
     if main_process:
