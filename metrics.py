@@ -251,7 +251,9 @@ def need(ok, args, flag, why):
 
 
 def check_backbone_args(args):
-    """The ranges of add_backbone_args' numeric flags, checked before any work (data.cli's check)."""
+    """The ranges of add_backbone_args' numeric flags, checked before any work (data.cli's check), once --arch and
+    --patch_size are the checkpoint's unless given."""
+    model.resolve_backbone_args(args)
     need(args.patch_size >= 1, args, "patch_size", "must be at least 1")
     need(args.img_size >= 1 and args.img_size % args.patch_size == 0, args, "img_size",
          f"must be a positive multiple of --patch_size {args.patch_size}")

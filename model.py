@@ -11,9 +11,11 @@ the CLS output, the patch tokens after the final norm, and the last block's per-
 import argparse
 import dataclasses
 import datetime
+import fcntl
 import math
 import os
 import pickle
+import urllib.parse
 from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
@@ -26,6 +28,7 @@ from einops import rearrange
 from torch.profiler import record_function
 
 import clustering
+import data
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -183,6 +186,14 @@ class VisionTransformer(nn.Module):
             if i >= len(self.blocks) - n:
                 out.append(self.norm(x))
         return out
+
+    def dense_features(self, x, n_last_blocks=1):
+        """(B, n*D, h, w): the last n blocks through the final norm, CLS dropped, concatenated on channels: the
+        features of the evaluations (App. C)."""
+        h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size
+        layers = self.get_intermediate_layers(x, n_last_blocks)
+        feats = torch.cat([t[:, 1:] for t in layers], dim=-1)  # (B, N, n*D)
+        return rearrange(feats, "b (h w) d -> b d h w", h=h, w=w)
 
     def get_last_selfattention(self, x):
         """Attention maps of the last block: (B, heads, 1+N, 1+N); row 0 is the CLS attention."""
@@ -625,44 +636,120 @@ def world_size():
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-# Loading checkpoints: DINO's released weights, DINO and official CrOC training checkpoints, this project's
+# Loading checkpoints: DINO's and CrOC's releases, DINO and official CrOC training checkpoints, this project's, timm,
+# Hugging Face and Lightning weights; from a path or a URL
+class Release(NamedTuple):
+    url: str
+    file: str  # its name in torch.hub's cache (the CrOC URLs end in a number)
+    arch: str
+    patch_size: int
+
+
+# The authors' released weights (the official CrOC README, DINO's README); hubconf.py's entry points
+RELEASES = {
+    "croc_vits16_coco": Release("https://rdr.kuleuven.be/api/access/datafile/31383", "croc_vits16_coco.pth",
+                                "vit_small", 16),
+    "croc_vits16_cocoplus": Release("https://rdr.kuleuven.be/api/access/datafile/31400",
+                                    "croc_vits16_cocoplus.pth", "vit_small", 16),
+    "croc_vits16_in1k": Release("https://rdr.kuleuven.be/api/access/datafile/28925", "croc_vits16_in1k.pth",
+                                "vit_small", 16),
+    "dino_vits16": Release("https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/"
+                           "dino_deitsmall16_pretrain.pth", "dino_deitsmall16_pretrain.pth", "vit_small", 16),
+    "dino_vits8": Release("https://dl.fbaipublicfiles.com/dino/dino_deitsmall8_pretrain/"
+                          "dino_deitsmall8_pretrain.pth", "dino_deitsmall8_pretrain.pth", "vit_small", 8),
+    "dino_vitb16": Release("https://dl.fbaipublicfiles.com/dino/dino_vitbase16_pretrain/"
+                           "dino_vitbase16_pretrain.pth", "dino_vitbase16_pretrain.pth", "vit_base", 16),
+}
+
+
 def _print(*args):
     """Print on rank 0 only (torchrun sets RANK), so DDP evaluation and training logs are not doubled."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(*args)
 
 
-def torch_load(path):
+def local_weights(weights):
+    """A path as it is; a URL (http, https, file) downloaded once into torch.hub's cache (TORCH_HOME), as
+    torch.hub.load_state_dict_from_url does, but read afterwards by read_checkpoint (weights_only=True, any format
+    here). Processes that start together download it once: the first holds a lock on it."""
+    if "://" not in weights:
+        if not os.path.isfile(weights):
+            raise data.MissingInput(f"checkpoint not found: {weights}")
+        return weights
+    url = urllib.parse.urlparse(weights)
+    if url.scheme not in ("http", "https", "file"):
+        raise data.InputError(f"{weights}: only http, https and file URLs are downloaded")
+    name = next((r.file for r in RELEASES.values() if r.url == weights), os.path.basename(url.path))
+    if not name:
+        raise data.InputError(f"{weights}: the URL names no file")
+    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, name)
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or by the kernel if the process dies
+        if not os.path.isfile(path):
+            _print(f"downloading {weights} to {path}")
+            try:  # a temporary file, renamed when complete
+                torch.hub.download_url_to_file(weights, path, progress=int(os.environ.get("RANK", 0)) == 0)
+            except (OSError, ValueError) as e:  # urllib's URLError and HTTPError are OSErrors
+                raise data.MissingInput(f"could not download {weights}: {e}") from e
+    return path
+
+
+def torch_load(path, mmap=False):
     """torch.load with weights_only=True, allowing only the one class official checkpoints need (their args).
 
-    A failure says what went wrong: a missing, empty, truncated or foreign file, or a pickle that asks to run code,
-    which weights_only refuses (only then is the pickle untrusted)."""
+    A failure (data.InputError) says what went wrong: a missing, empty, truncated or foreign file, or a pickle that
+    asks to run code, which weights_only refuses (only then is the pickle untrusted). mmap: map a zip checkpoint's
+    tensors instead of reading them (a quick look at its args)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise data.MissingInput(f"checkpoint not found: {path}")
     if os.path.getsize(path) == 0:
-        raise RuntimeError(f"checkpoint {path} is empty (0 bytes): its write was interrupted, or it is not a checkpoint")
+        raise data.InputError(f"checkpoint {path} is empty (0 bytes): its write was interrupted, or it is not a "
+                              f"checkpoint")
     with open(path, "rb") as f:
         magic = f.read(4)
     # torch.save writes a zip archive; its legacy format (and torch < 1.6) is a pickle, protocol byte 0x80 first
     if magic != b"PK\x03\x04" and magic[:1] != b"\x80":
-        raise RuntimeError(f"{path} is not a PyTorch checkpoint: neither a zip archive nor a pickle "
-                           f"(it starts with {magic!r})")
+        raise data.InputError(f"{path} is not a PyTorch checkpoint: neither a zip archive nor a pickle "
+                              f"(it starts with {magic!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and magic == b"PK\x03\x04")
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e):  # the reason is the paragraph naming the refused global
             reason = next((line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
-            raise RuntimeError(f"refused to load checkpoint {path} with weights_only=True: its pickle asks for "
-                               f"something other than tensors and plain containers, and untrusted pickles are not "
-                               f"executed. {reason}") from e
-        raise RuntimeError(f"checkpoint {path} is a corrupt pickle: {e}") from e
+            raise data.InputError(f"refused to load checkpoint {path} with weights_only=True: its pickle asks for "
+                                  f"something other than tensors and plain containers, and untrusted pickles are "
+                                  f"not executed. {reason}") from e
+        raise data.InputError(f"checkpoint {path} is a corrupt pickle: {e}") from e
     except (RuntimeError, EOFError) as e:
         what = "truncated or corrupt" if "zip archive" in str(e) or isinstance(e, EOFError) else "unreadable"
-        raise RuntimeError(f"checkpoint {path} ({os.path.getsize(path)} bytes) is {what}: "
-                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        raise data.InputError(f"checkpoint {path} ({os.path.getsize(path)} bytes) is {what}: "
+                              f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     except Exception as e:
-        raise RuntimeError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
+        raise data.InputError(f"could not load checkpoint {path}: {type(e).__name__}: {e}") from e
+
+
+def read_checkpoint(path, mmap=False):
+    """A checkpoint file: a torch.save pickle (torch_load) or a safetensors file (timm's and the Hugging Face
+    weights), which needs the safetensors package; croc does not depend on it."""
+    if not os.path.isfile(path):
+        raise data.MissingInput(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header; torch.save: a zip or a pickle
+    if not path.endswith(".safetensors") and (head[:4] == b"PK\x03\x04" or head[:1] == b"\x80" or head[8:9] != b"{"):
+        return torch_load(path, mmap)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise data.InputError(f"{path} is a safetensors file: reading it needs the safetensors package "
+                              f"(pip install safetensors)") from None
+    try:
+        return load_file(path, device="cpu")
+    except Exception as e:
+        raise data.InputError(f"{path}: unreadable safetensors file: {type(e).__name__}: {e}") from e
 
 
 def _is_state_dict(obj):
@@ -670,20 +757,57 @@ def _is_state_dict(obj):
 
 
 def _pick_state_dict(ckpt, key, path):
-    """The state dict to load: ckpt[key] for training checkpoints, the checkpoint itself for bare weights."""
+    """The state dict to load: ckpt[key] for training checkpoints (DINO's, CrOC's, ours), the checkpoint itself for
+    bare weights, ckpt['state_dict'] of a Lightning checkpoint (Leopart's), its `key.` entries if it has any, or
+    ckpt['model'] (timm's and DeiT's training scripts)."""
     if _is_state_dict(ckpt):
         return ckpt
     if not isinstance(ckpt, dict):
-        raise ValueError(f"{path}: expected a dict, found {type(ckpt).__name__}")
+        raise data.InputError(f"{path}: expected a dict, found {type(ckpt).__name__}")
     if key in ckpt and _is_state_dict(ckpt[key]):
         return ckpt[key]
+    for container in ("state_dict", "model"):
+        if _is_state_dict(ckpt.get(container)):
+            sd = ckpt[container]
+            inner = {k[len(key) + 1:]: v for k, v in sd.items() if k.startswith(key + ".")}
+            return inner or sd
     options = [k for k, v in ckpt.items() if _is_state_dict(v)]
-    raise KeyError(f"{path} has no state dict under key {key!r}; keys holding state dicts: {options} "
-                   f"(pass one with --checkpoint_key)")
+    raise data.InputError(f"{path} has no state dict under key {key!r}; keys holding state dicts: {options} "
+                          f"(pass one with --checkpoint_key)")
+
+
+# Hugging Face transformers' ViTModel names (facebook/dino-vits16) -> timm's; q, k and v are one qkv here
+_TRANSFORMERS_NAMES = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+                       "embeddings.patch_embeddings.projection.": "patch_embed.proj.", "layernorm.": "norm.",
+                       "layernorm_before.": "norm1.", "layernorm_after.": "norm2.",
+                       "attention.output.dense.": "attn.proj.", "intermediate.dense.": "mlp.fc1.",
+                       "output.dense.": "mlp.fc2."}
+
+
+def _from_transformers(sd):
+    out, qkv = {}, {}
+    for k, v in sd.items():
+        k = k[len("vit."):] if k.startswith("vit.") else k
+        k = k.replace("encoder.layer.", "blocks.")
+        part = next((p for p in ("query", "key", "value") if f".attention.attention.{p}." in k), None)
+        if part:  # blocks.i.attention.attention.query.weight -> blocks.i.attn.qkv.weight, rows (q, k, v)
+            qkv.setdefault(k.replace(f"attention.attention.{part}.", "attn.qkv."), {})[part] = v
+            continue
+        for old, new in _TRANSFORMERS_NAMES.items():
+            if k.startswith(old) or f".{old}" in k:
+                k = k.replace(old, new, 1)
+                break
+        out[k] = v
+    for k, parts in qkv.items():
+        out[k] = torch.cat([parts["query"], parts["key"], parts["value"]])  # "(three h d)", as Attention reads it
+    return out
 
 
 def _normalise_keys(sd):
-    """Strip DDP's `module.` and convert weight-norm variants of the head's last layers to weight_g/weight_v."""
+    """Strip DDP's `module.`, rename Hugging Face names and convert weight-norm variants of the head's last layers to
+    weight_g/weight_v."""
+    if any(k.endswith("embeddings.cls_token") for k in sd):
+        sd = _from_transformers(sd)
     out = {}
     for k, v in sd.items():
         k = k.replace("module.", "", 1) if k.startswith("module.") else k
@@ -697,44 +821,128 @@ def _normalise_keys(sd):
     return out
 
 
-def load_pretrained(model, path, key="teacher"):
-    """Load any DINO/CrOC/croc checkpoint into a VisionTransformer or a CrOCModel.
+def _backbone_keys(sd, path):
+    """The backbone's entries, its prefix (`backbone.`, Lightning's `model.`, ...) stripped and the heads dropped
+    (timm's classifier `head.`, DINO's and CrOC's heads): what a VisionTransformer loads."""
+    prefixes = sorted({k[: -len("cls_token")] for k in sd if k.endswith("cls_token")})
+    if len(prefixes) > 1:
+        raise data.InputError(f"{path} holds several backbones (prefixes {prefixes}): pick one with "
+                              f"--checkpoint_key")
+    p = prefixes[0] if prefixes else ""
+    return {k[len(p):]: v for k, v in sd.items() if k.startswith(p) and not k[len(p):].startswith("head.")}
 
-    Reads (a) a bare backbone state dict (DINO's released weights), (b) a DINO or official CrOC training
-    checkpoint (`student`/`teacher` dicts, `module.`/`backbone.` prefixes, argparse.Namespace args, old
-    weight-norm keys), (c) this project's checkpoints (the same layout). Returns {'missing', 'unexpected'}.
-    """
-    sd = _normalise_keys(_pick_state_dict(torch_load(path), key, path))
+
+def checkpoint_state_dict(ckpt, key, path):
+    return _normalise_keys(_pick_state_dict(ckpt, key, path))
+
+
+def stored_args(ckpt):
+    """The training flags a checkpoint holds: DINO and official CrOC store an argparse.Namespace, train.py a dict."""
+    stored = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if isinstance(stored, argparse.Namespace):
+        return vars(stored)
+    return dict(stored) if isinstance(stored, dict) else {}
+
+
+def checkpoint_arch(ckpt, sd, path):
+    """(arch, patch_size) of a checkpoint: its stored training args when it has them (DINO's `deit_small` is
+    vit_small), else read off the backbone's shapes (bare weights); (None, None) when it holds no ViT."""
+    stored = stored_args(ckpt)
+    if "arch" in stored and "patch_size" in stored:
+        arch = str(stored["arch"]).replace("deit_", "vit_")
+        if arch not in ARCHS:
+            raise data.InputError(f"{path}: its training args name arch {stored['arch']!r}; this code builds "
+                                  f"{sorted(ARCHS)}")
+        return arch, int(stored["patch_size"])
+    sd = _backbone_keys(sd, path)
+    if "patch_embed.proj.weight" not in sd:
+        return None, None
+    dim, _, patch, _ = sd["patch_embed.proj.weight"].shape  # (D, 3, p, p)
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    arch = next((a for a, (d, n, _) in ARCHS.items() if (d, n) == (dim, depth)), None)
+    if arch is None:
+        raise data.InputError(f"{path}: a ViT of width {dim} and depth {depth}, none of {sorted(ARCHS)}")
+    return arch, patch
+
+
+def resolve_arch(arch, patch_size, found, weights):
+    """The architecture to build: the checkpoint's (found), else vit_small/16 (the paper's); an arch or patch size
+    given that contradicts the checkpoint is a data.InputError naming both values."""
+    for flag, given, stored in zip(("--arch", "--patch_size"), (arch, patch_size), found):
+        if given is not None and stored is not None and given != stored:
+            raise data.InputError(f"{flag} {given} contradicts {weights}, a {found[0]}/{found[1]} checkpoint (its "
+                                  f"training args, or its shapes): pass {flag} {stored}, or other weights")
+    return (arch or found[0] or "vit_small"), (patch_size or found[1] or 16)
+
+
+def checkpoint_arch_of(weights, key="teacher"):
+    """(arch, patch_size) of a checkpoint (path or URL) at the cost of a look: zip checkpoints are memory-mapped."""
+    path = local_weights(weights)
+    ckpt = read_checkpoint(path, mmap=True)
+    return checkpoint_arch(ckpt, checkpoint_state_dict(ckpt, key, path), path)
+
+
+def _load_state_dict(model, sd, what):
+    """Load sd into a VisionTransformer (its backbone entries) or a CrOCModel -> {'missing', 'unexpected'}."""
     if isinstance(model, CrOCModel):
         if not any(k.startswith(("backbone.", "head.")) for k in sd):
-            sd = {"backbone." + k: v for k, v in sd.items()}  # a bare backbone: the head stays as initialised
+            sd = {"backbone." + k: v for k, v in _backbone_keys(sd, what).items()}  # the head stays as initialised
     else:
-        # a backbone alone: keep the backbone keys and leave the head's aside (they are not "unexpected")
-        if any(k.startswith("backbone.") for k in sd):
-            sd = {k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+        sd = _backbone_keys(sd, what)  # the heads' keys are left aside (they are not "unexpected")
     own = model.state_dict()
     for k, v in sd.items():
         if k in own and own[k].shape != v.shape:
-            raise ValueError(f"{path}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model "
-                             f"{tuple(own[k].shape)} (wrong --arch or --patch_size?)")
+            raise data.InputError(f"{what}: shape mismatch for {k}: checkpoint {tuple(v.shape)}, model "
+                                  f"{tuple(own[k].shape)} (wrong --arch or --patch_size?)")
     result = model.load_state_dict(sd, strict=False)
     missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
     if missing or unexpected:
-        _print(f"loaded {path} [{key}]: {len(missing)} missing keys {missing[:8]}, "
-              f"{len(unexpected)} unexpected keys {unexpected[:8]}")
+        _print(f"loaded {what}: {len(missing)} missing keys {missing[:8]}, "
+               f"{len(unexpected)} unexpected keys {unexpected[:8]}")
     else:
-        _print(f"loaded {path} [{key}]: all {len(sd)} keys matched")
+        _print(f"loaded {what}: all {len(sd)} keys matched")
     return {"missing": missing, "unexpected": unexpected}
 
 
-def load_backbone(arch, patch_size=16, weights=None, checkpoint_key="teacher"):
-    """A frozen backbone for evaluation: random init (DINO's) when weights is None."""
+def load_pretrained(model, weights, key="teacher"):
+    """Load any supported checkpoint (a path or a URL) into a VisionTransformer or a CrOCModel.
+
+    Reads (a) a bare backbone state dict (DINO's released weights; timm's names; Hugging Face's, renamed; .pth or
+    .safetensors), (b) a DINO or official CrOC training checkpoint (`student`/`teacher` dicts, `module.`/`backbone.`
+    prefixes, argparse.Namespace args, old weight-norm keys), (c) this project's checkpoints (the same layout),
+    (d) a Lightning checkpoint (Leopart's: `state_dict` of `model.` entries). Returns {'missing', 'unexpected'}.
+    """
+    path = local_weights(weights)
+    return _load_state_dict(model, checkpoint_state_dict(read_checkpoint(path), key, path), f"{path} [{key}]")
+
+
+def read_backbone(weights, key="teacher", arch=None, patch_size=None):
+    """-> (state dict, arch, patch_size): a checkpoint's weights and the architecture to build for them
+    (resolve_arch: the checkpoint's; arch or patch_size given and contradicting it: data.InputError)."""
+    path = local_weights(weights)
+    ckpt = read_checkpoint(path)
+    sd = checkpoint_state_dict(ckpt, key, path)
+    return (sd,) + resolve_arch(arch, patch_size, checkpoint_arch(ckpt, sd, path), weights)
+
+
+def load_backbone_weights(vit, sd, what):
+    """Load a checkpoint's backbone into vit, every key of which it must hold (else data.InputError)."""
+    missing = _load_state_dict(vit, sd, what)["missing"]
+    if missing:
+        raise data.InputError(f"{what}: {len(missing)} of the {len(vit.state_dict())} keys of the backbone are "
+                              f"not in the checkpoint, e.g. {missing[:4]}")
+
+
+def load_backbone(arch=None, patch_size=None, weights=None, checkpoint_key="teacher"):
+    """A frozen backbone for evaluation, of the checkpoint's architecture (read_backbone); random init (DINO's)
+    of arch (default vit_small/16) when weights is None."""
+    if weights:
+        sd, arch, patch_size = read_backbone(weights, checkpoint_key, arch, patch_size)
+    else:
+        arch, patch_size = resolve_arch(arch, patch_size, (None, None), None)
     model = build_vit(arch, patch_size)
     if weights:
-        result = load_pretrained(model, weights, checkpoint_key)
-        if len(result["missing"]) == len(model.state_dict()):
-            raise ValueError(f"{weights}: no key of the checkpoint matches a {arch}/{patch_size} backbone")
+        load_backbone_weights(model, sd, f"{weights} [{checkpoint_key}]")
     else:
         _print(f"{arch}/{patch_size}: random initialisation")
     model.eval()
@@ -752,36 +960,47 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
-def add_backbone_args(parser, arch="vit_small", patch_size=16, source=None):
-    """The flags of a frozen backbone (backbone_from_args): --weights or --random_init, --checkpoint_key, --arch,
-    --patch_size. source: the (mutually exclusive) group --weights and --random_init go to; default: parser."""
+def add_backbone_args(parser, source=None):
+    """The flags of a frozen backbone (backbone_from_args): --weights (alias DINO's --pretrained_weights) or
+    --random_init, --checkpoint_key, --arch, --patch_size. source: the (mutually exclusive) group --weights and
+    --random_init go to; default: parser."""
     source = parser if source is None else source
-    source.add_argument("--weights", default=None, type=str,
-                        help="Checkpoint to evaluate: our training checkpoints, official CrOC/DINO checkpoints or a "
-                             "bare backbone state dict (anything model.load_pretrained reads).")
+    source.add_argument("--weights", "--pretrained_weights", dest="weights", default=None, type=str,
+                        help="Checkpoint to evaluate, a path or a URL (downloaded once to torch.hub's cache): our "
+                             "training checkpoints, official CrOC/DINO ones, bare, timm or Hugging Face state dicts "
+                             "(.pth, or .safetensors with the safetensors package), Lightning checkpoints (anything "
+                             "model.load_pretrained reads). README: the released checkpoints' URLs.")
     parser.add_argument("--checkpoint_key", default="teacher", type=str,
                         help="Which network of a training checkpoint to read (default: teacher, as DINO/CrOC).")
     source.add_argument("--random_init", action="store_true",
                         help="A randomly initialised backbone (DINO's init) instead of --weights: a lower bound.")
-    parser.add_argument("--arch", default=arch, choices=sorted(ARCHS),
-                        help="Backbone architecture (the paper's tables: vit_small, ViT-S/16).")
-    parser.add_argument("--patch_size", default=patch_size, type=int, help="Patch size (the paper: 16).")
+    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
+                        help="Backbone architecture. Default: the checkpoint's (its training args, else its "
+                             "shapes); vit_small (the paper's ViT-S/16) with --random_init.")
+    parser.add_argument("--patch_size", default=None, type=int,
+                        help="Patch size. Default: the checkpoint's; 16 (the paper's) with --random_init.")
+
+
+def resolve_backbone_args(args):
+    """Check the backbone flags and fill --arch and --patch_size from the checkpoint (resolve_arch), so that the
+    checks and config.json that come before the backbone is loaded see them."""
+    if args.random_init == (args.weights is not None):
+        raise data.InputError("pass exactly one of --weights PATH_OR_URL and --random_init")
+    found = checkpoint_arch_of(args.weights, args.checkpoint_key) if args.weights else (None, None)
+    args.arch, args.patch_size = resolve_arch(args.arch, args.patch_size, found, args.weights)
+    return args
 
 
 def backbone_from_args(args):
-    """The frozen backbone that the evaluation flags ask for: exactly one of --weights PATH (with
-    --checkpoint_key) and --random_init, plus --arch and --patch_size."""
-    if args.random_init == (args.weights is not None):
-        raise ValueError("pass exactly one of --weights PATH and --random_init")
-    if args.weights is not None and not os.path.isfile(args.weights):
-        raise ValueError(f"--weights: no such file: {args.weights}")
+    """The frozen backbone that the evaluation flags ask for: exactly one of --weights PATH_OR_URL (with
+    --checkpoint_key) and --random_init, plus --arch and --patch_size (default: the checkpoint's)."""
+    if args.arch is None or args.patch_size is None or args.random_init == (args.weights is not None):
+        resolve_backbone_args(args)
     return load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key)
 
 
 @torch.no_grad()
 def dense_features(model, images, n_last_blocks=1):
-    """(B, n*D, h, w): the last n blocks through the final norm, CLS dropped, concatenated on channels."""
-    h, w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
-    layers = model.get_intermediate_layers(images, n_last_blocks)
-    feats = torch.cat([x[:, 1:] for x in layers], dim=-1)  # (B, N, n*D)
-    return rearrange(feats, "b (h w) d -> b d h w", h=h, w=w)
+    """(B, n*D, h, w): the last n blocks through the final norm, CLS dropped, concatenated on channels
+    (VisionTransformer.dense_features, without gradients)."""
+    return model.dense_features(images, n_last_blocks)

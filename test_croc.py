@@ -1121,6 +1121,22 @@ def test_backbone_parameter_names_match_dino_and_timm():
         assert k in keys, k
 
 
+def test_vit_equals_timms_vit_small_patch16_224_on_the_same_weights(tmp_path):
+    """The README's claim: the weights load into timm's ViT-S/16 with no missing or unexpected key and give its
+    outputs; timm's state dict (with its classifier) loads back here. timm is not a dependency: skipped without."""
+    timm = pytest.importorskip("timm")
+    ours = M.build_vit("vit_small", 16).eval()
+    theirs = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x))  # the CLS token after the final norm
+        torch.testing.assert_close(theirs.forward_features(x)[:, 1:], ours.forward_features(x).patch)
+    torch.save(timm.create_model("vit_small_patch16_224", num_classes=1000).state_dict(), tmp_path / "timm.pth")
+    assert M.load_pretrained(M.build_vit("vit_small", 16), str(tmp_path / "timm.pth")) == {"missing": [],
+                                                                                           "unexpected": []}
+
+
 # ==============================================================================================================
 # Machinery for the tests below: the tiny training configuration, the script runner, the early runs
 # ==============================================================================================================
@@ -1726,14 +1742,18 @@ def test_truncated_masks_and_images_are_named_in_one_line_with_exit_status_2(tmp
     assert len(r.stderr.splitlines()) == 1 and not (tmp_path / "davis").exists()  # found before the model
 
 
-def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path):
+def test_training_checkpoint_loads_its_teacher_backbone_in_both_scripts(synthetic_root, checkpoint, tmp_path,
+                                                                          monkeypatch):
     path, teacher = checkpoint
     args = eval_linear.get_args_parser().parse_args(COMMON + ["--weights", path])
     backbone = M.backbone_from_args(args)
     for k, v in teacher.backbone.state_dict().items():
         assert torch.equal(backbone.state_dict()[k], v), k
     assert run_linear(synthetic_root, str(tmp_path / "lin"), "--weights", path)["weights"] == path
-    assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--weights", path)["weights"] == path
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    url = Path(path).as_uri()  # DINO's flag name, a URL, and the patch size from the checkpoint's args
+    assert run_kmeans(synthetic_root, str(tmp_path / "km"), "--pretrained_weights", url)["weights"] == url
+    assert json.load(open(tmp_path / "km" / "config.json"))["patch_size"] == 16
 
 
 def test_a_narrow_head_trains_and_its_checkpoint_loads_in_every_eval_script(synthetic_root, tmp_path):
@@ -2686,7 +2706,7 @@ def test_load_pretrained_names_missing_file_and_missing_key(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         M.load_pretrained(M.vit_tiny(16), str(tmp_path / "nope.pth"))
     _official_croc_checkpoint(tmp_path / "c.pth")
-    with pytest.raises(KeyError, match=r"'ema'.*\['student', 'teacher'"):
+    with pytest.raises(data.InputError, match=r"c.pth has no state dict under key 'ema'.*\['student', 'teacher'"):
         M.load_pretrained(M.vit_tiny(16), str(tmp_path / "c.pth"), key="ema")
 
 
@@ -2697,7 +2717,7 @@ class _Evil:
 
 def test_load_pretrained_refuses_checkpoints_that_execute_code(tmp_path):
     torch.save({"teacher": M.vit_tiny(16).state_dict(), "payload": _Evil()}, tmp_path / "evil.pth")
-    with pytest.raises(RuntimeError, match="weights_only=True"):
+    with pytest.raises(data.InputError, match="evil.pth with weights_only=True"):
         M.load_pretrained(M.vit_tiny(16), str(tmp_path / "evil.pth"))
 
 
@@ -2718,10 +2738,186 @@ def test_torch_load_says_what_went_wrong_and_mentions_untrusted_pickles_only_whe
     torch.save({"payload": _Evil()}, tmp_path / "evil.pth")
     for name, what in [("empty", "empty"), ("text", "not a PyTorch checkpoint"), ("cut", "truncated"),
                        ("evil", "untrusted pickles are not executed")]:
-        with pytest.raises(RuntimeError, match=what) as e:
+        with pytest.raises(data.InputError, match=what) as e:
             M.torch_load(str(tmp_path / f"{name}.pth"))
         assert ("untrusted" in str(e.value)) == (name == "evil"), str(e.value)
     assert torch.equal(M.torch_load(str(tmp_path / "good.pth"))["w"], torch.ones(1000))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every layout, the architecture read from the checkpoint, URLs, torch.hub (hubconf.py)
+# --------------------------------------------------------------------------------------------------------------
+def _nano(seed=0):
+    torch.manual_seed(seed)
+    return build_vit("vit_nano", 8).eval()
+
+
+def _transformers_names(sd, depth=4):
+    """timm's names -> Hugging Face transformers' ViTModel names (facebook/dino-vits16), q, k and v apart."""
+    out = {"embeddings.cls_token": sd["cls_token"], "embeddings.position_embeddings": sd["pos_embed"],
+           "layernorm.weight": sd["norm.weight"], "layernorm.bias": sd["norm.bias"],
+           "pooler.dense.weight": torch.zeros(96, 96), "pooler.dense.bias": torch.zeros(96)}
+    for wb in ("weight", "bias"):
+        out[f"embeddings.patch_embeddings.projection.{wb}"] = sd[f"patch_embed.proj.{wb}"]
+        for i in range(depth):
+            b, layer = f"blocks.{i}.", f"encoder.layer.{i}."
+            q, k, v = sd[f"{b}attn.qkv.{wb}"].chunk(3)
+            out.update({f"{layer}attention.attention.query.{wb}": q, f"{layer}attention.attention.key.{wb}": k,
+                        f"{layer}attention.attention.value.{wb}": v,
+                        f"{layer}attention.output.dense.{wb}": sd[f"{b}attn.proj.{wb}"],
+                        f"{layer}intermediate.dense.{wb}": sd[f"{b}mlp.fc1.{wb}"],
+                        f"{layer}output.dense.{wb}": sd[f"{b}mlp.fc2.{wb}"],
+                        f"{layer}layernorm_before.{wb}": sd[f"{b}norm1.{wb}"],
+                        f"{layer}layernorm_after.{wb}": sd[f"{b}norm2.{wb}"]})
+    return out
+
+
+def _layout(name, sd):
+    """sd (a vit_nano/8's) in the layout of a released or trained checkpoint."""
+    head = {"head.mlp.0.weight": torch.zeros(8, 96), "head.last_layer.weight_g": torch.ones(4, 1)}
+    return {
+        "bare": sd,  # DINO's backbone-only releases
+        "timm": {**sd, "head.weight": torch.zeros(1000, 96), "head.bias": torch.zeros(1000)},  # a classifier
+        "transformers": _transformers_names(sd),
+        "dino": {"student": {f"module.backbone.{k}": v + 1 for k, v in sd.items()},  # DINO's main_dino.py
+                 "teacher": {f"backbone.{k}": v for k, v in {**sd, **head}.items()}, "epoch": 100,
+                 "args": argparse.Namespace(arch="vit_nano", patch_size=8, lr=5e-4), "dino_loss": {}},
+        "ours": {"teacher": {**{f"backbone.{k}": v for k, v in sd.items()}, **head},  # train.py's: args a dict
+                 "args": {"arch": "vit_nano", "patch_size": 8}, "epoch": 3},
+        "lightning": {"state_dict": {**{f"model.{k}": v for k, v in sd.items()},  # Leopart's
+                                     "finetune_head.weight": torch.zeros(21, 96, 1, 1)},
+                      "epoch": 3, "global_step": 30, "pytorch-lightning_version": "1.4.0", "optimizer_states": []},
+    }[name]
+
+
+@pytest.mark.parametrize("layout", ["bare", "timm", "transformers", "dino", "ours", "lightning"])
+def test_load_backbone_reads_every_layout_at_the_architecture_it_holds(tmp_path, layout):
+    src = _nano()
+    torch.save(_layout(layout, src.state_dict()), tmp_path / "w.pth")
+    vit = M.load_backbone(weights=str(tmp_path / "w.pth"))  # no arch given: the checkpoint's
+    assert (vit.embed_dim, len(vit.blocks), vit.patch_size) == (96, 4, 8)
+    x = torch.randn(2, 3, 16, 24)
+    torch.testing.assert_close(vit.forward_features(x).patch, src.forward_features(x).patch)
+
+
+def test_lightning_checkpoint_key_picks_one_of_its_backbones_and_two_without_a_key_are_refused(tmp_path):
+    a, b = _nano(0).state_dict(), _nano(1).state_dict()
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in a.items()}, **{f"teacher.{k}": v for k, v in b.items()}}},
+               tmp_path / "l.ckpt")
+    for key, want in (("teacher", b), ("model", a)):
+        vit = M.load_backbone(weights=str(tmp_path / "l.ckpt"), checkpoint_key=key)
+        assert torch.equal(vit.state_dict()["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
+    with pytest.raises(data.InputError, match=r"l.ckpt holds several backbones .*'model.', 'teacher.'"):
+        M.load_backbone(weights=str(tmp_path / "l.ckpt"), checkpoint_key="ema")
+
+
+def test_load_backbone_refuses_a_checkpoint_missing_backbone_keys_naming_them(tmp_path):
+    sd = _nano().state_dict()
+    del sd["blocks.3.mlp.fc2.weight"]
+    torch.save(sd, tmp_path / "w.pth")
+    with pytest.raises(data.InputError, match=r"w.pth \[teacher\]: 1 of the .* e.g. \['blocks.3.mlp.fc2.weight'\]"):
+        M.load_backbone(weights=str(tmp_path / "w.pth"))
+
+
+def _write_safetensors(path, sd):
+    """The safetensors format by hand (its specification): an 8-byte little-endian header length, a JSON header of
+    dtype, shape and byte offsets, then the raw little-endian data."""
+    header, blobs, offset = {}, [], 0
+    for k, v in sd.items():
+        raw = v.contiguous().numpy().astype("<f4").tobytes()
+        header[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    text = json.dumps(header).encode()
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + b"".join(blobs))
+
+
+def test_safetensors_without_the_package_is_an_error_naming_it(tmp_path, monkeypatch):
+    _write_safetensors(tmp_path / "model.safetensors", _nano().state_dict())
+    shutil.copy(tmp_path / "model.safetensors", tmp_path / "weights.bin")  # told apart by content, not by name
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if it were not installed: importing it fails
+    monkeypatch.setitem(sys.modules, "safetensors.torch", None)
+    for name in ("model.safetensors", "weights.bin"):
+        with pytest.raises(data.InputError, match=rf"{name} is a safetensors file: .*pip install safetensors"):
+            M.load_backbone(weights=str(tmp_path / name))
+
+
+@pytest.mark.parametrize("names", ["timm", "transformers"])
+def test_safetensors_weights_load_when_the_package_is_installed(tmp_path, names):
+    pytest.importorskip("safetensors")  # not a dependency of croc
+    src = _nano()
+    sd = src.state_dict() if names == "timm" else _transformers_names(src.state_dict())
+    _write_safetensors(tmp_path / "model.safetensors", sd)
+    vit = M.load_backbone(weights=str(tmp_path / "model.safetensors"))
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(vit(x), src(x))
+
+
+def test_weights_flag_takes_urls_and_dinos_name_and_reads_arch_and_patch_from_the_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    torch.save(_nano().state_dict(), tmp_path / "bare.pth")  # the shapes say vit_nano/8
+    _official_croc_checkpoint(tmp_path / "croc.pth")  # its args say vit_tiny/16
+    parse = eval_kmeans.get_args_parser().parse_args
+    args = M.resolve_backbone_args(parse(["--weights", str(tmp_path / "bare.pth")]))
+    assert (args.arch, args.patch_size) == ("vit_nano", 8)
+    url = (tmp_path / "croc.pth").as_uri()
+    args = M.resolve_backbone_args(parse(["--pretrained_weights", url]))  # DINO's flag, a file:// URL
+    assert args.weights == url and (args.arch, args.patch_size) == ("vit_tiny", 16)
+    assert (tmp_path / "home" / "hub" / "checkpoints" / "croc.pth").is_file()  # downloaded into torch.hub's cache
+    assert M.backbone_from_args(args).embed_dim == 192
+    with pytest.raises(data.InputError, match=r"--patch_size 8 contradicts .*croc.pth, a vit_tiny/16 checkpoint .*"
+                                              r"pass --patch_size 16"):
+        M.resolve_backbone_args(parse(["--weights", str(tmp_path / "croc.pth"), "--patch_size", "8"]))
+    with pytest.raises(data.InputError, match="--arch vit_small contradicts"):
+        M.backbone_from_args(parse(["--weights", str(tmp_path / "bare.pth"), "--arch", "vit_small"]))
+    args = M.resolve_backbone_args(parse(["--random_init"]))
+    assert (args.arch, args.patch_size) == ("vit_small", 16)  # the paper's, without a checkpoint
+    with pytest.raises(data.MissingInput, match="could not download file:///nowhere/w.pth"):
+        M.resolve_backbone_args(parse(["--weights", "file:///nowhere/w.pth"]))
+    with pytest.raises(data.MissingInput, match="checkpoint not found: nope.pth"):
+        M.resolve_backbone_args(parse(["--weights", "nope.pth"]))
+    stored = {"args": argparse.Namespace(arch="deit_small", patch_size=8)}  # DINO's other name of ViT-S
+    assert M.checkpoint_arch(stored, {}, "w.pth") == ("vit_small", 8)
+
+
+def test_hub_entry_points_download_the_release_once_and_return_its_teacher_backbone(tmp_path, monkeypatch):
+    import hubconf
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    release = tmp_path / "31383"  # an official CrOC checkpoint, served by a file:// URL that names no file type
+    _, teacher = _official_croc_checkpoint(release)
+    monkeypatch.setitem(M.RELEASES, "croc_vits16_coco",
+                        M.RELEASES["croc_vits16_coco"]._replace(url=release.as_uri(), arch="vit_tiny"))
+    vit = torch.hub.load(str(ROOT), "croc_vits16_coco", source="local")
+    assert (tmp_path / "home" / "hub" / "checkpoints" / "croc_vits16_coco.pth").is_file()
+    for k, v in teacher.backbone.state_dict().items():
+        assert torch.equal(vit.state_dict()[k], v), k
+    assert not vit.training and not any(p.requires_grad for p in vit.parameters())
+    x = torch.randn(2, 3, 32, 48)
+    maps = vit.dense_features(x, n_last_blocks=2)  # the evaluations' features, as a method
+    assert maps.shape == (2, 384, 2, 3)
+    torch.testing.assert_close(maps, M.dense_features(vit, x, 2))
+    release.unlink()  # the second load reads the cache
+    assert torch.equal(hubconf.croc_vits16_coco().pos_embed, vit.pos_embed)
+    entries = {n for n in dir(hubconf) if callable(getattr(hubconf, n)) and not n.startswith("_")}  # torch.hub.list's
+    assert entries == set(M.RELEASES) | {"vit"}
+
+
+def test_hub_weights_load_any_checkpoint_and_an_entry_refuses_one_of_another_architecture(tmp_path, monkeypatch):
+    import hubconf
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    src = _nano()
+    torch.save(src.state_dict(), tmp_path / "nano.pth")
+    vit = hubconf.vit(weights=(tmp_path / "nano.pth").as_uri())  # built at the checkpoint's arch
+    x = torch.randn(1, 3, 16, 16)
+    torch.testing.assert_close(vit(x), src(x))
+    with pytest.raises(data.InputError, match=r"--arch vit_small contradicts .*nano.pth, a vit_nano/8 checkpoint"):
+        hubconf.croc_vits16_coco(weights=str(tmp_path / "nano.pth"))
+    random_vits8 = hubconf.dino_vits8(pretrained=False)  # no download
+    assert (random_vits8.embed_dim, random_vits8.patch_size) == (384, 8)
+    archs = {name: (r.arch, r.patch_size) for name, r in M.RELEASES.items()}
+    assert archs == {"croc_vits16_coco": ("vit_small", 16), "croc_vits16_cocoplus": ("vit_small", 16),
+                     "croc_vits16_in1k": ("vit_small", 16), "dino_vits16": ("vit_small", 16),
+                     "dino_vits8": ("vit_small", 8), "dino_vitb16": ("vit_base", 16)}
 
 
 # ==============================================================================================================
@@ -3513,6 +3709,43 @@ def test_resume_refuses_state_changing_flags_naming_them_and_warns_about_the_oth
     assert json.loads((out / "config.json").read_text())["lr"] == 2e-3
 
 
+def test_init_weights_start_both_backbones_from_a_checkpoint_and_the_heads_fresh_on_a_new_run_only(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "home"))
+    torch.manual_seed(5)  # a CrOC checkpoint of STEP_TINY's shapes, heads too: a head loaded by mistake would match
+    release = CrOCModel(build_vit("vit_nano", 8), CrOCHead(96, out_dim=64, out_dim_c=64))
+    with torch.no_grad():
+        for p in release.head.parameters():
+            p.add_(1)  # trained: unlike the fresh init anywhere (its zero biases, unit norms)
+    torch.save({"teacher": release.state_dict(), "student": CrOCModel(build_vit("vit_nano", 8), CrOCHead(
+        96, out_dim=64, out_dim_c=64)).state_dict(), "args": argparse.Namespace(arch="vit_nano", patch_size=8)},
+               tmp_path / "release.pth")
+    first = []  # the networks as the first step gets them
+    train_one_epoch = train.train_one_epoch
+
+    def recording(student, teacher, *args, **kw):
+        if not first:
+            first.append((copy.deepcopy(student.state_dict()), copy.deepcopy(teacher.state_dict())))
+        return train_one_epoch(student, teacher, *args, **kw)
+    monkeypatch.setattr(train, "train_one_epoch", recording)
+    out = tmp_path / "run"
+    _train_here(out, ["--epochs", "1", "--init_weights", (tmp_path / "release.pth").as_uri()])
+    (student, teacher), backbone, head = first[0], release.backbone.state_dict(), release.head.state_dict()
+    for k, v in backbone.items():
+        assert torch.equal(student[f"backbone.{k}"], v) and torch.equal(teacher[f"backbone.{k}"], v), k
+    for k, v in head.items():  # fresh, and the teacher's equal to the student's
+        assert torch.equal(teacher[f"head.{k}"], student[f"head.{k}"]) and not torch.equal(student[f"head.{k}"], v), k
+    capsys.readouterr()
+    torch.save(_nano(3).state_dict(), tmp_path / "other.pth")
+    _train_here(out, ["--epochs", "2", "--init_weights", str(tmp_path / "other.pth")])  # a resume: not loaded
+    assert "--init_weights " + str(tmp_path / "other.pth") + ": not loaded" in capsys.readouterr().out
+    resumed = M.torch_load(str(out / "checkpoint.pth"))["teacher"]
+    assert not torch.equal(resumed["backbone.pos_embed"], _nano(3).pos_embed)
+    with pytest.raises(data.InputError, match=r"--patch_size 8 contradicts .*, a vit_tiny/16 checkpoint"):
+        _official_croc_checkpoint(tmp_path / "tiny.pth")
+        _train_here(tmp_path / "bad", ["--arch", "vit_tiny", "--init_weights", str(tmp_path / "tiny.pth")])
+
+
 def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_numbered_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     _train_here(out, ["--epochs", "2", "--saveckp_freq", "2"])
@@ -3560,16 +3793,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _readme_slurm_torchrun():
+    """The torchrun line of the README's SLURM batch script, which srun starts on every node."""
+    import re
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (script,) = [b for b in blocks if "#SBATCH" in b]
+    (line,) = [line for line in script.replace("\\\n", " ").splitlines() if line.startswith("srun ")]
+    assert line.startswith("srun torchrun "), line
+    return line[len("srun "):]
+
+
 def _two_nodes(flags, out):
-    """The README's multi-machine command, both "machines" on this one: two torchrun nodes of one process each,
-    c10d rendezvous -> (their exit codes, their output)."""
+    """The README's SLURM job, both "machines" on this one: its torchrun line run twice, as srun runs it once per
+    node, with SLURM's variables of 2 nodes of one process; c10d rendezvous -> (their exit codes, their output)."""
     port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    procs = [subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(node),
-         "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
-         "--rdzv_id", f"croc{port}", "train.py"] + flags + ["--output_dir", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for node in (0, 1)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SLURM_JOB_NUM_NODES="2",
+               SLURM_GPUS_ON_NODE="1", SLURM_JOB_ID=f"croc{port}", HEAD_NODE="127.0.0.1", MASTER_PORT=str(port),
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))  # its torchrun
+    procs = [subprocess.Popen(["bash", "-c", _readme_slurm_torchrun(), "croc.sbatch"] + flags
+                              + ["--output_dir", str(out)],  # "$@": the flags of `sbatch croc.sbatch ...`
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in (0, 1)]
     try:
         texts = [p.communicate(timeout=300)[0] for p in procs]
     finally:
@@ -3588,8 +3832,9 @@ def _torchrun_then_two_nodes(tmp_path):
     first.mkdir()
     for name in ("log.txt", "checkpoint.pth"):  # as the first launch left them: the second one writes over them
         shutil.copy(out / name, first / name)
-    # the same flags with more epochs, on two nodes, resume at epoch 2 and run only the rest; --eval_every runs rank
-    # 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a finite mIoU
+    # the same flags with more epochs, on two nodes (the README's SLURM script), resume at epoch 2 and run only the
+    # rest; --eval_every runs rank 0's k-means evaluation (eval_kmeans.py) while the other rank waits, and logs a
+    # finite mIoU
     eval_args = "--img_size 64 --n_last_blocks 1 --seeds 0 --n_pictures 0 --batch_size 8"
     return out, first, r, _two_nodes(STEP_TINY + ["--epochs", "3", "--eval_every", "3", "--eval_args", eval_args], out)
 
@@ -3597,8 +3842,8 @@ def _torchrun_then_two_nodes(tmp_path):
 @early(_torchrun_then_two_nodes)
 def test_torchrun_two_processes_train_and_two_c10d_nodes_resume_keeping_teachers_identical(early_run):
     """Two ranks on one node (--standalone) train 2 epochs; the same run continued by two torchrun nodes (c10d
-    rendezvous, the README's multi-machine command) resumes at epoch 2 with --eval_every. Both keep the ranks'
-    teachers identical; one run checks both launches (each costs seconds of process starts)."""
+    rendezvous, the torchrun line of the README's SLURM script) resumes at epoch 2 with --eval_every. Both keep the
+    ranks' teachers identical; one run checks both launches (each costs seconds of process starts)."""
     out, first, r, nodes = early_run
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     log = _log(first)

@@ -29,7 +29,8 @@ from tqdm import tqdm
 import clustering
 import data
 from model import (CrOCLoss, PretrainConfig, all_reduce, bool_flag, build_student_teacher, init_distributed,
-                   optimizer_step, param_groups, torch_load, train_step, world_size)
+                   load_backbone_weights, optimizer_step, param_groups, read_backbone, torch_load, train_step,
+                   world_size)
 
 DEFAULTS = PretrainConfig()  # the paper's settings (Sec. 4.1, App. B): the defaults of every flag they cover
 
@@ -79,6 +80,13 @@ def add_model_args(g):
                         "0.9995 or more.")
     g.add_argument("--drop_path_rate", default=DEFAULTS.drop_path_rate, type=float,
                    help="Stochastic depth of the student.")
+    g.add_argument("--init_weights", default=None,
+                   help="A new run's student and teacher backbones start from this checkpoint, a path or a URL "
+                        "(anything model.load_pretrained reads, e.g. the released DINO or CrOC weights; its arch "
+                        "must be --arch/--patch_size); the heads start fresh. A resumed run continues its own "
+                        "checkpoint.pth instead. Default: DINO's random init.")
+    g.add_argument("--init_checkpoint_key", default="teacher",
+                   help="Which network of a training checkpoint --init_weights reads (default: teacher).")
 
 
 def add_clustering_args(g):
@@ -244,6 +252,7 @@ def main(args):
         args.arch, args.patch_size, args.out_dim, args.out_dim_c, head_hidden_dim=args.head_hidden_dim,
         norm_last_layer=args.norm_last_layer, use_bn_in_head=args.use_bn_in_head, drop_path_rate=args.drop_path_rate)
     student, teacher = student.to(device), teacher.to(device)
+    init_backbone(student.backbone, args, resuming=ckpt is not None, main=rank == 0)  # --init_weights
     ddp_student = student
     if world > 1:
         ddp_student = nn.parallel.DistributedDataParallel(
@@ -417,6 +426,20 @@ def prepare_output_dir(args, ckpt_path):
             print(f"warning: resuming {ckpt_path} with {change}", file=sys.stderr)
         save_atomic(json.dumps(vars(args), indent=2).encode(), os.path.join(args.output_dir, "config.json"))
     return ckpt
+
+
+def init_backbone(backbone, args, resuming, main):
+    """--init_weights: a new run's student backbone from a checkpoint, read by rank 0 only (DDP broadcasts rank 0's
+    student, and the teacher copies it); the heads keep their fresh init. A resumed run continues its own weights."""
+    if not args.init_weights:
+        return
+    if resuming:
+        if main:
+            print(f"--init_weights {args.init_weights}: not loaded, the run resumes from its checkpoint.pth")
+        return
+    if main:
+        sd, _, _ = read_backbone(args.init_weights, args.init_checkpoint_key, args.arch, args.patch_size)
+        load_backbone_weights(backbone, sd, f"--init_weights {args.init_weights} [{args.init_checkpoint_key}]")
 
 
 # Resuming with other flags. These fix the shapes of the saved weights or the optimizer's parameter groups: the

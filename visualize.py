@@ -33,7 +33,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import clustering
 import data
-from model import IMAGENET_MEAN, IMAGENET_STD, add_backbone_args, bool_flag, load_backbone, torch_load
+from model import (IMAGENET_MEAN, IMAGENET_STD, add_backbone_args, bool_flag, load_backbone, local_weights,
+                   read_checkpoint, resolve_backbone_args, stored_args)
 
 # --------------------------------------------------------------------------------------------------------------
 # Layout (pixels). tile: side of a view panel; a merge step shows view 1 above view 2 at tile / 2 each.
@@ -445,7 +446,7 @@ def get_args_parser():
     w = g.add_mutually_exclusive_group(required=True)
     w.add_argument("--log", help="Draw this train.py log.txt as training curves (losses, teacher entropies against "
                                  "log(out_dim), K statistics, --eval_every mIoU) to --output, and nothing else.")
-    add_backbone_args(g, arch=None, patch_size=None, source=w)  # None: the checkpoint's, else train.py's
+    add_backbone_args(g, source=w)  # --arch, --patch_size: the checkpoint's, else train.py's
     g.add_argument("--img_size", type=int, help="Side of both views (train.py: 224).")
     g.add_argument("--global_crops_scale", nargs=2, type=float, help="Crop scale range (train.py: 0.25 1.0).")
     g = p.add_argument_group("clustering (Sec. 3.3; defaults: the checkpoint's, then train.py's)")
@@ -467,10 +468,8 @@ def get_args_parser():
 
 def training_run(weights):
     """(the training args, the epochs trained) that a checkpoint holds: ({}, None) for bare weights."""
-    ckpt = torch_load(weights) if weights else {}
-    stored = ckpt.get("args", {}) if isinstance(ckpt, dict) else {}
-    stored = vars(stored) if isinstance(stored, argparse.Namespace) else dict(stored)
-    return stored, ckpt.get("epoch") if isinstance(ckpt, dict) else None
+    ckpt = read_checkpoint(local_weights(weights)) if weights else {}
+    return stored_args(ckpt), ckpt.get("epoch") if isinstance(ckpt, dict) else None
 
 
 def resolve_args(args, stored):
@@ -491,7 +490,7 @@ def main(args):
         print(f"wrote {args.output}: curves of {args.log}")
         return
     stored, epochs = training_run(args.weights)
-    args = resolve_args(args, stored)
+    args = resolve_args(resolve_backbone_args(args), stored)  # the checkpoint's arch; a contradicting flag fails
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.manual_seed(args.seed)  # the random init, then the crops
     backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(args.device)
