@@ -872,7 +872,9 @@ def resolve_arch(arch, patch_size, found, weights):
         if given is not None and stored is not None and given != stored:
             raise data.InputError(f"{flag} {given} contradicts {weights}, a {found[0]}/{found[1]} checkpoint (its "
                                   f"training args, or its shapes): pass {flag} {stored}, or other weights")
-    return (arch or found[0] or "vit_small"), (patch_size or found[1] or 16)
+    def first(*values):
+        return next(v for v in values if v is not None)
+    return first(arch, found[0], "vit_small"), first(patch_size, found[1], 16)
 
 
 def checkpoint_arch_of(weights, key="teacher"):
