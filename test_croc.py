@@ -24,6 +24,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import fcntl
 import inspect
 import io
 import json
@@ -34,6 +35,7 @@ import resource
 import runpy
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -2404,6 +2406,27 @@ def test_curves_draw_a_real_training_log_and_name_a_broken_line(checkpoint, tmp_
         visualize.read_log(str(broken))
 
 
+def test_visualize_user_errors_read_as_one_line_with_exit_2_naming_the_file_or_flag(tmp_path):
+    """A truncated --image (Pillow's own message does not name it), a missing file, a flag out of its range."""
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(image)
+    image.write_bytes(image.read_bytes()[:image.stat().st_size // 2])  # cut short, as by an interrupted copy
+    output = ["--output", str(tmp_path / "c.png")]
+    model = ["--random_init", "--arch", "vit_tiny", "--img_size", "64"] + output
+    cases = [(model + ["--image", str(image)], f"--image {image}: cannot read it as an image"),
+             (model + ["--image", str(tmp_path / "none.jpg")], f"--image {tmp_path / 'none.jpg'}: no such image file"),
+             (["--weights", str(tmp_path / "none.pth")] + output, "--weights"),
+             (["--log", str(tmp_path / "log.txt")] + output, "no such train.py log file"),
+             (model + ["--tile", "33"], "--tile 33: must be an even number"),
+             (model + ["--k_start", "33"], "--k_start 33: must lie in [2, 32]"),
+             (model + ["--img_size", "60"], "--img_size 60: must be a positive multiple of --patch_size 16")]
+    for argv, named in cases:
+        r = run([sys.executable, "visualize.py"] + argv, in_process=True)
+        assert r.returncode == 2 and named in r.stderr, (argv, r.stderr[-3000:])
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_visualize_defaults_without_a_checkpoint_are_the_training_defaults():
     """visualize.py does not import train.py: its fallbacks (the paper's views, clustering.cluster's defaults) must
     stay equal to train.py's."""
@@ -3587,8 +3610,8 @@ def test_empty_image_folder_fails_with_a_clear_message(tmp_path):
     (tmp_path / "empty").mkdir()
     r = _run([sys.executable, "train.py"] + STEP_TINY + ["--data_path", str(tmp_path / "empty")], tmp_path / "out",
              in_process=True)
-    assert r.returncode != 0
-    assert str(tmp_path / "empty") in r.stderr and "Traceback" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]  # a user's mistake: one line
+    assert str(tmp_path / "empty") in r.stderr.strip().splitlines()[-1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -3764,23 +3787,112 @@ def test_restart_removes_temporary_files_and_restores_a_lost_log_line_and_number
     assert log[:2] == lines and [json.loads(line)["epoch"] for line in log] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("flags,named", [
-    (["--epochs", "0"], "--epochs 0"), (["--epochs", "-1"], "--epochs -1"),
-    (["--lambda_pos", "-1"], "--lambda_pos -1.0"), (["--epochs", "5", "--warmup_epochs", "10"], "--warmup_epochs 10"),
-    (["--k_start", "1"], "--k_start 1"), (["--dist_timeout", "0"], "--dist_timeout 0.0"),
-    (["--head_hidden_dim", "0"], "--head_hidden_dim 0"),
-    (["--global_crops_scale", "0.8", "0.4"], "--global_crops_scale")])
-def test_bad_arguments_are_refused_before_any_work_naming_the_flag(tmp_path, flags, named):
-    args = train.get_args_parser().parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)
-    with pytest.raises(ValueError, match=named):
-        train.main(args)
+# Every numeric flag of train.py with values outside its range (a float flag also takes nan and inf); the last
+# "--" item of each is the flag refused. A test checks that no numeric flag is left out.
+BAD_TRAINING_FLAGS = [
+    ["--patch_size", "0"], ["--patch_size", "-8"], ["--out_dim", "0"], ["--out_dim", "1"], ["--out_dim_c", "1"],
+    ["--head_hidden_dim", "0"], ["--momentum_teacher", "1"], ["--momentum_teacher", "-0.1"],
+    ["--momentum_teacher", "nan"], ["--drop_path_rate", "1.5"], ["--drop_path_rate", "1"],
+    ["--drop_path_rate", "-0.1"], ["--alpha", "-1"], ["--alpha", "inf"], ["--k_start", "1"], ["--k_start", "33"],
+    ["--k_max", "1"], ["--k_max", "5"], ["--lambda_pos", "-1"], ["--lambda_pos", "nan"], ["--sinkhorn_lambda", "0"],
+    ["--sinkhorn_lambda", "1e6"], ["--sinkhorn_iterations", "0"], ["--marginal_temp", "0"],
+    ["--marginal_temp", "inf"], ["--warmup_teacher_temp", "0"], ["--teacher_temp", "-0.07"],
+    ["--teacher_temp", "inf"], ["--warmup_teacher_temp_epochs", "-1"], ["--student_temp", "0"],
+    ["--student_temp", "nan"], ["--center_momentum", "1"], ["--center_momentum", "-0.5"],
+    ["--batch_size_per_gpu", "0"], ["--epochs", "0"], ["--epochs", "-1"], ["--lr", "inf"], ["--lr", "nan"],
+    ["--lr", "-0.001"], ["--min_lr", "inf"], ["--min_lr", "-1"], ["--warmup_epochs", "-1"],
+    ["--epochs", "5", "--warmup_epochs", "10"], ["--weight_decay", "inf"], ["--weight_decay", "-0.04"],
+    ["--weight_decay_end", "nan"], ["--clip_grad", "-1"], ["--clip_grad", "inf"], ["--freeze_last_layer", "-1"],
+    ["--img_size", "0"], ["--img_size", "-8"], ["--img_size", "36"], ["--global_crops_scale", "0.8", "0.4"],
+    ["--global_crops_scale", "0", "1"], ["--global_crops_scale", "0.5", "1.5"], ["--synthetic_images", "0"],
+    ["--synthetic_images", "3"], ["--synthetic_size", "0"], ["--num_workers", "-1"], ["--saveckp_freq", "-1"],
+    ["--seed", "-1"], ["--seed", str(2 ** 31)], ["--log_freq", "0"], ["--dist_timeout", "0"],
+    ["--dist_timeout", "inf"], ["--visualize_every", "-1"], ["--eval_every", "-1"],
+    # the paths and strings checked before any work
+    ["--data_path", "no/such/folder"], ["--eval_every", "1", "--eval_args", "0 '1"]]
+
+
+def test_every_numeric_training_flag_is_refused_outside_its_range_before_any_work_naming_it(tmp_path):
+    """One line naming the flag, its value and its range, as data.InputError (exit 2 on the command line), before
+    the output folder exists; e.g. --out_dim 1 trained with a loss of 0, --lr inf ran."""
+    parser = train.get_args_parser()
+    numeric = {a.dest for a in parser._actions if a.type in (int, float)}
+    refused = {next(f for f in reversed(flags) if f.startswith("--"))[2:] for flags in BAD_TRAINING_FLAGS}
+    assert numeric <= refused, numeric - refused
+    for flags in BAD_TRAINING_FLAGS:
+        flag = next(f for f in reversed(flags) if f.startswith("--"))
+        args = parser.parse_args(STEP_TINY + ["--output_dir", str(tmp_path / "out")] + flags)
+        with pytest.raises(data.InputError) as e:
+            train.main(args)
+        message, raw = str(e.value), flags[flags.index(flag) + 1]
+        assert message.startswith(f"{flag} ") and "\n" not in message, (flags, message)
+        assert str(getattr(args, flag[2:])) in message or raw in message, (flags, message)  # the value refused
+        assert not (tmp_path / "out").exists()
+    train.check_args(parser.parse_args(STEP_TINY))  # the tiny configuration itself passes
+
+
+def test_bad_argument_on_the_command_line_exits_2_with_one_line_and_no_traceback(tmp_path):
+    r = _run([sys.executable, "train.py", "--out_dim", "0"], tmp_path / "out")  # a process of its own
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--out_dim 0: must be at least 2" in r.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_argument_on_the_command_line_exits_with_a_usage_error(tmp_path):
-    r = _run([sys.executable, "train.py", "--epochs", "0"], tmp_path / "out", in_process=True)
-    assert r.returncode == 2 and "--epochs 0" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "out").exists()
+def _hold_lock(folder, holder="pid 4242 on elsewhere"):
+    """Lock folder/.lock as a running train.py does (another open file: refused even to this process)."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, f"{holder}\n".encode())
+    return fd
+
+
+def _listing(folder):
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_a_second_run_in_a_locked_output_folder_exits_at_once_naming_the_holder_and_changes_nothing(tmp_path):
+    """Two copies of one command in one folder: the second exits 2 at once naming the folder and the first one's
+    pid, and leaves the folder as it was, the first one's in-flight temporary checkpoint too."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "log.txt").write_text('{"epoch": 0}\n')
+    (out / "checkpoint.pth.tmp4242").write_bytes(b"\0" * 100)  # the first copy's save in progress
+    fd = _hold_lock(out)
+    try:
+        before = _listing(out)
+        r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1"], out, in_process=True)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "Traceback" not in r.stderr
+        assert f"--output_dir {out} is in use by another run (pid 4242 on elsewhere" in r.stderr
+        assert _listing(out) == before and r.stdout == ""  # not even the config printed
+    finally:
+        os.close(fd)
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1"], out, in_process=True)  # released
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / ".lock").read_text() == f"pid {os.getpid()} on {socket.gethostname()}\n"
+    assert not (out / "checkpoint.pth.tmp4242").exists()  # the stale file is removed once the folder is ours
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth", "log.txt"])
+def test_a_checkpoint_or_log_path_the_run_cannot_write_fails_before_the_first_step_naming_it(tmp_path, name):
+    out = tmp_path / "run"
+    (out / name).mkdir(parents=True)  # e.g. a folder where the run writes its file
+    r = _run([sys.executable, "train.py"] + STEP_TINY + ["--epochs", "1"], out, in_process=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"{out / name} is not a regular file" in r.stderr
+    assert sorted(os.listdir(out)) == sorted([".lock", name])  # no config, no epoch trained
+
+
+def test_a_non_finite_loss_says_whether_a_checkpoint_holds_the_last_good_state(tmp_path):
+    args = argparse.Namespace(output_dir=str(tmp_path))
+    train.raise_if_nonfinite(torch.tensor(False), 0, 3, args)  # finite: nothing
+    with pytest.raises(FloatingPointError) as e:  # a fresh run's first epoch
+        train.raise_if_nonfinite(torch.tensor(True), 0, 3, args)
+    assert "no checkpoint has been saved yet" in str(e.value) and "last good state" not in str(e.value)
+    (tmp_path / "checkpoint.pth").write_bytes(b"saved")
+    with pytest.raises(FloatingPointError) as e:
+        train.raise_if_nonfinite(torch.tensor(True), 2, 0, args)
+    assert f"{tmp_path / 'checkpoint.pth'} holds the last good state" in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -3888,6 +4000,30 @@ def test_torchrun_two_processes_train_croc_with_the_batchnorm_head(early_run):
     assert teacher["head.mlp.1.num_batches_tracked"] > 0
 
 
+def _torchrun_into_a_locked_folder(tmp_path):
+    """Two ranks started in a folder that another run holds -> (the run, the folder's listing before, after)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = _hold_lock(out)
+    try:
+        before = _listing(out)
+        return _run(torchrun + STEP_TINY + ["--epochs", "1"], out, timeout=300), before, _listing(out)
+    finally:
+        os.close(fd)
+
+
+@early(_torchrun_into_a_locked_folder)
+def test_torchrun_ranks_all_exit_at_once_when_rank_0_finds_the_output_folder_locked(early_run):
+    """Rank 0 takes the lock; its refusal reaches rank 1 through the run's first collective, so both exit 2 with
+    its message, and neither waits on the other (for --dist_timeout, or torchrun's SIGKILL)."""
+    r, before, after = early_run
+    text = r.stdout + r.stderr
+    assert text.count("is in use by another run (pid 4242 on elsewhere") == 2, text[-4000:]
+    assert r.returncode == 1 and "exitcode  : 2" in text, text[-4000:]  # torchrun's report of its failed ranks
+    assert after == before
+
+
 def _processes_mentioning(*texts):
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -3901,10 +4037,13 @@ def _processes_mentioning(*texts):
     return found
 
 
-# torchrun forwards the signal it gets to each rank's process group (os.killpg): rank and worker both receive it.
-# Two ranks for SIGTERM (they must agree on the step to stop after), one for the others (the same handler)
-def _signal_to_torchrun(tmp_path, sig, nproc):
-    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended)."""
+# torchrun starts each rank in a session of its own and forwards the signal it gets to each rank's process group
+# (os.killpg): rank and worker both receive it. Two ranks for SIGTERM (they must agree on the step to stop
+# after), one for the others (the same handler). to="ranks": the signal goes to torchrun's children alone, the
+# ranks, as train.py's StopFlag advises for an exit status 0.
+def _signal_to_torchrun(tmp_path, sig, nproc, to):
+    """-> (output folder, the run's output, the processes still naming that folder 15 s after it ended, torchrun's
+    exit status)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                 "train.py"]
     out = tmp_path / "run"
@@ -3921,7 +4060,12 @@ def _signal_to_torchrun(tmp_path, sig, nproc):
         while not (out / "log.txt").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)  # until the first epoch (2 steps) is done and the persistent workers serve the next
             text += proc.stdout.read() or b""
-        os.killpg(proc.pid, getattr(signal, sig))
+        if to == "group":
+            os.killpg(proc.pid, getattr(signal, sig))
+        else:
+            with open(f"/proc/{proc.pid}/task/{proc.pid}/children") as f:
+                for rank in f.read().split():
+                    os.kill(int(rank), getattr(signal, sig))
         os.set_blocking(proc.stdout.fileno(), True)
         text = (text + proc.communicate(timeout=120)[0]).decode(errors="replace")
     finally:
@@ -3930,14 +4074,20 @@ def _signal_to_torchrun(tmp_path, sig, nproc):
     deadline = time.time() + 15
     while _processes_mentioning(str(out)) and time.time() < deadline:  # DataLoader workers leave with their rank
         time.sleep(0.5)
-    return out, text, _processes_mentioning(str(out))
+    return out, text, _processes_mentioning(str(out)), proc.returncode
 
 
-@pytest.mark.parametrize("sig,nproc", [("SIGTERM", 2), ("SIGINT", 1), ("SIGHUP", 1)])
+@pytest.mark.parametrize("sig,nproc,to", [("SIGTERM", 2, "group"), ("SIGINT", 1, "group"), ("SIGHUP", 1, "group"),
+                                          ("SIGTERM", 2, "ranks")])
 @early(_signal_to_torchrun)
-def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc):
-    out, text, left = early_run
-    assert "signal received: saved" in text, text[-4000:]
+def test_signal_to_torchrun_process_group_with_workers_saves_and_leaves_no_process(early_run, sig, nproc, to):
+    """Every rank saves and exits 0. torchrun's own exit status is 1 when it was signalled too (its
+    SignalException, whatever the ranks' exit codes: train.py's StopFlag documents it), 0 when the ranks alone
+    were."""
+    out, text, left, returncode = early_run
+    assert "signal received: saved" in text and "The save is complete" in text, text[-4000:]
+    raised = "multiprocessing.api.SignalException: Process" in text  # torchrun's traceback
+    assert (returncode, raised) == ((1, True) if to == "group" else (0, False)), text[-4000:]
     assert "killed by signal" not in text and "FloatingPointError" not in text
     ckpt = M.torch_load(str(out / "checkpoint.pth"))
     assert ckpt["epoch"] < 1000 and len(ckpt["rng"]) == nproc

@@ -10,11 +10,15 @@ a run survive kills and signals (exact resume, atomic writes, stop flags, log re
 """
 import argparse
 import datetime
+import errno
+import fcntl
 import json
+import math
 import multiprocessing
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,42 +195,73 @@ def add_run_args(g):
 
 
 def check_args(args):
-    """ValueError naming the flag for a value that would fail later, deep in the run, or silently do nothing."""
+    """data.InputError naming the flag, its range and its value, for a value outside the range the run needs:
+    one that would fail later, deep in the run, or silently train something else (--out_dim 1: a softmax over one
+    output is constant, and its loss 0). Every numeric flag has its range here (a test gives each a bad value)."""
     def need(ok, flag, why):
         if not ok:
-            raise ValueError(f"--{flag} {getattr(args, flag)}: {why}")
-    need(args.head_hidden_dim >= 1, "head_hidden_dim", "must be at least 1")
+            raise data.InputError(f"--{flag} {getattr(args, flag)}: {why}")
+
+    def each(flags, ok, why):
+        for flag in flags:
+            need(ok(getattr(args, flag)), flag, why)
+    # sizes and counts (patch_size first: the img_size check divides by it)
+    each(("patch_size", "head_hidden_dim", "batch_size_per_gpu", "sinkhorn_iterations", "synthetic_size",
+          "log_freq"), lambda v: v >= 1, "must be at least 1")
+    each(("out_dim", "out_dim_c"), lambda v: v >= 2, "must be at least 2: a softmax over one output is constant, "
+                                                     "and its loss 0")
     need(args.epochs >= 1, "epochs", "must be at least 1 (to train a finished run longer, re-run it with a larger "
                                      "--epochs)")
     need(0 <= args.warmup_epochs <= args.epochs, "warmup_epochs",
          f"must lie in [0, --epochs {args.epochs}]; more would stop the lr before it reaches its peak --lr")
-    need(args.warmup_teacher_temp_epochs >= 0, "warmup_teacher_temp_epochs", "must be >= 0")
-    need(args.freeze_last_layer >= 0, "freeze_last_layer", "must be >= 0")
-    need(args.batch_size_per_gpu >= 1, "batch_size_per_gpu", "must be at least 1")
-    for flag in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "alpha", "lambda_pos",
-                 "drop_path_rate"):
-        need(getattr(args, flag) >= 0, flag, "must be >= 0")
-    for flag in ("teacher_temp", "warmup_teacher_temp", "student_temp", "sinkhorn_lambda", "marginal_temp",
-                 "dist_timeout"):
-        need(getattr(args, flag) > 0, flag, "must be > 0")
-    for flag in ("momentum_teacher", "center_momentum"):
-        need(0 <= getattr(args, flag) <= 1, flag, "must lie in [0, 1]")
-    tokens = 2 * (args.img_size // max(args.patch_size, 1)) ** 2  # the joint tokens of both views
-    need(2 <= args.k_start <= tokens, "k_start", f"must lie in [2, {tokens}] (the joint tokens of both views)")
-    need(args.k_max is None or 2 <= args.k_max <= args.k_start, "k_max", f"must lie in [2, --k_start {args.k_start}]")
-    need(args.sinkhorn_iterations >= 1, "sinkhorn_iterations", "must be at least 1")
-    need(args.patch_size >= 1 and args.img_size % args.patch_size == 0, "img_size",
-         f"must be a multiple of --patch_size {args.patch_size}")
-    lo, hi = args.global_crops_scale
-    need(0 < lo <= hi <= 1, "global_crops_scale", "needs 0 < min <= max <= 1")
-    need(args.num_workers >= 0, "num_workers", "must be >= 0")
-    need(args.log_freq >= 1, "log_freq", "must be at least 1")
+    each(("warmup_teacher_temp_epochs", "freeze_last_layer", "num_workers", "visualize_every"), lambda v: v >= 0,
+         "must be >= 0")
     need(args.saveckp_freq >= 0, "saveckp_freq", "must be >= 0 (0: keep no numbered checkpoints)")
     need(args.eval_every >= 0, "eval_every", "must be >= 0 (0: no evaluation during training)")
-    need(args.sinkhorn_lambda <= clustering.max_sinkhorn_lambda(torch.float32), "sinkhorn_lambda",
-         f"must be at most {clustering.max_sinkhorn_lambda(torch.float32):.1f}: exp(-lambda) underflows float32 beyond")
-    need(args.visualize_every >= 0, "visualize_every", "must be >= 0")
-    need(args.data_path or args.synthetic_images >= 1, "synthetic_images", "must be at least 1")
+    need(0 <= args.seed < 2 ** 31, "seed", "must lie in [0, 2^31): numpy's seeds are 32-bit, and each rank adds its "
+                                           "rank")
+    # weights, rates and temperatures (a float flag also takes nan and inf)
+    each(("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "alpha", "lambda_pos"),
+         lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+    each(("teacher_temp", "warmup_teacher_temp", "student_temp", "marginal_temp", "dist_timeout"),
+         lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+    need(0 <= args.momentum_teacher < 1, "momentum_teacher", "must lie in [0, 1): 1 would keep the teacher at its "
+                                                             "initial weights")
+    need(0 <= args.center_momentum < 1, "center_momentum", "must lie in [0, 1): 1 would keep both centres at 0, "
+                                                           "no centring")
+    need(0 <= args.drop_path_rate < 1, "drop_path_rate", "must lie in [0, 1): the probability that a block of the "
+                                                         "student is skipped")
+    most = clustering.max_sinkhorn_lambda(torch.float32)
+    need(0 < args.sinkhorn_lambda <= most, "sinkhorn_lambda", f"must lie in (0, {most:.1f}]: exp(-lambda) "
+                                                              "underflows float32 beyond")
+    # the views and the clustering
+    need(args.img_size >= args.patch_size and args.img_size % args.patch_size == 0, "img_size",
+         f"must be a positive multiple of --patch_size {args.patch_size}")
+    tokens = 2 * (args.img_size // args.patch_size) ** 2  # the joint tokens of both views
+    need(2 <= args.k_start <= tokens, "k_start", f"must lie in [2, {tokens}] (the joint tokens of both views)")
+    need(args.k_max is None or 2 <= args.k_max <= args.k_start, "k_max", f"must lie in [2, --k_start {args.k_start}]")
+    lo, hi = args.global_crops_scale
+    need(0 < lo <= hi <= 1, "global_crops_scale", "needs 0 < min <= max <= 1")
+    check_inputs(args)
+
+
+def check_inputs(args):
+    """The paths and the size of the data, checked before any work (the images are listed later)."""
+    for path in args.data_path or []:
+        if not os.path.isdir(path):
+            error = data.InputError if os.path.exists(path) else data.MissingInput
+            raise error(f"--data_path {path}: {'not a folder' if os.path.exists(path) else 'no such folder'}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's
+    if not args.data_path and args.synthetic_images < args.batch_size_per_gpu * world:
+        raise data.InputError(f"--synthetic_images {args.synthetic_images}: must be at least --batch_size_per_gpu "
+                              f"{args.batch_size_per_gpu} x {world} process(es), one batch")
+    if args.eval_every > 0:
+        try:
+            shlex.split(args.eval_args)
+        except ValueError as e:
+            raise data.InputError(f"--eval_args {args.eval_args}: {e}") from e
+        if args.eval_data_path and not os.path.exists(args.eval_data_path):
+            raise data.MissingInput(f"--eval_data_path {args.eval_data_path}: no such file or folder")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -244,8 +279,7 @@ def main(args):
     ckpt = prepare_output_dir(args, ckpt_path)  # prints the config; None: a new run
 
     # ============ preparing data ... ============
-    dataset = data.pretraining_dataset(args)  # a bad --data_path fails here, before any model work
-    sampler, loader = pretraining_loader(dataset, rank, world, device, args)
+    dataset, sampler, loader = pretraining_loader(rank, world, device, args)  # before any model work
 
     # ============ building student and teacher networks ... ============
     student, teacher = build_student_teacher(  # same init; the teacher: no stochastic depth, no gradient
@@ -384,8 +418,13 @@ def train_one_epoch(student, teacher, loss_fn, optimizer, scaler, loader, schedu
     return sums, skipped, steps, False
 
 
-def pretraining_loader(dataset, rank, world, device, args):
-    """-> (sampler, loader) of this rank's share of the images, each giving two views and their positions."""
+def pretraining_loader(rank, world, device, args):
+    """-> (dataset, sampler, loader): the images (--data_path, else the synthetic scenes), and the sampler and
+    loader of this rank's share of them, each giving two views and their positions."""
+    try:
+        dataset = data.pretraining_dataset(args)
+    except ValueError as e:  # no readable image under --data_path (data.list_images names the folder)
+        raise data.InputError(f"--data_path: {e}") from e
     # the epoch order is a function of (seed, epoch) and each sample's augmentation of (seed, epoch, index): a run
     # resumed mid-epoch skips the batches it has seen, unloaded, and draws the same views as an uninterrupted run
     sampler = data.EpochSampler(dataset, num_replicas=world, rank=rank, seed=args.seed)
@@ -395,9 +434,9 @@ def pretraining_loader(dataset, rank, world, device, args):
                                          persistent_workers=args.num_workers > 0, worker_init_fn=ignore_stop_signals,
                                          generator=torch.Generator().manual_seed(args.seed))  # global RNG untouched
     if len(loader) == 0:
-        raise ValueError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
-                         f"{args.batch_size_per_gpu} on {world} process(es)")
-    return sampler, loader
+        raise data.InputError(f"{len(dataset)} images cannot fill one batch of --batch_size_per_gpu "
+                              f"{args.batch_size_per_gpu} on {world} process(es)")
+    return dataset, sampler, loader
 
 
 def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmup_start=0.0):
@@ -409,16 +448,21 @@ def cosine_schedule(base, final, epochs, iters_per_epoch, warmup_epochs=0, warmu
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Starting and resuming a run: config.json, flag changes, log repair, random states (exact resume)
+# Starting and resuming a run: the output folder's lock, config.json, flag changes, log repair, random states
 # --------------------------------------------------------------------------------------------------------------
 def prepare_output_dir(args, ckpt_path):
-    """Create output_dir and remove what a killed write left there; read the checkpoint to resume from and refuse
-    a flag change it cannot take (resume_changes: config.json stays intact); print the config, warn of the other
-    changed flags, write config.json. -> the checkpoint, or None for a new run."""
+    """Claim output_dir for this run (claim_output_dir: locked, writable) before anything in it is written or
+    removed, then remove what a killed write left there; read the checkpoint to resume from and refuse a flag
+    change it cannot take (resume_changes: config.json stays intact); print the config, warn of the other changed
+    flags, write config.json. -> the checkpoint, or None for a new run."""
+    claim_output_dir(args.output_dir)
     os.makedirs(args.output_dir, exist_ok=True)
     if is_main_process():
         remove_temporary_files(args.output_dir)
-    ckpt = torch_load(ckpt_path) if os.path.isfile(ckpt_path) else None
+    try:
+        ckpt = torch_load(ckpt_path) if os.path.isfile(ckpt_path) else None
+    except data.InputError as e:  # empty, truncated, foreign or refused: model.torch_load's message names the file
+        raise data.InputError(f"{e}. Move it away to start afresh") from e
     changes = resume_changes(ckpt.get("args", {}), args) if ckpt is not None else []  # refused: config.json intact
     if is_main_process():
         print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
@@ -442,6 +486,84 @@ def init_backbone(backbone, args, resuming, main):
         load_backbone_weights(backbone, sd, f"--init_weights {args.init_weights} [{args.init_checkpoint_key}]")
 
 
+# One run per output folder: rank 0 holds an exclusive lock on output_dir/.lock for its whole life. flock works
+# on local disks and NFS; a file system without locks (Lustre mounted without -o flock) gets a warning.
+LOCK_NAME = ".lock"
+OUTPUT_LOCKS = {}  # output folder (real path) -> the descriptor of its lock file, held until this process ends
+
+
+def claim_output_dir(output_dir):
+    """Called on every rank before anything in output_dir is written or removed. Rank 0 creates the folder, locks
+    it (lock_output_dir) and checks that the run can write its files there (check_writable). Its refusal reaches
+    the other ranks through a broadcast, the run's first collective, so that every rank exits at once with the
+    same message, none left waiting in a later collective for a rank 0 that has gone."""
+    refusal = None
+    if is_main_process():
+        try:
+            lock_output_dir(output_dir)
+            check_writable(output_dir)
+        except data.InputError as e:
+            refusal = e
+    if dist.is_initialized():
+        message = [None if refusal is None else str(refusal)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and refusal is None:
+            refusal = data.InputError(message[0])
+    if refusal is not None:
+        raise refusal
+
+
+def lock_output_dir(output_dir):
+    """An exclusive flock on output_dir/.lock, held until this process ends (the kernel releases it however the
+    process dies), with this process's pid and host written in it. A second run in the folder stops here with
+    data.InputError naming the folder and the holder, having written nothing: the lock file is opened without
+    truncating it, and written only once locked. Taken once per process (train.main may run again in one)."""
+    path = os.path.join(output_dir, LOCK_NAME)
+    if os.path.realpath(output_dir) in OUTPUT_LOCKS:
+        return
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise data.InputError(f"--output_dir {output_dir}: cannot create {path} ({e.strerror})") from e
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.read(fd, 256).decode(errors="replace").strip() or "its pid not yet written"
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            print(f"warning: --output_dir {output_dir}: cannot lock {path} ({e.strerror}); a second run started in "
+                  "this folder would not be stopped", file=sys.stderr)
+            return
+        raise data.InputError(f"--output_dir {output_dir} is in use by another run ({holder}, which holds {path}); "
+                              "wait for it to end, or use another --output_dir") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    OUTPUT_LOCKS[os.path.realpath(output_dir)] = fd
+
+
+def check_writable(output_dir):
+    """Before the first step: that the run can write its files, else it would train an epoch and fail at its first
+    save. A file is created and removed in output_dir (named as save_atomic's temporary files, which the next
+    start removes); checkpoint.pth, config.json and log.txt, where they exist, are regular files (the first two
+    are replaced by a rename, which a folder refuses), and log.txt, appended to, is writable."""
+    for name in ("checkpoint.pth", "config.json", "log.txt"):
+        path = os.path.join(output_dir, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise data.InputError(f"{path} is not a regular file (a folder, a broken link?): the run writes its "
+                                  f"{name} there; move it away, or use another --output_dir")
+    log = os.path.join(output_dir, "log.txt")
+    if os.path.isfile(log) and not os.access(log, os.W_OK):
+        raise data.InputError(f"{log} is not writable: the run appends a line to it every epoch")
+    probe = os.path.join(output_dir, f"checkpoint.pth.tmp{os.getpid()}")
+    try:
+        with open(probe, "wb"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise data.InputError(f"--output_dir {output_dir}: cannot write a file there ({e.strerror})") from e
+
+
 # Resuming with other flags. These fix the shapes of the saved weights or the optimizer's parameter groups: the
 # checkpoint cannot be loaded under other values.
 STATE_FLAGS = ("arch", "patch_size", "out_dim", "out_dim_c", "head_hidden_dim", "norm_last_layer", "use_bn_in_head")
@@ -451,16 +573,16 @@ RUN_FLAGS = ("output_dir", "num_workers", "log_freq", "saveckp_freq", "visualize
 
 
 def resume_changes(saved, args):
-    """Compare the flags of a checkpoint with this run's. ValueError naming every flag that would break the saved
-    state (old -> new); else the list of other changed flags as 'flag old -> new' strings, for warnings. A flag
-    one of the two runs does not know (another version of this file) is not compared."""
+    """Compare the flags of a checkpoint with this run's. data.InputError naming every flag that would break the
+    saved state (old -> new); else the list of other changed flags as 'flag old -> new' strings, for warnings. A
+    flag one of the two runs does not know (another version of this file) is not compared."""
     changed = [(k, saved[k], v) for k, v in sorted(vars(args).items())
                if k in saved and k not in RUN_FLAGS and _as_saved(v) != _as_saved(saved[k])]
     refused = [f"--{k} {old} -> {new}" for k, old, new in changed if k in STATE_FLAGS]
     if refused:
-        raise ValueError("cannot resume: " + "; ".join(refused) + ". These flags fix the shapes of the saved "
-                         "weights or the optimizer's parameter groups. Use the checkpoint's values, or a new "
-                         "--output_dir for a new run.")
+        raise data.InputError("cannot resume: " + "; ".join(refused) + ". These flags fix the shapes of the saved "
+                              "weights or the optimizer's parameter groups. Use the checkpoint's values, or a new "
+                              "--output_dir for a new run.")
     return [f"--{k} {old} -> {new}" for k, old, new in changed]
 
 
@@ -623,11 +745,15 @@ def partial_epoch(sums, skipped, steps, order):
 
 
 def raise_if_nonfinite(nonfinite, epoch, it, args):
-    """FloatingPointError on every rank once any rank has had a non-finite loss (nonfinite: this rank's flag)."""
+    """FloatingPointError on every rank once any rank has had a non-finite loss (nonfinite: this rank's flag),
+    saying what the output folder holds: the last good state, or no checkpoint yet."""
     if bool(all_reduce(nonfinite.float()) > 0):
+        ckpt = os.path.join(args.output_dir, "checkpoint.pth")
+        kept = (f"{ckpt} holds the last good state" if os.path.isfile(ckpt) else
+                f"no checkpoint has been saved yet ({ckpt} does not exist): a re-run starts from scratch")
         raise FloatingPointError(
-            f"non-finite loss at epoch {epoch}, step {it}: stopping; {os.path.join(args.output_dir, 'checkpoint.pth')} "
-            "holds the last good state. Try --precision bf16, a lower --lr, --clip_grad 3.0 or a lower --teacher_temp.")
+            f"non-finite loss at epoch {epoch}, step {it}: stopping; {kept}. Try --precision bf16, a lower --lr, "
+            "--clip_grad 3.0 or a lower --teacher_temp.")
 
 
 @torch.no_grad()
@@ -651,7 +777,19 @@ class StopFlag:
     """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
     flag: the step in progress finishes, and the loop saves and exits once all ranks have agreed on the flag
     through a CPU (gloo) all-reduce, which never waits on the GPU. Repeated signals change nothing (a scheduler
-    may signal a process directly and through torchrun): SIGKILL stops without saving."""
+    may signal a process directly and through torchrun): SIGKILL stops without saving.
+
+    Under torchrun, a signal to the job's process group ends in exit status 1 after a clean save. torchrun starts
+    each rank in a session of its own, so the signal reaches torchrun, whose handler raises SignalException; its
+    agent forwards the signal to every rank's process group, waits --shutdown_timeout seconds (default 30) for the
+    ranks, SIGKILLs any left, and raises that exception again whatever the ranks' exit codes
+    (torch/distributed/elastic: SignalException, LocalElasticAgent._shutdown, SubprocessHandler.close). So the
+    ranks save and exit 0, rank 0 prints "signal received: saved ...", and torchrun ends with its SignalException
+    traceback and exit status 1, which a scheduler records as a failed step. Nothing a rank does changes that
+    exit status. torchrun --signals_to_handle without the signal is worse: torchrun dies of it at once and the
+    ranks, never signalled, train on. Signalled alone (torchrun's children: `pkill -TERM -P <torchrun's pid>`),
+    the ranks save and exit 0, and so does torchrun. A save that outlasts --shutdown_timeout is cut by the
+    SIGKILL, which leaves the previous checkpoint whole (save_atomic): raise it for large checkpoints."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
@@ -678,9 +816,13 @@ class StopFlag:
 def ignore_stop_signals(worker_id):
     """DataLoader workers share the process group of their rank, so a scheduler's or torchrun's signal (os.killpg)
     reaches them too, and a worker killed by it fails the step. They ignore it: the main process decides when to
-    stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog)."""
+    stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog), seconds
+    later. Forked with the output folder's lock, a worker closes its copy, so that the lock goes with the main
+    process at once (a flock lasts while any copy of its descriptor is open)."""
     for sig in StopFlag.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    for fd in OUTPUT_LOCKS.values():
+        os.close(fd)
 
 
 def stop_workers():
@@ -699,6 +841,9 @@ def finish_run(stop, stopped=None):
     stop.restore()
     if stopped and is_main_process():
         print(f"signal received: {stopped}; exiting. Re-run the same command to continue.")
+        if "TORCHELASTIC_RUN_ID" in os.environ:  # set by torchrun for its ranks
+            print("The save is complete. If the signal reached torchrun too, torchrun exits 1 with its "
+                  "SignalException traceback all the same (train.py's StopFlag says why).")
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -783,13 +928,4 @@ def eval_during_training(teacher, args, epochs_done, stop, log):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("CrOC pretraining", parents=[get_args_parser()])
-    args = parser.parse_args()
-    try:
-        check_args(args)
-    except ValueError as e:
-        parser.error(str(e))  # usage, the flag, exit status 2
-    try:
-        main(args)
-    except BaseException:
-        stop_workers()
-        raise
+    data.cli(main, parser, check=check_args, cleanup=stop_workers)  # a user's mistake: one line, exit 2

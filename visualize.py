@@ -358,9 +358,9 @@ def read_log(path):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}, line {number}: not a JSON line of train.py's log ({e})") from e
+                    raise data.InputError(f"{path}, line {number}: not a JSON line of train.py's log ({e})") from e
     if not records:
-        raise ValueError(f"{path}: no epoch logged yet")
+        raise data.InputError(f"{path}: no epoch logged yet")
     return records
 
 
@@ -484,6 +484,42 @@ def resolve_args(args, stored):
     return args
 
 
+def check_args(args):
+    """data.InputError naming the flag, its range and its value. A setting left at None (the checkpoint's, later)
+    is not checked: main checks again once resolve_args has filled them in. A missing input file: MissingInput."""
+    def need(flag, ok, why):
+        value = getattr(args, flag)
+        if value is not None and not ok(value):
+            raise data.InputError(f"--{flag} {value}: {why}")
+    for flag, what in (("image", "image"), ("weights", "checkpoint"), ("log", "train.py log")):
+        value = getattr(args, flag)
+        if value and "://" not in value and not os.path.isfile(value):  # a URL is downloaded and checked later
+            raise data.MissingInput(f"--{flag} {value}: no such {what} file")
+    need("tile", lambda v: v >= 32 and v % 2 == 0, "must be an even number of pixels, at least 32")
+    for flag in ("patch_size", "training_images", "synthetic_size", "sinkhorn_iterations"):
+        need(flag, lambda v: v >= 1, "must be at least 1")
+    for flag in ("synthetic_index", "seed"):
+        need(flag, lambda v: v >= 0, "must be >= 0")
+    need("img_size", lambda v: v >= 1 and v % (args.patch_size or 1) == 0,
+         f"must be a positive multiple of --patch_size {args.patch_size}")
+    tokens = 2 * (args.img_size // args.patch_size) ** 2 if args.img_size and args.patch_size else math.inf
+    need("k_start", lambda v: 2 <= v <= tokens, f"must lie in [2, {tokens}] (the joint tokens of both views)")
+    need("k_max", lambda v: 2 <= v <= (args.k_start or v), f"must lie in [2, --k_start {args.k_start}]")
+    need("lambda_pos", lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0")
+    need("marginal_temp", lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+    most = clustering.max_sinkhorn_lambda(torch.float32)
+    need("sinkhorn_lambda", lambda v: 0 < v <= most, f"must lie in (0, {most:.1f}]")
+    need("global_crops_scale", lambda v: 0 < v[0] <= v[1] <= 1, "needs 0 < min <= max <= 1")
+
+
+def read_image(path):
+    """--image as RGB, read whole; data.InputError naming the file if it cannot be (truncated, not an image)."""
+    try:
+        return data.load_rgb(path)
+    except Exception as e:  # Pillow's own messages ("image file is truncated") do not name the file
+        raise data.InputError(f"--image {path}: cannot read it as an image ({type(e).__name__}: {e})") from e
+
+
 def main(args):
     if args.log:
         draw_curves(args.log, args.output)
@@ -491,12 +527,17 @@ def main(args):
         return
     stored, epochs = training_run(args.weights)
     args = resolve_args(resolve_backbone_args(args), stored)  # the checkpoint's arch; a contradicting flag fails
+    check_args(args)  # again, with the checkpoint's settings
+    original = read_image(args.image) if args.image else None  # before any model work
     print("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
     torch.manual_seed(args.seed)  # the random init, then the crops
-    backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(args.device)
+    try:
+        backbone = load_backbone(args.arch, args.patch_size, args.weights, args.checkpoint_key).to(args.device)
+    except ValueError as e:  # weights of another architecture or patch size (model.load_pretrained names them)
+        raise data.InputError(f"--weights {args.weights}: {e}") from e
     if args.training_images:
         if "synthetic_images" not in stored:
-            raise ValueError(f"--training_images: {args.weights} holds no training args of train.py")
+            raise data.InputError(f"--training_images: {args.weights} holds no training args of train.py")
         views, positions, originals = fixed_batch(data.pretraining_dataset(argparse.Namespace(**stored)),
                                                   args.training_images, args.seed)  # train.py's fixed batch
         render_clusters(backbone, views, positions, args, args.output, originals, seed=args.seed, tile=args.tile,
@@ -504,7 +545,7 @@ def main(args):
         print(f"wrote {args.output}: the first {len(originals)} training images")
         return
     if args.image:
-        original, name = data.load_rgb(args.image), os.path.basename(args.image)
+        name = os.path.basename(args.image)
     else:
         scenes = data.SyntheticScenes(args.synthetic_index + 1, args.synthetic_size, args.seed,  # train.py's scenes
                                       grey=args.synthetic_grey)
@@ -524,4 +565,4 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("CrOC cluster pictures", parents=[get_args_parser()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    main(parser.parse_args())
+    data.cli(main, parser, check=check_args)  # a user's mistake: one line, exit 2
