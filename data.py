@@ -8,7 +8,7 @@ Sections, the paper's part first
   5. Evaluation transforms: App. C's 448x448 protocol (eval_linear.py and eval_kmeans.py)
   6. Preparing the datasets from the files the official sites distribute (`python data.py prepare_coco|prepare_voc`)
   7. Writing the synthetic data in the PVOC12 / DAVIS-2017 layouts (`python data.py --write-synthetic DIR`)
-  8. Plumbing: seeded, resumable sampling (train.py)
+  8. Plumbing: seeded, resumable sampling; durable writes and stop signals (train.py, eval_linear.py)
   9. Plumbing: input errors; reading and checking image and mask files
  10. Command line
 
@@ -18,11 +18,13 @@ Positions are (x, y) in ORIGINAL-image pixel units; pixel (i, j) covers [j, j+1)
 import argparse
 import json
 import os
+import signal
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from einops import rearrange
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
@@ -778,7 +780,7 @@ def write_synthetic(out_dir, n_train: int = 64, n_val: int = 32, n_videos: int =
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 8. Plumbing: seeded, resumable sampling (train.py)
+# 8. Plumbing: seeded, resumable sampling; durable writes and stop signals (train.py, eval_linear.py)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -823,6 +825,79 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return self.num_samples - self.skip
+
+
+def save_atomic(obj, path):
+    """Write to a temporary file in the same folder, flush it to the disk, rename it over path, flush the folder.
+    A kill at any point leaves the old file or the new one, never half of one; only the temporary file can
+    remain, and the next start removes it (train.py's remove_temporary_files)."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        if isinstance(obj, bytes):
+            f.write(obj)
+        else:
+            torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def fsync_dir(path):
+    """Make a rename in folder path durable (POSIX: the folder entry is flushed separately from the file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class StopFlag:
+    """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
+    flag: the step in progress finishes, and the loop saves and exits once all ranks have agreed on the flag
+    through a CPU (gloo) all-reduce, which never waits on the GPU. Repeated signals change nothing (a scheduler
+    may signal a process directly and through torchrun): SIGKILL stops without saving.
+
+    Under torchrun, a signal to the job's process group ends in exit status 1 after a clean save. torchrun starts
+    each rank in a session of its own, so the signal reaches torchrun, whose handler raises SignalException; its
+    agent forwards the signal to every rank's process group, waits --shutdown_timeout seconds (default 30) for the
+    ranks, SIGKILLs any left, and raises that exception again whatever the ranks' exit codes
+    (torch/distributed/elastic: SignalException, LocalElasticAgent._shutdown, SubprocessHandler.close). So the
+    ranks save and exit 0, rank 0 prints "signal received: saved ...", and torchrun ends with its SignalException
+    traceback and exit status 1, which a scheduler records as a failed step. Nothing a rank does changes that
+    exit status. torchrun --signals_to_handle without the signal is worse: torchrun dies of it at once and the
+    ranks, never signalled, train on. Signalled alone (torchrun's children: `pkill -TERM -P <torchrun's pid>`),
+    the ranks save and exit 0, and so does torchrun. A save that outlasts --shutdown_timeout is cut by the
+    SIGKILL, which leaves the previous checkpoint whole (save_atomic): raise it for large checkpoints."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+    def __init__(self, group=None):
+        self.requested = False
+        self.group = group
+        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+
+    def should_stop(self):
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([float(self.requested)])
+        dist.all_reduce(flag, group=self.group)
+        return flag.item() > 0  # a CPU tensor: no device synchronisation
+
+
+def ignore_stop_signals(worker_id):
+    """DataLoader workers share the process group of their rank, so a scheduler's or torchrun's signal (os.killpg)
+    reaches them too, and a worker killed by it fails the step. They ignore it: the main process decides when to
+    stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog)."""
+    for sig in StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,11 +27,17 @@ best. Run as one process or with torchrun (one process per GPU):
 
     python eval_linear.py --dataset pvoc --data_path /data --weights croc.pth --output_dir out/lin_pvoc
     torchrun --nproc_per_node 4 eval_linear.py --dataset ade20k --data_path /data --weights croc.pth ...
+
+Re-running the same command resumes from output_dir/linear_checkpoint.pth (the heads, Adam's state, the step,
+the log), written every --checkpoint_every steps, at the end of the training and when SIGTERM, SIGINT or SIGHUP
+reaches any process (which then saves and exits 0): the resumed run ends with the numbers of an uninterrupted
+one. A flag that would change them is refused, naming it.
 """
 import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -47,9 +53,9 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import metrics
-from data import (IGNORE_INDEX, InputError, Transformed, ValTransform, build_segmentation_dataset, cli, resize_mask,
-                  to_input)
-from model import backbone_from_args, dense_features, init_distributed
+from data import (IGNORE_INDEX, EpochSampler, InputError, SeededSamples, StopFlag, Transformed, ValTransform,
+                  build_segmentation_dataset, cli, ignore_stop_signals, resize_mask, save_atomic, to_input)
+from model import backbone_from_args, dense_features, init_distributed, torch_load
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
 DEFAULT_EPOCHS = {"pvoc": 45, "coco_things": 10, "coco_stuff": 10, "ade20k": 10, "synthetic": 5}  # App. C
@@ -93,6 +99,11 @@ def get_args_parser():
                              "and train the heads on that cache: much faster, but not the protocol (default: off, a "
                              "fresh RandomResizedCrop + flip every epoch as Leopart). The cache holds N x n_b D x h "
                              "x w float16 values in CPU memory (the largest n_b).")
+    parser.add_argument("--checkpoint_every", default=500, type=int,
+                        help="Steps between writes of output_dir/linear_checkpoint.pth, from which the same command "
+                             "resumes; it is also written at the end of the training and on SIGTERM, SIGINT or "
+                             "SIGHUP (default: 500: 80 over ADE20K's 40k schedule, about every 1.5 epochs of "
+                             "PVOC12 trainaug's 331 steps at batch 32 on one GPU; 0: only then).")
     return parser
 
 
@@ -119,6 +130,7 @@ def check_args(args):
     need(args.iters >= 1, args, "iters", "must be at least 1")
     need(all(math.isfinite(lr) and lr > 0 for lr in args.lr), args, "lr", "every rate must be finite and > 0")
     need(args.train_mask_size >= 1, args, "train_mask_size", "must be at least 1")
+    need(args.checkpoint_every >= 1, args, "checkpoint_every", "must be at least 1")
     need(args.crop_size >= 1 and (args.protocol != "mmseg" or args.crop_size % args.patch_size == 0), args,
          "crop_size", f"must be a positive multiple of --patch_size {args.patch_size} (--protocol mmseg)")
     need(args.slide_stride >= 1, args, "slide_stride", "must be at least 1")
@@ -218,8 +230,8 @@ def cat_max_ratio_crop(mask: np.ndarray, crop: int, rng: np.random.Generator, ca
 
 class MMSegTrainTransform:
     """The ADE20K 512x512 train pipeline of MMSegmentation (see MMSEG_SCALE) on a (PIL image, uint8 mask) pair
-    -> (image (3, crop, crop) normalised, mask (crop, crop) uint8). Randomness comes from torch's generator (so
-    DataLoader workers and --seed control it)."""
+    -> (image (3, crop, crop) normalised, mask (crop, crop) uint8). Randomness comes from torch's generator, which
+    data.SeededSamples seeds per sample from --seed."""
 
     def __init__(self, crop_size=512, scale=MMSEG_SCALE, ratio_range=(0.5, 2.0), cat_max_ratio=0.75):
         self.crop, self.scale, self.ratio_range, self.cat_max_ratio = crop_size, scale, ratio_range, cat_max_ratio
@@ -329,81 +341,216 @@ def cache_features(backbone, data, n_max, device, main):
 
 
 class CachedBatches:
-    """Shuffled (features, masks) batches of the train-feature cache; a fresh order on every iteration."""
+    """Shuffled (features, masks) batches of the train-feature cache. Each epoch's order is a function of (seed,
+    epoch), and set_epoch's skip drops its first samples, as data.EpochSampler: a resumed run continues it."""
 
-    def __init__(self, feats, masks, batch_size, generator):
-        self.feats, self.masks, self.batch_size, self.generator = feats, masks, batch_size, generator
+    def __init__(self, feats, masks, batch_size, seed):
+        self.feats, self.masks, self.batch_size, self.seed = feats, masks, batch_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        return -(-len(self.feats) // self.batch_size)
+        return -(-(len(self.feats) - self.skip) // self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.feats), generator=self.generator)
+        seed = np.random.SeedSequence([s % 2 ** 64 for s in self.seed] + [self.epoch]).generate_state(2, np.uint32)
+        generator = torch.Generator().manual_seed(int(seed[0]) << 32 | int(seed[1]))
+        order = torch.randperm(len(self.feats), generator=generator)[self.skip:]
         for i in range(0, len(order), self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.feats[idx], self.masks[idx]
 
 
-def train_croc(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, log):
-    """App. C: --epochs passes over the train split at a constant learning rate."""
+def seeded_loader(dataset, args, rank, world_size):
+    """-> (loader, sampler): shuffled batches of dataset whose order is a function of (--seed, epoch) and each
+    sample's augmentation of (--seed, epoch, index), whatever the workers (data.EpochSampler, data.SeededSamples,
+    as train.py's): a run resumed at any step draws the batches of an uninterrupted one."""
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, seed=args.seed)
+    return metrics.loader(SeededSamples(dataset, args.seed), args, sampler=sampler,
+                          worker_init_fn=ignore_stop_signals), sampler
+
+
+def train_croc(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, progress):
+    """App. C: --epochs passes over the train split at a constant learning rate, from progress.step on.
+    -> True when a stop signal ended it (saved)."""
     n_max, embed_dim = max(args.n_last_blocks), backbone.embed_dim
-    torch.manual_seed(args.seed + rank)  # different augmentations on every rank
     if args.cache_train_features:
         sampler = DistributedSampler(train_set, shuffle=False) if world_size > 1 else None  # equal step counts
+        per_epoch = -(-(len(sampler) if sampler is not None else len(train_set)) // args.batch_size)
+        if progress.step >= args.epochs * per_epoch:
+            return False  # resumed after the last step: no cache to compute
         plain = Transformed(train_set, ValTransform(args.img_size, args.train_mask_size))
-        feats, masks = cache_features(backbone, metrics.loader(plain, args, sampler=sampler), n_max, device, main)
-        batches = CachedBatches(feats, masks, args.batch_size, torch.Generator().manual_seed(args.seed + rank))
+        feats, masks = cache_features(backbone, metrics.loader(plain, args, sampler=sampler,
+                                                               worker_init_fn=ignore_stop_signals), n_max, device, main)
+        batches = order = CachedBatches(feats, masks, args.batch_size, [args.seed, rank])
         features = torch.Tensor.float
     else:
-        data = Transformed(train_set, TrainTransform(args.img_size, args.train_mask_size))
-        sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
-        batches = metrics.loader(data, args, shuffle=True, sampler=sampler)
+        batches, order = seeded_loader(Transformed(train_set, TrainTransform(args.img_size, args.train_mask_size)),
+                                       args, rank, world_size)
         features = lambda x: dense_features(backbone, x, n_max)  # noqa: E731
-    start = time.time()
-    for epoch in range(args.epochs):
+    per_epoch, start = len(batches), time.time()
+    for epoch in range(progress.step // per_epoch, args.epochs):
         heads.train()
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        stats = new_stats(heads, device)
+        order.set_epoch(epoch, skip=(progress.step - epoch * per_epoch) * args.batch_size)  # a resume mid-epoch
         for x, mask in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main, leave=False):
             x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()  # mask (B, m, m)
-            train_step(heads, features(x), mask, optimizer, embed_dim, stats)
-        losses = reduce_stats(stats, train_set)
-        log({"epoch": epoch + 1, "train_loss": losses},
-            f"epoch {epoch + 1}/{args.epochs}  train loss " + "  ".join(f"{n} {v:.4f}" for n, v in losses.items())
-            + f"  ({time.time() - start:.0f} s)")
+            train_step(heads, features(x), mask, optimizer, embed_dim, progress.stats)
+            progress.step += 1
+            if progress.step == (epoch + 1) * per_epoch:  # the epoch's log line goes into its last checkpoint
+                losses = progress.losses(train_set)
+                progress.log({"epoch": epoch + 1, "train_loss": losses}, f"epoch {epoch + 1}/{args.epochs}  train loss "
+                             + "  ".join(f"{n} {v:.4f}" for n, v in losses.items())
+                             + f"  ({time.time() - start:.0f} s)")
+            if progress.checkpoint(last=progress.step == args.epochs * per_epoch):
+                return True
+    return False
 
 
-def train_mmseg(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, log):
+def train_mmseg(backbone, heads, optimizer, train_set, args, device, rank, world_size, main, progress):
     """App. C on ADE20K: --iters steps of batch --batch_size (per process) on MMSegmentation's 512 crops, every
-    learning rate decayed by the poly schedule of schedule_40k.py."""
+    learning rate decayed by the poly schedule of schedule_40k.py, from progress.step on. -> True when a stop
+    signal ended it (saved)."""
     n_max, embed_dim = max(args.n_last_blocks), backbone.embed_dim
-    torch.manual_seed(args.seed + rank)
-    data = Transformed(train_set, MMSegTrainTransform(args.crop_size, scale=mmseg_scale(args)))
-    sampler = DistributedSampler(data, shuffle=True, seed=args.seed) if world_size > 1 else None
-    batches, epoch, it = metrics.loader(data, args, shuffle=True, sampler=sampler), 0, 0
-    stats, start, log_every = new_stats(heads, device), time.time(), max(min(50, args.iters // 10), 1)
+    batches, order = seeded_loader(Transformed(train_set, MMSegTrainTransform(args.crop_size, scale=mmseg_scale(args))),
+                                   args, rank, world_size)
+    per_epoch, start, log_every = len(batches), time.time(), max(min(50, args.iters // 10), 1)
     heads.train()
-    progress = tqdm(total=args.iters, desc="iterations", disable=not main)
-    while it < args.iters:
-        if sampler is not None:
-            sampler.set_epoch(epoch)
+    bar = tqdm(total=args.iters, initial=progress.step, desc="iterations", disable=not main)
+    while progress.step < args.iters:
+        epoch, first = divmod(progress.step, per_epoch)
+        order.set_epoch(epoch, skip=first * args.batch_size)  # first > 0: a resume mid-epoch
         for x, mask in batches:
             for group in optimizer.param_groups:
-                group["lr"] = poly_lr(group["initial_lr"], it, args.iters)
+                group["lr"] = poly_lr(group["initial_lr"], progress.step, args.iters)
             x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()
-            train_step(heads, dense_features(backbone, x, n_max), mask, optimizer, embed_dim, stats)
-            it += 1
-            progress.update(1)
+            train_step(heads, dense_features(backbone, x, n_max), mask, optimizer, embed_dim, progress.stats)
+            progress.step += 1
+            bar.update(1)
+            it = progress.step
             if it % log_every == 0 or it == args.iters:
-                losses = reduce_stats(stats, train_set)
-                stats = new_stats(heads, device)
-                log({"iter": it, "train_loss": losses}, f"iter {it}/{args.iters}  train loss " + "  ".join(
+                losses = progress.losses(train_set)
+                progress.log({"iter": it, "train_loss": losses}, f"iter {it}/{args.iters}  train loss " + "  ".join(
                     f"{n} {v:.4f}" for n, v in losses.items()) + f"  ({time.time() - start:.0f} s)")
+            if progress.checkpoint(last=it == args.iters):
+                bar.close()
+                return True
             if it == args.iters:
                 break
-        epoch += 1
-    progress.close()
+    bar.close()
+    return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resuming: the checkpoint, the flags it was trained with, stop signals
+
+CHECKPOINT = "linear_checkpoint.pth"  # not train.py's checkpoint.pth, should both share a folder
+# These steer where and how the run goes, not its numbers: a resumed run may change them. --data_path too, with a
+# warning (a job may copy the dataset to a scratch folder of its own). Every other changed flag is refused.
+RUN_FLAGS = ("output_dir", "num_workers", "device", "n_pictures", "checkpoint_every", "data_path")
+
+
+def read_checkpoint(args, world_size, main):
+    """output_dir's checkpoint to resume from, None for a new run. Refused (data.InputError) before anything is
+    written, so the run's config.json and results stay: a changed flag that would change the numbers, named
+    (--flag old -> new), and another number of processes (another batch and order)."""
+    path = os.path.join(args.output_dir, CHECKPOINT)
+    if not os.path.isfile(path):
+        return None
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or not {"heads", "step", "args", "world_size"} <= set(ckpt):
+        raise InputError(f"{path} is not a checkpoint of eval_linear.py: move it, or use another --output_dir")
+    saved = ckpt["args"]
+    changed = {k: (saved[k], v) for k, v in sorted(vars(args).items()) if k in saved and v != saved[k]}
+    refused = [f"--{k} {old} -> {new}" for k, (old, new) in changed.items() if k not in RUN_FLAGS]
+    if ckpt["world_size"] != world_size:
+        refused.append(f"{ckpt['world_size']} -> {world_size} processes")
+    if refused:
+        raise InputError(f"cannot resume {path}: " + "; ".join(refused) + ". These change the probe's numbers: "
+                         "use the checkpoint's values, or a new --output_dir for a new run.")
+    if "data_path" in changed and main:
+        old, new = changed["data_path"]
+        print(f"warning: resuming {path} with --data_path {old} -> {new}: the same files are assumed",
+              file=sys.stderr)
+    return ckpt
+
+
+class Progress:
+    """The training's state besides the heads and Adam's: the steps done, the loss sums since the last log line
+    and the log's records; and its checkpoint, written every --checkpoint_every steps, after the last step and
+    when a stop signal (SIGTERM, SIGINT, SIGHUP) has reached any process. No random state is saved: every draw is
+    a function of --seed, the epoch and the sample (seeded_loader, CachedBatches)."""
+
+    def __init__(self, args, heads, optimizer, world_size, device, main):
+        self.args, self.heads, self.optimizer, self.world_size, self.device = args, heads, optimizer, world_size, device
+        self.main, self.path = main, os.path.join(args.output_dir, CHECKPOINT)
+        self.step, self.history, self.stats = 0, [], new_stats(heads, device)
+        # all processes agree on a stop through a CPU (gloo) all-reduce, whatever the backend: no device sync
+        self.stop = StopFlag(dist.new_group(backend="gloo") if dist.is_initialized() else None)
+
+    def resume(self, ckpt):
+        """Load ckpt (read_checkpoint; None: a new run) and make log.txt hold its records: the lines that a kill
+        after the checkpoint leaves there are written again by the steps that redo them."""
+        if ckpt is None:
+            return
+        self.heads.load_state_dict(ckpt["heads"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.history = ckpt["step"], ckpt["log"]
+        if self.main:
+            for name, total in ckpt["stats"].items():  # the sums over all processes, counted once
+                self.stats[name] += total
+            for name in os.listdir(self.args.output_dir):  # what a kill during save_atomic leaves
+                if name.startswith((f"{CHECKPOINT}.tmp", "log.txt.tmp")):
+                    os.remove(os.path.join(self.args.output_dir, name))
+            save_atomic("".join(json.dumps(r) + "\n" for r in self.history).encode(),
+                        os.path.join(self.args.output_dir, "log.txt"))
+            print(f"resumed from {self.path} at step {self.step}", flush=True)
+
+    def log(self, record, line):
+        self.history.append(record)
+        if self.main:
+            print(line, flush=True)
+            with open(os.path.join(self.args.output_dir, "log.txt"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def losses(self, train_set):
+        """Mean pixel CE per head since the last call, all processes together."""
+        losses, self.stats = reduce_stats(self.stats, train_set), new_stats(self.heads, self.device)
+        return losses
+
+    def checkpoint(self, last=False):
+        """After each step, on every process: save every --checkpoint_every steps, after the last step and when
+        any process has had a stop signal. -> True: stop now (saved)."""
+        stop = self.stop.should_stop()
+        every = self.args.checkpoint_every
+        if stop or last or (every > 0 and self.step % every == 0):
+            self.save()
+        return stop
+
+    def save(self):
+        """On every process (the loss sums are summed over them); rank 0 writes the checkpoint (data.save_atomic)."""
+        names = list(self.stats)
+        totals = torch.stack([self.stats[n] for n in names])
+        if dist.is_initialized():
+            dist.all_reduce(totals)
+        if self.main:
+            save_atomic({"heads": self.heads.state_dict(), "optimizer": self.optimizer.state_dict(),
+                         "step": self.step, "stats": dict(zip(names, totals.tolist())), "log": self.history,
+                         "args": vars(self.args), "world_size": self.world_size}, self.path)
+
+    def finish(self, stopped=False):
+        """Restore the signal handlers and leave the process group; stopped: a signal ended the training (saved).
+        A signal during the evaluation lets it run to its end (the trained heads are saved already)."""
+        self.stop.restore()
+        if self.main and stopped:
+            print(f"signal received: saved {self.path} at step {self.step}; exiting. Re-run the same command to "
+                  f"continue.", flush=True)
+        elif self.main and self.stop.requested:
+            print("signal received during the evaluation, which ran to its end", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -463,7 +610,7 @@ def val_data(val_set, args, rank=0, world_size=1):
     transform = OriginalSizeTransform(mmseg_scale(args)) if args.protocol == "mmseg" else ValTransform(args.img_size)
     batch_size = 1 if args.protocol == "mmseg" else args.batch_size  # mmseg: every image has its own size
     return metrics.loader(Transformed(metrics.shard(val_set, rank, world_size), transform), args,
-                          batch_size=batch_size)
+                          batch_size=batch_size, worker_init_fn=ignore_stop_signals)
 
 
 @torch.no_grad()
@@ -503,6 +650,7 @@ def main(args):
     if args.device is not None and world_size == 1:
         device = torch.device(args.device)
     check_args(args)
+    ckpt = read_checkpoint(args, world_size, main_process)  # refuses a flag change before anything is written
     if main_process:
         metrics.print_config(args)
 
@@ -527,15 +675,13 @@ def main(args):
                                                                  "cuda" else None) for n, h in heads.items()})
     else:
         train_heads = heads
-
-    def log(record, line):
-        if main_process:
-            print(line, flush=True)
-            with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+    progress = Progress(args, heads, optimizer, world_size, device, main_process)  # from here, signals save and stop
+    progress.resume(ckpt)
+    del ckpt
 
     train = train_mmseg if args.protocol == "mmseg" else train_croc
-    train(backbone, train_heads, optimizer, train_set, args, device, rank, world_size, main_process, log)
+    if train(backbone, train_heads, optimizer, train_set, args, device, rank, world_size, main_process, progress):
+        return progress.finish(stopped=True)
 
     heads.eval()
     confusions, n_total = evaluate(backbone, heads, val_set, args, device, rank, world_size, main_process)
@@ -586,8 +732,7 @@ def main(args):
         if args.n_pictures > 0:
             draw_pictures(backbone, heads, best, val_set, args, device,
                           os.path.join(args.output_dir, "predictions.png"))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    progress.finish()
     return results
 
 

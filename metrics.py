@@ -287,10 +287,10 @@ def write_json(path, obj):
             os.unlink(tmp)
 
 
-def loader(dataset, args, shuffle=False, sampler=None, batch_size=None):
+def loader(dataset, args, shuffle=False, sampler=None, batch_size=None, worker_init_fn=None):
     return DataLoader(dataset, batch_size=batch_size or args.batch_size, shuffle=shuffle and sampler is None,
                       sampler=sampler, num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=False, persistent_workers=False)
+                      drop_last=False, persistent_workers=False, worker_init_fn=worker_init_fn)
 
 
 def shard(dataset, rank, world_size):

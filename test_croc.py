@@ -29,6 +29,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -1907,6 +1908,179 @@ def test_ade20k_protocol_sweeps_every_lr_from_one_pass_and_scores_at_the_origina
     assert log[-1]["iter"] == 3 and set(log[-1]["train_loss"]) == set(results["runs"])
     picture = Image.open(tmp_path / "out" / "predictions.png")
     assert picture.size == (3 * 56, 40 + 50)  # image | gt | prediction per row, at each original size
+
+
+# --------------------------------------------------------------------------------------------------------------
+# eval_linear.py: checkpoints, resume, stop signals
+# --------------------------------------------------------------------------------------------------------------
+def _linear_here(flags, out, monkeypatch=None, stop_at=None, sig=signal.SIGTERM):
+    """eval_linear.main in this process. stop_at=k: the signal sig to this process at the k-th stop check (one
+    after each step), as a scheduler, Ctrl-C or a closed terminal would send it."""
+    args = eval_linear.get_args_parser().parse_args(flags + ["--output_dir", str(out)])
+    handlers = {s: signal.getsignal(s) for s in data.StopFlag.SIGNALS}
+    should_stop = data.StopFlag.should_stop
+    if stop_at is not None:
+        checks = [0]
+
+        def signalled(self):
+            checks[0] += 1
+            if checks[0] == stop_at:
+                os.kill(os.getpid(), sig)
+            return should_stop(self)
+        monkeypatch.setattr(data.StopFlag, "should_stop", signalled)
+    try:
+        return eval_linear.main(args)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if stop_at is not None:
+            monkeypatch.setattr(data.StopFlag, "should_stop", should_stop)
+
+
+def _linear_resume_flags(case, synthetic_root, tmp_path):
+    """4 steps of 2 per epoch: croc (8 images, batch 4, 2 epochs), with the feature cache, mmseg (2 images, batch
+    1, --iters 4, two learning rates on the poly schedule, a checkpoint every 2 steps too)."""
+    if case == "mmseg":
+        _ade_fixture(tmp_path)
+        return ["--dataset", "ade20k", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--random_init",
+                "--batch_size", "1", "--num_workers", "0", "--device", "cpu", "--n_last_blocks", "1", "--iters", "4",
+                "--crop_size", "32", "--slide_stride", "16", "--lr", "1e-3", "1e-4", "--n_pictures", "0",
+                "--checkpoint_every", "2"]
+    flags = COMMON + ["--data_path", synthetic_root, "--random_init", "--epochs", "2", "--train_mask_size", "32",
+                      "--n_pictures", "0"]
+    return flags + (["--cache_train_features"] if case == "cache" else [])
+
+
+@pytest.mark.parametrize("case,sig", [("croc", "SIGTERM"), ("cache", "SIGINT"), ("mmseg", "SIGHUP")])
+def test_linear_probe_stopped_twice_by_a_signal_and_resumed_ends_as_an_uninterrupted_run(
+        synthetic_root, tmp_path, monkeypatch, capsys, case, sig):
+    flags = _linear_resume_flags(case, synthetic_root, tmp_path)
+    whole = _linear_here(flags, tmp_path / "whole")
+    cut = tmp_path / "cut"
+    # stopped after step 1 (mid-epoch), then, resumed, after step 3 (its 2nd check: mid-epoch again)
+    assert _linear_here(flags, cut, monkeypatch, stop_at=1, sig=getattr(signal, sig)) is None
+    assert f"signal received: saved {cut / 'linear_checkpoint.pth'} at step 1" in capsys.readouterr().out
+    assert M.torch_load(str(cut / "linear_checkpoint.pth"))["step"] == 1 and not (cut / "results.json").exists()
+    assert _linear_here(flags, cut, monkeypatch, stop_at=2, sig=getattr(signal, sig)) is None
+    assert "resumed from" in capsys.readouterr().out
+    assert M.torch_load(str(cut / "linear_checkpoint.pth"))["step"] == 3
+    resumed = _linear_here(flags, cut)
+    assert resumed == whole  # every mIoU, IoU and confusion matrix
+    assert (cut / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
+    assert (cut / "log.txt").read_bytes() == (tmp_path / "whole" / "log.txt").read_bytes()  # its losses too
+    a, b = (torch.load(tmp_path / run / "linear_heads.pth") for run in ("whole", "cut"))
+    assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])  # the heads, bit for bit
+    a, b = (M.torch_load(str(tmp_path / run / "linear_checkpoint.pth")) for run in ("whole", "cut"))
+    assert a["step"] == b["step"] == 4
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)  # Adam's moments and step counts
+    assert not [f for f in os.listdir(cut) if ".tmp" in f]
+
+
+def test_linear_probe_resume_refuses_a_flag_that_changes_the_numbers_and_keeps_what_was_written(
+        synthetic_root, tmp_path, capsys):
+    flags = COMMON + ["--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+                      "--n_pictures", "0"]
+    first = _linear_here(flags, tmp_path)
+    names = ("results.json", "config.json", "log.txt", "linear_checkpoint.pth", "linear_heads.pth")
+    written = {n: (tmp_path / n).read_bytes() for n in names}
+    with pytest.raises(data.InputError) as e:
+        _linear_here(flags + ["--epochs", "2", "--lr", "1e-4", "--train_mask_size", "16"], tmp_path)
+    assert "--epochs 1 -> 2; --lr [0.001] -> [0.0001]; --train_mask_size 32 -> 16" in str(e.value)
+    assert all((tmp_path / n).read_bytes() == b for n, b in written.items())
+    capsys.readouterr()
+    # the same command, loaded by another number of workers: resumed after its last step, evaluated again
+    assert _linear_here(flags + ["--num_workers", "1"], tmp_path) == first
+    assert f"resumed from {tmp_path / 'linear_checkpoint.pth'} at step 2" in capsys.readouterr().out
+    assert all((tmp_path / n).read_bytes() == written[n] for n in ("results.json", "log.txt", "linear_checkpoint.pth",
+                                                                   "linear_heads.pth"))
+
+
+def test_cached_batches_draw_a_new_order_each_epoch_and_skip_the_samples_seen():
+    feats, masks = torch.arange(10.0)[:, None], torch.arange(10)[:, None]
+    batches = eval_linear.CachedBatches(feats, masks, 3, [0, 1])
+    orders = []
+    for epoch in (0, 1, 0):
+        batches.set_epoch(epoch)
+        orders.append(torch.cat([f for f, _ in batches]).flatten().tolist())
+    assert sorted(orders[0]) == list(range(10)) and orders[0] != orders[1] and orders[0] == orders[2]
+    batches.set_epoch(1, skip=6)
+    assert len(batches) == 2 and torch.cat([f for f, _ in batches]).flatten().tolist() == orders[1][6:]
+
+
+def test_a_signal_during_the_linear_probe_evaluation_lets_it_write_its_results(synthetic_root, tmp_path, monkeypatch,
+                                                                              capsys):
+    """The heads are saved when the evaluation starts; a stop signal to the process and its DataLoader worker (as
+    to a job's process group) lets the evaluation run to its end."""
+    predict, sent = eval_linear.predict, []
+
+    def signalled(*a, **k):
+        if not sent:  # at the first val batch
+            sent.extend(worker.pid for worker in multiprocessing.active_children())
+            for pid in sent + [os.getpid()]:
+                os.kill(pid, signal.SIGTERM)
+        return predict(*a, **k)
+    monkeypatch.setattr(eval_linear, "predict", signalled)
+    flags = COMMON + ["--data_path", synthetic_root, "--random_init", "--epochs", "1", "--train_mask_size", "32",
+                      "--n_pictures", "0", "--batch_size", "1", "--num_workers", "1"]  # 4 val batches
+    results = _linear_here(flags, tmp_path)
+    assert len(sent) == 1 and results["n_val_images"] == 4  # a worker was signalled too
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert "signal received during the evaluation" in capsys.readouterr().out
+
+
+def _torchrun_ranks(pid):
+    """{rank: pid} of the processes that torchrun `pid` started (each the leader of a process group)."""
+    ranks = {}
+    for child in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) != pid:
+                    continue
+            with open(f"/proc/{child}/environ", "rb") as f:
+                env = dict(e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e)
+            ranks[int(env[b"RANK"])] = int(child)
+        except (OSError, KeyError, ValueError):
+            pass
+    return ranks
+
+
+def _signal_to_one_rank_of_a_linear_probe(tmp_path):
+    """torchrun with 2 ranks, each with a DataLoader worker; once the first checkpoint is written, SIGTERM to rank
+    1's process group (rank 1 and its worker), as torchrun forwards a signal -> (folder, torchrun's exit code,
+    its output, the processes still naming the folder 15 s after it ended)."""
+    root, out = _write_tiny_synthetic(tmp_path / "synthetic"), tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "eval_linear.py",
+           *COMMON, "--data_path", root, "--random_init", "--epochs", "100000", "--train_mask_size", "32",
+           "--num_workers", "1", "--checkpoint_every", "1", "--output_dir", str(out)]  # epochs of 1 step
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not (out / "linear_checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.killpg(_torchrun_ranks(proc.pid)[1], signal.SIGTERM)
+        text = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    deadline = time.time() + 15
+    while _processes_mentioning(str(out)) and time.time() < deadline:
+        time.sleep(0.5)
+    return out, proc.returncode, text, _processes_mentioning(str(out))
+
+
+@early(_signal_to_one_rank_of_a_linear_probe)
+def test_a_signal_to_one_rank_of_a_torchrun_linear_probe_stops_every_rank_saved_with_exit_status_0(early_run):
+    out, code, text, left = early_run
+    assert code == 0, text[-4000:]  # torchrun saw no signal: its status is its ranks'
+    assert "signal received: saved" in text and "Traceback" not in text, text[-4000:]
+    ckpt = M.torch_load(str(out / "linear_checkpoint.pth"))
+    assert 1 <= ckpt["step"] < 100000 and ckpt["world_size"] == 2
+    assert [r["epoch"] for r in _log(out)] == list(range(1, ckpt["step"] + 1))  # log.txt as far as the checkpoint
+    assert not [f for f in os.listdir(out) if ".tmp" in f] and not (out / "results.json").exists()
+    assert left == []
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import clustering
 import data
+from data import StopFlag, save_atomic
 from model import (CrOCLoss, PretrainConfig, all_reduce, bool_flag, build_student_teacher, init_distributed,
                    load_backbone_weights, optimizer_step, param_groups, read_backbone, torch_load, train_step,
                    world_size)
@@ -703,31 +704,6 @@ def save_checkpoint(path, parts, epoch, args, history, generator, cpu_group, par
         return state
 
 
-def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, flush it to the disk, rename it over path, flush the folder.
-    A kill at any point leaves the old file or the new one, never half of one; only the temporary file can
-    remain, and the next start removes it (remove_temporary_files)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        if isinstance(obj, bytes):
-            f.write(obj)
-        else:
-            torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
-
-
-def fsync_dir(path):
-    """Make a rename in folder path durable (POSIX: the folder entry is flushed separately from the file)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def append_line(path, line):
     """Append one line and flush it to the disk (log.txt: one JSON line per epoch)."""
     with open(path, "a") as f:
@@ -771,7 +747,7 @@ def teacher_sync_error(teacher):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stop signals: SIGTERM, SIGINT and SIGHUP save the run, then it exits
+# Stop signals: SIGTERM, SIGINT and SIGHUP save the run, then it exits (data.StopFlag)
 # --------------------------------------------------------------------------------------------------------------
 class StopFlag:
     """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
@@ -814,13 +790,10 @@ class StopFlag:
 
 
 def ignore_stop_signals(worker_id):
-    """DataLoader workers share the process group of their rank, so a scheduler's or torchrun's signal (os.killpg)
-    reaches them too, and a worker killed by it fails the step. They ignore it: the main process decides when to
-    stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog), seconds
-    later. Forked with the output folder's lock, a worker closes its copy, so that the lock goes with the main
-    process at once (a flock lasts while any copy of its descriptor is open)."""
-    for sig in StopFlag.SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """A DataLoader worker's start (data.ignore_stop_signals): it ignores the stop signals, and closes its forked
+    copy of the output folder's lock, so that the lock goes with the main process at once (a flock lasts while any
+    copy of its descriptor is open)."""
+    data.ignore_stop_signals(worker_id)
     for fd in OUTPUT_LOCKS.values():
         os.close(fd)
 
