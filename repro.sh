@@ -31,6 +31,8 @@
 # teacher (0.02) without warm-up, a trainable last layer, teacher momentum 0.996, no stochastic depth, constant
 # weight decay, gradient clipping at 3, a peak lr of 0.002 per 256 images. They were chosen for DINO; CrOC runs
 # with its own defaults (K_start 12, lambda_pos 4, ...), untuned.
+# k-means: 5 seeds of 5 restarts each (eval_kmeans.py --n_init 5, Leopart's nredo): with one restart a seed's fit
+# may land in a poor optimum, and the 5-seed mean of one checkpoint moved by up to 2.3 mIoU (BENCHMARKS.md).
 set -euo pipefail
 PY=${PYTHON:-python}
 if [ "${1:-}" = --table ]; then
@@ -152,7 +154,7 @@ evaluate() {  # linear, k-means and DAVIS of one run; one whose results file exi
     $PY eval_linear.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --epochs $LINEAR_EPOCHS \
       --output_dir "$OUT/$run/linear" > "$OUT/$run.linear.log" 2>&1
   [ -f "$OUT/$run/kmeans/results.json" ] ||
-    $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS \
+    $PY eval_kmeans.py --dataset synthetic --data_path "$OUT/data" $B --img_size 64 --seeds $KSEEDS --n_init 5 \
       --output_dir "$OUT/$run/kmeans" > "$OUT/$run.kmeans.log" 2>&1
   [ -f "$OUT/$run/davis/scores/global_results-val.csv" ] ||
     $PY eval_davis.py --data_path "$OUT/data/DAVIS" --arch vit_nano --patch_size 8 --seed $SEED $W \
