@@ -2060,10 +2060,13 @@ def _signal_to_one_rank_of_a_linear_probe(tmp_path):
         deadline = time.time() + 180
         while not (out / "linear_checkpoint.pth").exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.1)
-        os.killpg(_torchrun_ranks(proc.pid)[1], signal.SIGTERM)
+        ranks = _torchrun_ranks(proc.pid)
+        os.killpg(ranks[1], signal.SIGTERM)
         text = proc.communicate(timeout=120)[0]
     finally:
-        if proc.poll() is None:
+        if proc.poll() is None:  # a failure: the ranks too, which torchrun starts in sessions of their own
+            for rank in _torchrun_ranks(proc.pid).values():
+                os.killpg(rank, signal.SIGKILL)
             os.killpg(proc.pid, signal.SIGKILL)
     deadline = time.time() + 15
     while _processes_mentioning(str(out)) and time.time() < deadline:
