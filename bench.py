@@ -4,7 +4,7 @@ of the clustering; the clusterer alone against the official algorithm; with --co
 against torch.compile'd (and on a GPU the step's images/s with compiled backbones). BENCHMARKS.md holds the
 numbers this printed.
 
-    python bench.py                          # the full run (CPU: ~5 min on an idle 2-core CPU; GPU: batch 128, bf16)
+    python bench.py                          # the full run (CPU: ~6 min on 2 cores; GPU: batch 128, bf16)
     python bench.py --quick                  # tiny shapes, one repeat, seconds: the same table (used by the test)
     python bench.py --json bench.json        # also write the results as JSON
     python bench.py --step_shapes recipe     # one step row only (paper, recipe; none: the clusterer alone)
@@ -68,7 +68,7 @@ def get_args_parser():
     p = argparse.ArgumentParser("CrOC benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch", default=None, type=int,
                    help="Images per step of the paper row (each gives two views). Default: 128 on a GPU (the paper's "
-                        "per-GPU batch), 8 on CPU (a ViT-S/16 224 step then takes ~7 s on 2 idle cores). The recipe "
+                        "per-GPU batch), 8 on CPU (a ViT-S/16 224 step then takes about 10 s on one core). The recipe "
                         "row keeps repro.sh's 32.")
     p.add_argument("--step_shapes", nargs="*", default=["paper", "recipe"], choices=sorted(STEP_SHAPES),
                    help="The training-step rows: paper (ViT-S/16 224, the paper's heads) and recipe (repro.sh: "
@@ -885,9 +885,9 @@ def compiled_clusterer_lines(res):
                          f"{r['same_k_and_kept']}, {r['max_q_star_difference']:.0e}"])
     out.append(table(["B", "P", "compile s", "eager ms", "compiled ms", "speed-up", "+ centroids ms", "official ms",
                       "vs official", "host syncs", "same K and kept, max |dQ*|"], body))
-    out.append("the same inputs and seeds for both (drawn from r as clustering.cluster draws them); compile s: the first "
-               "compiled call, compilation included, outside the timing; + centroids: the compiled clusterer, then the "
-               "view centroids (model.view_centroids); vs official: official ms / + centroids ms. One graph "
+    out.append("the same inputs and seeds for both (drawn from r as clustering.cluster draws them); compile s: the "
+               "first compiled call, compilation included, outside the timing; + centroids: the compiled clusterer, "
+               "then the view centroids (model.view_centroids); vs official: official ms / + centroids ms. One graph "
                "(fullgraph=True) holds no host sync; host syncs: as in table 2.")
     return out
 
@@ -906,10 +906,10 @@ def step_lines(res):
                        memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
                       for r in res["steps"]]))
     cuda = m["device"].startswith("cuda")
-    out.append("heads: hidden width, L-bar/L outputs, BN: DINO's BatchNorm head (the recipe row is repro.sh's). slots: "
-               "heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) on these "
-               "views (synthetic scenes, initial teacher). CrOC: model.train_step, the kept centroids alone through the "
-               "heads and the dense loss, one host sync (their number).")
+    out.append("heads: hidden width, L-bar/L outputs, BN: DINO's BatchNorm head (the recipe row is repro.sh's). "
+               "slots: heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) "
+               "on these views (synthetic scenes, initial teacher). CrOC: model.train_step, the kept centroids alone "
+               "through the heads and the dense loss, one host sync (their number).")
     out.append("FLOPs: the step's floating-point operations over DINO's (torch.utils.flop_counter: matrix products, "
                "convolutions, attention; forward and backward), the machine-independent share of the ratio before it "
                "(DINO step: " + ", ".join(f"{r['model']} {r['dino_gflops']:.1f} GFLOP" for r in res["steps"]) + "). "
