@@ -468,7 +468,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, generator, au
                 with record_function("teacher centroid head"):
                     image, slot = kept
                     t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan)[:, image, slot],
-                                         centroids=True)  # Eq. 2-3: (2, n, L)
+                                         centroids=True)  # Eq. 2-3: (2, n, Lc)
         with record_function("student forward"):
             s_img, s_cen = student(x, plan, kept)  # the same Q* pools the student's tokens (Eq. 2)
     with record_function("loss"):

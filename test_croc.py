@@ -1025,9 +1025,10 @@ import clustering, model as M, train
 
 
 def two_steps(rank, world, flags):
-    '''Two CrOC steps of a BatchNorm-head student (DDP on 2 ranks) on this rank's share of 4 images; in the second,
-    images 2 and 3 (rank 1's) keep no centroid. -> per step: loss, kept centroids of each image, the student's
-    gradients, and every buffer (BatchNorm statistics, centres).'''
+    '''Two CrOC steps of a BatchNorm-head student (DDP on 2 ranks) on this rank's share of 4 images; in the first,
+    images 2 and 3 (rank 1's) keep no centroid (a second DDP step then checks that every gradient was reduced).
+    -> per step: loss, kept centroids of this rank, the student's gradients, and every buffer (BatchNorm
+    statistics, centres).'''
     args = train.get_args_parser().parse_args(flags)
     args.k_max = args.k_start
     torch.manual_seed(0)
@@ -1039,7 +1040,7 @@ def two_steps(rank, world, flags):
     gen = torch.Generator().manual_seed(0)
     n = (args.img_size // args.patch_size) ** 2
     views = torch.randn(4, 2, 3, args.img_size, args.img_size, generator=gen)
-    grid = (torch.rand(4, 2, n, 2, generator=gen) * args.img_size)
+    positions = torch.rand(4, 2, n, 2, generator=gen) * args.img_size
     seeds = torch.randperm(2 * n, generator=gen)[:args.k_start]  # every problem the same: no draw to split
     images = torch.arange(4).chunk(world)[rank]
     cluster, cluster_views, view_centroids = clustering.cluster, clustering.cluster_views, M.view_centroids
@@ -1053,9 +1054,9 @@ def two_steps(rank, world, flags):
         for step in range(2):
             def dropping(*a, **kw):
                 q_star, valid, res = cluster_views(*a, **kw)
-                return q_star, valid & ((images < 2) | (step == 0))[:, None], res
+                return q_star, valid & ((images < 2) | (step == 1))[:, None], res
             clustering.cluster_views = dropping
-            loss, stats = M.train_step(ddp, teacher, loss_fn, views[images], grid[images], 0, gen, nullcontext(),
+            loss, stats = M.train_step(ddp, teacher, loss_fn, views[images], positions[images], 0, gen, nullcontext(),
                                        alpha=args.alpha, which_features=args.which_features, cluster_settings=args)
             student.zero_grad()
             loss.backward()
@@ -1076,8 +1077,8 @@ if __name__ == "__main__":
 
 
 def test_ddp_with_uneven_kept_centroids_equals_one_process_on_the_whole_batch(tmp_path):
-    """Two gloo ranks whose images keep different numbers of centroids (then rank 1 none at all), a BatchNorm
-    head: the same mean loss, gradients, BatchNorm statistics and centres as one process on all the images."""
+    """Two gloo ranks whose images keep no centroid on rank 1, then different numbers on each, a BatchNorm head:
+    the same mean loss, gradients, BatchNorm statistics and centres as one process on all the images."""
     init = str(tmp_path / "init")
     flags = TINY + ["--use_bn_in_head", "true"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -1089,7 +1090,7 @@ def test_ddp_with_uneven_kept_centroids_equals_one_process_on_the_whole_batch(tm
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     ranks = [torch.load(f"{init}.{r}.pt") for r in range(2)]
     kept = [[float(r[step]["kept"]) for r in ranks] for step in range(2)]
-    assert kept[0][0] != kept[0][1] and kept[0][1] > 0 and kept[1][0] > 0 and kept[1][1] == 0, kept
+    assert kept[0][0] > 0 and kept[0][1] == 0 and kept[1][0] != kept[1][1] and kept[1][1] > 0, kept
     for step in range(2):
         torch.testing.assert_close(sum(float(r[step]["kept"]) for r in ranks), float(one[step]["kept"]))
         torch.testing.assert_close((ranks[0][step]["loss"] + ranks[1][step]["loss"]) / 2, one[step]["loss"])
