@@ -7,7 +7,7 @@ numbers this printed.
     python bench.py                          # the full run (CPU: ~6 min on 2 cores; GPU: batch 128, bf16)
     python bench.py --quick                  # tiny shapes, one repeat, seconds: the same table (used by the test)
     python bench.py --json bench.json        # also write the results as JSON
-    python bench.py --step_shapes recipe     # one step row only (paper, recipe; none: the clusterer alone)
+    python bench.py --step_shapes recipe     # one step row only (paper or recipe; no name: the clusterer alone)
     python bench.py --compile --cluster_batches 8   # also the clusterer compiled (CPU: minutes of compilation)
 
 Machines are noisy, so every figure is a median of --repeats runs, and the CrOC and DINO steps are interleaved
@@ -72,7 +72,8 @@ def get_args_parser():
                         "row keeps repro.sh's 32.")
     p.add_argument("--step_shapes", nargs="*", default=["paper", "recipe"], choices=sorted(STEP_SHAPES),
                    help="The training-step rows: paper (ViT-S/16 224, the paper's heads) and recipe (repro.sh: "
-                        "vit_nano/8 48, batch 32, BatchNorm head 512 wide, 256 outputs). None: the clusterer alone.")
+                        "vit_nano/8 48, batch 32, BatchNorm head 512 wide, 256 outputs). With no name: the clusterer "
+                        "alone.")
     p.add_argument("--cluster_batches", nargs="+", default=[8, 32, 128], type=int,
                    help="Images B of the clusterer-alone rows; each is B x 6 heads problems at ViT-S/16 224 shapes.")
     p.add_argument("--out_dim", default=paper.out_dim, type=int,
@@ -896,7 +897,7 @@ def step_lines(res):
     m = res["machine"]
     out = ["1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)"]
     if not res["steps"]:
-        return out + ["not measured: --step_shapes none."]
+        return out + ["not measured: --step_shapes with no name."]
     out.append(table(["model", "heads", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs",
                       "clustering", "DINO mem MiB", "CrOC mem MiB"],
                      [[r["model"], head_cell(r), r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}",
@@ -927,7 +928,7 @@ def breakdown_lines(res):
     out = ["3. Where the CrOC step's extra time goes: each part of the step, from the torch.profiler ranges "
            f"train.py labels (medians of {cfg['repeats']} runs, interleaved)"]
     if not res["steps"]:
-        return out + ["not measured: --step_shapes none."]
+        return out + ["not measured: --step_shapes with no name."]
     for r in res["steps"]:
         b = r["breakdown"]
         rows = [[p["part"], f"{p['dino_ms']:.1f}", f"{p['croc_ms']:.1f}", f"{p['croc_ms'] - p['dino_ms']:+.1f}"]
