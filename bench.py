@@ -1,10 +1,14 @@
-"""What CrOC costs on top of DINO: the full training step with and without the dense loss, the
-clusterer alone, peak memory, and (on a GPU) images/s with and without torch.compile. BENCHMARKS.md holds the
+"""What CrOC costs on top of DINO: the full training step with and without the dense loss, at the paper's
+ViT-S/16 224 and at repro.sh's synthetic recipe (vit_nano/8 48), with the FLOPs, the peak memory and the share
+of the clustering; the clusterer alone against the official algorithm; with --compile, the clusterer eager
+against torch.compile'd (and on a GPU the step's images/s with compiled backbones). BENCHMARKS.md holds the
 numbers this printed.
 
-    python bench.py                          # the full run (CPU: ~1 min on an idle 2-core CPU; GPU: batch 128, bf16)
+    python bench.py                          # the full run (CPU: ~6 min on 2 cores; GPU: batch 128, bf16)
     python bench.py --quick                  # tiny shapes, one repeat, seconds: the same table (used by the test)
     python bench.py --json bench.json        # also write the results as JSON
+    python bench.py --step_shapes recipe     # one step row only (paper or recipe; no name: the clusterer alone)
+    python bench.py --compile --cluster_batches 8   # also the clusterer compiled (CPU: minutes of compilation)
 
 Machines are noisy, so every figure is a median of --repeats runs, and the CrOC and DINO steps are interleaved
 (DINO, CrOC, CrOC, DINO, ...) so that a load that comes and goes hits both: read the ratio, not the milliseconds.
@@ -12,6 +16,7 @@ The step is model.train_step (teacher and student forward, clustering, heads, lo
 model.optimizer_step (backward, AdamW step, teacher EMA), as train.py runs them.
 """
 import argparse
+import inspect
 import json
 import math
 import os
@@ -46,36 +51,55 @@ VIEW_OPS = {"aten::view", "aten::reshape", "aten::expand", "aten::expand_as", "a
             "aten::unflatten", "aten::unbind", "aten::as_strided", "aten::alias", "aten::contiguous", "aten::to",
             "aten::promote_types"}  # metadata only, or no-ops on an already contiguous / right-dtype tensor
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+# The step rows (--step_shapes): (arch, patch, img) and the model.PretrainConfig fields that differ from the
+# paper's. paper: ViT-S/16 224 with the paper's heads (Sec. 4.1; --batch, --out_dim, --out_dim_c). recipe:
+# repro.sh's headline recipe, its train.py flags that change what a step computes (batch 32, DINO's BatchNorm
+# head 512 wide with 256 outputs, no stochastic depth, clipping at 3, 48-px views of 64-px scenes).
+RECIPE = {"batch_size_per_gpu": 32, "out_dim": 256, "out_dim_c": 256, "head_hidden_dim": 512, "use_bn_in_head": True,
+          "drop_path_rate": 0.0, "clip_grad": 3.0, "freeze_last_layer": 0, "global_crops_scale": (0.5, 1.0),
+          "synthetic_size": 64}
+STEP_SHAPES = {"paper": (("vit_small", 16, 224), {}), "recipe": (("vit_nano", 8, 48), RECIPE)}
+QUICK_STEP_SHAPES = {"paper": (("vit_tiny", 16, 64), {}),  # 2N = 32 tokens >= K_start
+                     "recipe": (("vit_nano", 8, 32), {**RECIPE, "batch_size_per_gpu": 2})}
 
 
 def get_args_parser():
     paper = PretrainConfig()
     p = argparse.ArgumentParser("CrOC benchmarks", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--batch", default=None, type=int,
-                   help="Images per step (each gives two views). Default: 128 on a GPU (the paper's per-GPU "
-                        "batch), 8 on CPU (a ViT-S/16 224 step then takes ~2.5 s on 2 idle cores).")
+                   help="Images per step of the paper row (each gives two views). Default: 128 on a GPU (the paper's "
+                        "per-GPU batch), 8 on CPU (a ViT-S/16 224 step then takes about 10 s on one core). The recipe "
+                        "row keeps repro.sh's 32.")
+    p.add_argument("--step_shapes", nargs="*", default=["paper", "recipe"], choices=sorted(STEP_SHAPES),
+                   help="The training-step rows: paper (ViT-S/16 224, the paper's heads) and recipe (repro.sh: "
+                        "vit_nano/8 48, batch 32, BatchNorm head 512 wide, 256 outputs). With no name: the clusterer "
+                        "alone.")
     p.add_argument("--cluster_batches", nargs="+", default=[8, 32, 128], type=int,
                    help="Images B of the clusterer-alone rows; each is B x 6 heads problems at ViT-S/16 224 shapes.")
-    p.add_argument("--out_dim", default=paper.out_dim, type=int, help="Image head output L-bar (paper 65,536).")
-    p.add_argument("--out_dim_c", default=paper.out_dim_c, type=int, help="Centroid head output L (paper 8,192).")
+    p.add_argument("--out_dim", default=paper.out_dim, type=int,
+                   help="Image head output L-bar of the paper row (paper 65,536).")
+    p.add_argument("--out_dim_c", default=paper.out_dim_c, type=int,
+                   help="Centroid head output L of the paper row (paper 8,192).")
     p.add_argument("--k_start", default=paper.k_start, type=int,
                    help="K_start of the clusterer (paper 12, official code 5).")
     p.add_argument("--k_max", default=None, type=int,
-                   help="Largest K the selection may pick (default k_start, as train.py; official code 4). Every "
-                        "image sends heads x k_max centroid slots through the centroid head, kept or not.")
+                   help="Largest K the selection may pick (default k_start, as train.py; official code 4). Each image "
+                        "has heads x k_max centroid slots; the kept ones (Eq. 16) go through the centroid head.")
     p.add_argument("--repeats", default=5, type=int, help="Timed runs of each variant; the median is reported.")
     p.add_argument("--warmup", default=1, type=int, help="Untimed runs of each variant first.")
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="Autocast on a GPU (the throughput rows ask for bf16). CPU always runs fp32, as train.py.")
-    p.add_argument("--compile", default=True, type=bool_flag,
-                   help="GPU only: also time the step with torch.compile'd student and teacher backbones.")
+    p.add_argument("--compile", nargs="?", const=True, default=None, type=bool_flag,
+                   help="Also time clustering.cluster torch.compile'd (inductor, fullgraph: one graph) against eager, "
+                        "with its compile time, at every --cluster_batches; on a GPU also the step with compiled "
+                        "backbones. Default: on with a GPU, off on CPU, where inductor takes minutes per batch size.")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available).")
     p.add_argument("--threads", default=None, type=int,
                    help="torch CPU threads (default: torch's own choice). On a CPU shared with other jobs, 1 thread "
                         "gives steadier numbers than threads that wait on each other.")
     p.add_argument("--quick", action="store_true",
-                   help="Tiny shapes (ViT-Ti/16 at 64 px, ViT-Ti/8 at 32 px, small heads, 2N = 32 tokens, batch 2), "
-                        "one repeat, no warm-up: runs in seconds; the numbers mean nothing.")
+                   help="Tiny shapes (ViT-Ti/16 at 64 px with small heads, vit_nano/8 at 32 px with the recipe's head, "
+                        "2N = 32 tokens, batch 2), one repeat, no warm-up: runs in seconds; the numbers mean nothing.")
     p.add_argument("--json", default=None, help="Also write the results to this JSON file.")
     p.add_argument("--seed", default=0, type=int, help="Seed of the synthetic inputs, weights and clusterer draws.")
     p.add_argument("--differences", action="store_true",
@@ -83,7 +107,7 @@ def get_args_parser():
                         "(selected K, kept centroids, hard-assignment rule) on an initial ViT's and on random tokens, "
                         "--batch images (default 16) at vit_small/16 224 and vit_nano/8 48; seconds on CPU.")
     g = p.add_argument_group("GPU check (gpu_check.sh runs these parts; see BENCHMARKS.md, 'GPU check')")
-    g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "ddp", "summary"],
+    g.add_argument("--gpu", nargs="+", default=None, choices=["syncs", "training", "compile", "ddp", "summary"],
                    help="Run these parts of the GPU check instead of the benchmark, writing PART.json to --out.")
     g.add_argument("--out", default="gpu_check_out", help="Folder of the GPU check's JSON files and summary.")
     g.add_argument("--dry", action="store_true",
@@ -102,6 +126,7 @@ def resolve_args(args):
         torch.set_num_threads(args.threads)
     args.k_max = args.k_max or args.k_start
     args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.compile = args.device.type == "cuda" if args.compile is None else args.compile
     if args.device.type == "cpu":
         args.precision = "fp32"
     if args.quick:
@@ -109,11 +134,11 @@ def resolve_args(args):
         args.cluster_batches = [1, 2]
         args.repeats, args.warmup = 1, 0
         args.out_dim, args.out_dim_c = min(args.out_dim, 1024), min(args.out_dim_c, 256)
-        args.step_configs = [("vit_tiny", 16, 64), ("vit_tiny", 8, 32)]  # 2N = 32 >= K_start
-        args.cluster_shape = ("vit_tiny", 8, 32)  # (arch, patch, img): 2N = 32 tokens, 3 heads of d = 64
+        args.step_configs = [QUICK_STEP_SHAPES[name] for name in args.step_shapes]
+        args.cluster_shape = ("vit_tiny", 16, 64)  # (arch, patch, img): 2N = 32 tokens, 3 heads of d = 64
     else:
         args.batch = args.batch or (128 if args.device.type == "cuda" else 8)
-        args.step_configs = [("vit_small", 16, 224), ("vit_tiny", 8, 64)]
+        args.step_configs = [STEP_SHAPES[name] for name in args.step_shapes]
         args.cluster_shape = ("vit_small", 16, 224)  # 2N = 392 tokens, 6 heads of d = 64
     return args
 
@@ -236,14 +261,18 @@ def sync_warnings(fn, device):
 # --------------------------------------------------------------------------------------------------------------
 class StepBench:
     """Student, teacher, loss, optimizer and synthetic inputs for one backbone, built as train.py builds them,
-    with the paper's settings (model.PretrainConfig).
+    with the paper's settings (model.PretrainConfig) but for `settings` (its fields, and synthetic_size: the scenes'
+    size, default img).
     One set of models serves both variants: DINO leaves the centroid last layer without a gradient, which AdamW
     skips, exactly as in a `--alpha 0` run."""
 
-    def __init__(self, arch, patch, img, bench_args):
-        a = PretrainConfig(arch=arch, patch_size=patch, img_size=img, out_dim=bench_args.out_dim,
-                           out_dim_c=bench_args.out_dim_c, batch_size_per_gpu=bench_args.batch,
-                           precision=bench_args.precision, k_start=bench_args.k_start, k_max=bench_args.k_max)
+    def __init__(self, arch, patch, img, bench_args, settings=None):
+        settings = dict(settings or {})
+        scene_size = settings.pop("synthetic_size", img)
+        fields = dict(arch=arch, patch_size=patch, img_size=img, out_dim=bench_args.out_dim,
+                      out_dim_c=bench_args.out_dim_c, batch_size_per_gpu=bench_args.batch,
+                      precision=bench_args.precision, k_start=bench_args.k_start, k_max=bench_args.k_max)
+        a = PretrainConfig(**{**fields, **settings})
         self.config, self.device = a, bench_args.device
         self.epoch = a.freeze_last_layer  # a step after the first epoch: every layer, the last ones too, learns
         torch.manual_seed(bench_args.seed)
@@ -262,7 +291,7 @@ class StepBench:
         # two augmented views of synthetic scenes, as train.py makes them: pruning then keeps a realistic share
         # of the centroid slots (random noise views would keep other counts)
         torch.manual_seed(bench_args.seed)
-        scenes = data.SyntheticPretrain(a.batch_size_per_gpu, img, bench_args.seed,
+        scenes = data.SyntheticPretrain(a.batch_size_per_gpu, scene_size, bench_args.seed,
                                         data.TwoViews(img, patch, tuple(a.global_crops_scale)))
         views, positions, _ = torch.utils.data.default_collate([scenes[i] for i in range(len(scenes))])
         self.views, self.positions = views.to(self.device), positions.to(self.device)  # (B, 2, 3, S, S), (B, 2, N, 2)
@@ -298,26 +327,33 @@ class StepBench:
                 backbone.__dict__.pop("forward_features", None)
 
 
+ARCH_NAMES = {"vit_small": "ViT-S", "vit_tiny": "ViT-Ti", "vit_base": "ViT-B"}  # vit_nano (ours) keeps its name
+
+
 def label(arch, patch, img):
-    return f"{'ViT-S' if arch == 'vit_small' else 'ViT-Ti' if arch == 'vit_tiny' else 'ViT-B'}/{patch} {img}"
+    return f"{ARCH_NAMES.get(arch, arch)}/{patch} {img}"
 
 
 def bench_steps(args):
     rows = []
-    for arch, patch, img in args.step_configs:
-        bench = StepBench(arch, patch, img, args)
+    for (arch, patch, img), settings in args.step_configs:
+        bench = StepBench(arch, patch, img, args, settings)
+        a = bench.config
         fns = {"DINO": lambda: bench.step(0.0), "CrOC": lambda: bench.step(1.0)}
         times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"step {label(arch, patch, img)}")
         dino, croc = (median_ms(times[k]) for k in ("DINO", "CrOC"))
+        breakdown = step_breakdown(bench, args)
+        parts = {p["part"]: p["croc_ms"] for p in breakdown["parts"]}
         rows.append({"model": label(arch, patch, img), "arch": arch, "patch": patch, "img": img,
-                     "tokens_per_view": (img // patch) ** 2, "batch": args.batch,
+                     "recipe": bool(settings), "tokens_per_view": (img // patch) ** 2, "batch": a.batch_size_per_gpu,
                      "centroid_slots": bench.student.backbone.num_heads * args.k_max,
-                     "kept_slots": bench.kept_slots(), "out_dim": args.out_dim,
-                     "out_dim_c": args.out_dim_c, "precision": args.precision,
+                     "kept_slots": bench.kept_slots(), "out_dim": a.out_dim, "out_dim_c": a.out_dim_c,
+                     "head_hidden_dim": a.head_hidden_dim, "use_bn_in_head": a.use_bn_in_head,
+                     "precision": args.precision,
                      "dino_ms": dino, "croc_ms": croc, "ratio": croc / dino, "croc_minus_dino_ms": croc - dino,
                      "dino_gflops": step_flops(lambda: bench.step(0.0)) / 1e9,
                      "croc_gflops": step_flops(lambda: bench.step(1.0)) / 1e9,
-                     "breakdown": step_breakdown(bench, args),
+                     "breakdown": breakdown, "clustering_share": parts["clustering"] / sum(parts.values()),
                      "dino_ms_all": [1e3 * t for t in times["DINO"]], "croc_ms_all": [1e3 * t for t in times["CrOC"]],
                      **memory_columns(bench, args.device)})
         if args.compile and args.device.type == "cuda" and (arch, patch, img) == ("vit_small", 16, 224):
@@ -650,6 +686,61 @@ def bench_clusterer(args, step_rows):
     return rows
 
 
+def compiled_clusterer(args, shape, batches, backend="inductor"):
+    """`clustering.cluster` eager against torch.compile'd (inductor, fullgraph=True: one graph, so no graph break
+    and no host sync), on cluster_inputs at shape (arch, patch, img) for each batch, with the same seeds for both
+    (drawn from r as `cluster` draws them; a torch.Generator does not trace); then the compiled one with the view
+    centroids pooled, and the official algorithm, all four interleaved. The first compiled call, the
+    compilation, is timed on its own. backend: torch.compile's (the test traces with "eager", in seconds)."""
+    a = PretrainConfig()
+    settings = dict(k_start=args.k_start, k_max=args.k_max, lambda_pos=a.lambda_pos, sinkhorn_lambda=a.sinkhorn_lambda,
+                    sinkhorn_iterations=a.sinkhorn_iterations, marginal_temp=a.marginal_temp)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    compiled = torch.compile(clustering.cluster, fullgraph=True, dynamic=False, backend=backend)
+    rows = []
+    for batch in batches:
+        tokens, positions, cls, final = cluster_inputs(batch, *shape, args.device, args.seed)
+        heads = tokens.shape[0] // batch
+        r = clustering.token_marginal(clustering.cls_similarity(F.normalize(tokens, dim=-1), cls), a.marginal_temp)
+        seeds = clustering.sample_seeds(r, args.k_start, generator)  # (P, k_start)
+
+        def eager():
+            return clustering.cluster(tokens, positions, cls, seeds=seeds, **settings)
+
+        def fast():
+            return compiled(tokens, positions, cls, seeds=seeds, **settings)
+
+        def fast_with_centroids():
+            plan = rearrange(fast().q_star, "(b h) (v n) k -> v b n (h k)", h=heads, v=2)
+            return view_centroids(final[:, 1:], final[:, 0], plan)
+
+        def official():
+            return official_cluster(tokens, positions, cls, final, heads=heads, **settings)
+        row = {"batch": batch, "problems": tokens.shape[0], "tokens": tokens.shape[1], "shape": label(*shape)}
+        try:
+            sync(args.device)
+            start = time.perf_counter()
+            got = fast()
+            sync(args.device)
+            row["compile_s"] = time.perf_counter() - start
+        except Exception as e:  # a compiler failure (no C++ compiler, a graph break) is reported, not raised
+            rows.append({**row, "error": first_line(e)})
+            continue
+        want = eager()
+        row["same_k_and_kept"] = bool(torch.equal(got.k, want.k) and torch.equal(got.valid, want.valid))
+        row["max_q_star_difference"] = float((got.q_star - want.q_star).abs().max())
+        fns = {"eager": eager, "compiled": fast, "compiled + centroids": fast_with_centroids, "official": official}
+        times = time_interleaved(fns, args.repeats, args.warmup, args.device, f"compiled cluster B={batch}")
+        ms = {name: median_ms(t) for name, t in times.items()}
+        row.update(eager_ms=ms["eager"], compiled_ms=ms["compiled"],
+                   compiled_with_centroids_ms=ms["compiled + centroids"], official_ms=ms["official"],
+                   speedup=ms["eager"] / ms["compiled"],
+                   speedup_over_official=ms["official"] / ms["compiled + centroids"],
+                   host_syncs=count_syncs(fast, args.device))
+        rows.append(row)
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The differences from the official code that change what the clusterer outputs, measured (--differences)
 # --------------------------------------------------------------------------------------------------------------
@@ -775,34 +866,93 @@ def memory_cell(step, total):
     return f"{step:.0f}" if total is None else f"{step:.0f} / {total:.0f}"
 
 
+def head_cell(row):
+    return f"{row['head_hidden_dim']}, {row['out_dim']}/{row['out_dim_c']}" + (", BN" if row["use_bn_in_head"] else "")
+
+
+def compiled_clusterer_lines(res):
+    out = ["4. The clusterer torch.compile'd (inductor, fullgraph=True) against eager, on table 2's inputs"]
+    rows = res.get("compiled_clusterer")
+    if rows is None:
+        return out + ["not measured: --compile is off (its default on CPU)."]
+    body = []
+    for r in rows:
+        if "error" in r:
+            body.append([r["batch"], r["problems"]] + ["-"] * 8 + [r["error"]])
+        else:
+            body.append([r["batch"], r["problems"], f"{r['compile_s']:.0f}", f"{r['eager_ms']:.1f}",
+                         f"{r['compiled_ms']:.1f}", f"{r['speedup']:.2f}x", f"{r['compiled_with_centroids_ms']:.1f}",
+                         f"{r['official_ms']:.1f}", f"{r['speedup_over_official']:.2f}x", r["host_syncs"],
+                         f"{r['same_k_and_kept']}, {r['max_q_star_difference']:.0e}"])
+    out.append(table(["B", "P", "compile s", "eager ms", "compiled ms", "speed-up", "+ centroids ms", "official ms",
+                      "vs official", "host syncs", "same K and kept, max |dQ*|"], body))
+    out.append("the same inputs and seeds for both (drawn from r as clustering.cluster draws them); compile s: the "
+               "first compiled call, compilation included, outside the timing; + centroids: the compiled clusterer, "
+               "then the view centroids (model.view_centroids); vs official: official ms / + centroids ms. One graph "
+               "(fullgraph=True) holds no host sync; host syncs: as in table 2.")
+    return out
+
+
+def step_lines(res):
+    m = res["machine"]
+    out = ["1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)"]
+    if not res["steps"]:
+        return out + ["not measured: --step_shapes with no name."]
+    out.append(table(["model", "heads", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs",
+                      "clustering", "DINO mem MiB", "CrOC mem MiB"],
+                     [[r["model"], head_cell(r), r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}",
+                       f"{r['dino_ms']:.1f}", f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}",
+                       f"{r['croc_gflops'] / r['dino_gflops']:.3f}", f"{100 * r['clustering_share']:.1f}%",
+                       memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
+                       memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
+                      for r in res["steps"]]))
+    cuda = m["device"].startswith("cuda")
+    out.append("heads: hidden width, L-bar/L outputs, BN: DINO's BatchNorm head (the recipe row is repro.sh's). "
+               "slots: heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) "
+               "on these views (synthetic scenes, initial teacher). CrOC: model.train_step, the kept centroids alone "
+               "through the heads and the dense loss, one host sync (their number).")
+    out.append("FLOPs: the step's floating-point operations over DINO's (torch.utils.flop_counter: matrix products, "
+               "convolutions, attention; forward and backward), the machine-independent share of the ratio before it "
+               "(DINO step: " + ", ".join(f"{r['model']} {r['dino_gflops']:.1f} GFLOP" for r in res["steps"]) + "). "
+               "clustering: the clustering part of the CrOC step (table 3's profiler ranges, over their sum).")
+    out.append("goal: CrOC/DINO <= 1.10 at ViT-S/16 224. mem: peak MiB a step allocates above what it starts with "
+               "(models, optimizer state, inputs; gradients freed)"
+               + (" / the whole peak, from torch.cuda.max_memory_allocated." if cuda else
+                  ", from torch.profiler's record of every allocation and free of torch's CPU allocator (the process "
+                  "RSS cannot tell: freed tensors stay resident)."))
+    return out
+
+
+def breakdown_lines(res):
+    cfg = res["config"]
+    out = ["3. Where the CrOC step's extra time goes: each part of the step, from the torch.profiler ranges "
+           f"train.py labels (medians of {cfg['repeats']} runs, interleaved)"]
+    if not res["steps"]:
+        return out + ["not measured: --step_shapes with no name."]
+    for r in res["steps"]:
+        b = r["breakdown"]
+        rows = [[p["part"], f"{p['dino_ms']:.1f}", f"{p['croc_ms']:.1f}", f"{p['croc_ms'] - p['dino_ms']:+.1f}"]
+                for p in b["parts"]]
+        dino, croc = (sum(p[k] for p in b["parts"]) for k in ("dino_ms", "croc_ms"))
+        rows.append(["whole step", f"{dino:.1f}", f"{croc:.1f}", f"{croc - dino:+.1f}"])
+        out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", "CrOC ms",
+                          "CrOC - DINO"], rows))
+    out.append("teacher forward: backbone and image head; clustering: clustering.cluster_views; "
+               "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
+               "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: gradient "
+               "clipping and the optimizer step; teacher EMA: the momentum update.")
+    return out
+
+
 def format_results(res):
     m, cfg = res["machine"], res["config"]
     out = [f"machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), torch {m['torch']}, "
            f"device {m['device']}" + (f" ({m['gpu']}, CUDA {m['cuda']})" if "gpu" in m else "")
            + f"; load average {m['load_average_1min_start']:.2f} at start, {m['load_average_1min_end']:.2f} at end",
            f"medians of {cfg['repeats']} runs after {cfg['warmup']} warm-up; CrOC and DINO interleaved; "
-           f"precision {cfg['precision']}; heads L-bar/L = {cfg['out_dim']}/{cfg['out_dim_c']}; "
-           f"K_start {cfg['k_start']}, K_max {cfg['k_max']}", ""]
+           f"precision {cfg['precision']}; K_start {cfg['k_start']}, K_max {cfg['k_max']}", ""]
 
-    out.append("1. Training step (teacher + student forward, clustering, heads, loss, backward, AdamW, EMA)")
-    out.append(table(["model", "batch", "slots", "kept", "DINO ms", "CrOC ms", "CrOC/DINO", "FLOPs",
-                      "DINO mem MiB", "CrOC mem MiB"],
-                     [[r["model"], r["batch"], r["centroid_slots"], f"{r['kept_slots']:.1f}", f"{r['dino_ms']:.1f}",
-                       f"{r['croc_ms']:.1f}", f"{r['ratio']:.3f}", f"{r['croc_gflops'] / r['dino_gflops']:.3f}",
-                       memory_cell(r["dino_mem_mib"], r["dino_mem_total_mib"]),
-                       memory_cell(r["croc_mem_mib"], r["croc_mem_total_mib"])]
-                      for r in res["steps"]]))
-    cuda = m["device"].startswith("cuda")
-    out.append("slots: heads x K_max centroid slots per image and view; kept: of them, the mean number kept (Eq. 16) on "
-               "these views (synthetic scenes, initial teacher). CrOC: train.py's sync-free step, every slot through the "
-               "heads (pruned ones weigh 0 in the loss).")
-    out.append("FLOPs: the step's floating-point operations over DINO's (torch.utils.flop_counter: matrix products, "
-               "convolutions, attention; forward and backward), the machine-independent share of the ratio before it "
-               "(DINO step: " + ", ".join(f"{r['model']} {r['dino_gflops']:.0f} GFLOP" for r in res["steps"]) + ").")
-    out.append("goal: CrOC/DINO <= 1.10. mem: peak MiB a step allocates above what it starts with (models, optimizer "
-               "state, inputs; gradients freed)" + (" / the whole peak, from torch.cuda.max_memory_allocated."
-                                                    if cuda else ", from torch.profiler's allocation records."))
-    out.append("")
+    out += step_lines(res) + [""]
 
     c0 = res["clusterer"][0]
     out.append(f"2. Clusterer alone (clustering.cluster): B images x heads problems, 2N = {c0['tokens']} tokens, "
@@ -832,7 +982,7 @@ def format_results(res):
             out.append(f"at B = {r['batch']} the CrOC step costs {r['croc_minus_dino_ms']:.1f} ms more than DINO's: "
                        f"the clusterer alone {r['ms']:.1f} ms of it, the remaining "
                        f"{r['croc_minus_dino_ms'] - r['ms']:.1f} ms are the centroid path (view centroids, the heads "
-                       "on every centroid slot for teacher and student, the dense loss, their backward and the "
+                       "on the kept centroids for teacher and student, the dense loss, their backward and the "
                        "centroid layer's AdamW update).")
     out.append("top-level aten ops: aten:: profiler events whose parent is not an aten:: event (the calls the Python "
                "code makes; of them views: reshapes, expands, no-op casts); all aten ops: every aten:: event, nested "
@@ -843,23 +993,12 @@ def format_results(res):
                "same inputs (its operator sequence and host syncs kept); speed-up: official ms / + centroids ms.")
     out.append("")
 
-    out.append("3. Where the CrOC step's extra time goes: each part of the step, from the torch.profiler ranges "
-               f"train.py labels (medians of {cfg['repeats']} runs, interleaved)")
-    for r in res["steps"]:
-        b = r["breakdown"]
-        rows = [[p["part"], f"{p['dino_ms']:.1f}", f"{p['croc_ms']:.1f}", f"{p['croc_ms'] - p['dino_ms']:+.1f}"]
-                for p in b["parts"]]
-        dino, croc = (sum(p[k] for p in b["parts"]) for k in ("dino_ms", "croc_ms"))
-        rows.append(["whole step", f"{dino:.1f}", f"{croc:.1f}", f"{croc - dino:+.1f}"])
-        out.append(table([f"{r['model']}, batch {r['batch']}", "DINO ms", "CrOC ms",
-                          "CrOC - DINO"], rows))
-    out.append("teacher forward: backbone and image head; clustering: clustering.cluster_views; "
-               "teacher centroid head: view centroids and the head; student forward: backbone, image head, centroids "
-               "and centroid head; loss: Eq. 4 and 6 with the centres; backward: all of autograd's; AdamW: gradient "
-               "clipping and the optimizer step; teacher EMA: the momentum update.")
+    out += breakdown_lines(res) + [""]
+
+    out += compiled_clusterer_lines(res)
     out.append("")
 
-    out.append("4. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")
+    out.append("5. GPU throughput, ViT-S/16 224, eager vs torch.compile'd backbones")
     compiled = next((r["compiled"] for r in res["steps"] if "compiled" in r), None)
     if compiled is None:
         out.append("not measured: " + ("no GPU on this machine." if not gpu else
@@ -885,6 +1024,7 @@ def gpu_check_setup(args):
     """Device, shapes and step counts of the GPU check; a dry run (no CUDA, or --dry) gets tiny ones on the CPU."""
     args.dry = args.dry or not torch.cuda.is_available()
     args.device = torch.device("cpu" if args.dry else "cuda")
+    args.compile = True if args.compile is None else args.compile
     args.k_max = args.k_max or args.k_start
     if args.dry:
         args.batch, args.sync_batch = args.batch or 2, 2
@@ -953,31 +1093,47 @@ def cluster_call(args, batch):
     return call
 
 
-def sync_check(fn, device):
+def sync_check(fn, device, expected=None):
     """Runs fn (already warmed up) under torch.cuda.set_sync_debug_mode('error'), then under 'warn' to list every
-    synchronising line; on the CPU runs it once, unchecked."""
+    synchronising line; on the CPU runs it once, unchecked. expected: the one line (file:line) where fn is meant
+    to synchronise (the training step's count of kept centroids); then 'warn' alone runs, and the status says
+    whether that line is the only one."""
     if device.type != "cuda":
         fn()
         return {"status": NO_CUDA + " (ran once on the CPU, unchecked)"}
     res = {}
-    sync(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        fn()
-        res["status"] = "ok: no host sync"
-    except RuntimeError as e:
-        frames = [f for f in traceback.extract_tb(e.__traceback__)]
-        res["status"] = f"sync: {first_line(e)}"
-        res["raised_at"] = [where(f.filename, f.lineno) for f in frames[-4:]]
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
+    if expected is None:
+        sync(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            res["status"] = "ok: no host sync"
+        except RuntimeError as e:
+            frames = [f for f in traceback.extract_tb(e.__traceback__)]
+            res["status"] = f"sync: {first_line(e)}"
+            res["raised_at"] = [where(f.filename, f.lineno) for f in frames[-4:]]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     res["sync_sites"] = [where(w.filename, w.lineno) for w in sync_warnings(fn, device)]
+    if expected is not None:
+        others = sorted(set(res["sync_sites"]) - {expected})
+        res["status"] = (f"sync: also at {', '.join(others)}" if others else f"ok: one host sync, at {expected}"
+                         if expected in res["sync_sites"] else "ok: no host sync")
     return res
 
 
+def step_sync_site():
+    """file:line of the training step's one host sync: the nonzero that counts the kept centroids in
+    model.train_step."""
+    lines, first = inspect.getsourcelines(train_step)
+    line = first + next(i for i, text in enumerate(lines) if "nonzero(" in text)
+    return where(inspect.getsourcefile(train_step), line)
+
+
 def gpu_syncs(args):
-    """Part 2: one clusterer call and one full CrOC step (per precision) under the sync debug mode, after a
-    warm-up step; the logging reduction (is the loss finite?) runs outside, as in train.main."""
+    """Part 2: one clusterer call (no host sync) and one full CrOC step per precision (one host sync: the kept
+    centroids' count in model.train_step) under the sync debug mode, after a warm-up step; the logging reduction
+    (is the loss finite?) runs outside, as in train.main."""
     res = {"batch": args.sync_batch, "shape": label(*args.shape)}
     call = cluster_call(args, args.sync_batch)
     call()
@@ -988,7 +1144,8 @@ def gpu_syncs(args):
             for _ in range(2):  # warm-up: AdamW's state, the scaler's scale, cuBLAS handles
                 full_step(bench, 1.0, views, positions)
             losses = []
-            check = sync_check(lambda: losses.append(full_step(bench, 1.0, views, positions)), args.device)
+            check = sync_check(lambda: losses.append(full_step(bench, 1.0, views, positions)), args.device,
+                               expected=step_sync_site())
             check["loss_finite"] = bool(torch.isfinite(torch.stack(losses)).all())  # the logging sync, outside
             del bench
         except Exception as e:  # an error other than a sync: reported, and the other precision still runs
@@ -1077,8 +1234,21 @@ def gpu_training(args):
     return res
 
 
+def gpu_compile(args):
+    """Part 4: clustering.cluster eager against torch.compile'd (inductor, fullgraph=True) at the training part's
+    shape and batch: the compile time, both times, the official algorithm's, and the compiled call's host syncs."""
+    res = {"shape": label(*args.shape), "batch": args.batch}
+    if args.dry:  # inductor takes minutes on a CPU: the dry run only checks the part is wired
+        return {**res, "status": NO_CUDA}
+    (row,) = compiled_clusterer(args, args.shape, [args.batch])
+    res.update(row)
+    res["status"] = (f"failed: {row['error']}" if "error" in row else "ok" if row["host_syncs"] == 0 else
+                     f"{row['host_syncs']} host syncs in the compiled clusterer")
+    return res
+
+
 def gpu_ddp_dry(args):
-    """Part 4 without CUDA: skipped (gpu_check.sh runs it on a GPU as torchrun train.py; the CPU/gloo path of
+    """Part 5 without CUDA: skipped (gpu_check.sh runs it on a GPU as torchrun train.py; the CPU/gloo path of
     train.py has tests of its own)."""
     if not args.dry:
         raise ValueError("on a GPU, part 4 runs as torchrun --nproc_per_node=2 train.py --dist_backend BACKEND "
@@ -1143,6 +1313,7 @@ def gpu_summary(args):
                     part_status(args, parts, "tests")["status"], "pytest": summary_line}
     res["syncs"] = read_part(args, parts, "syncs")
     res["training"] = read_part(args, parts, "training")
+    res["compile"] = read_part(args, parts, "compile")
     if os.path.exists(os.path.join(args.out, "ddp.json")):
         res["ddp"] = read_part(args, parts, "ddp")
     else:
@@ -1198,8 +1369,16 @@ def format_gpu_check(res):
                        f"{r['croc_over_dino']:.3f}; the clusterer alone ({t['clusterer_ms']:.1f} ms at B = "
                        f"{t['batch']}) is {100 * r['clusterer_share_of_croc_step']:.1f}% of the CrOC step")
         out.append(f"   {PAPER_TABLE_A2}")
+    c = res["compile"]
+    out.append(f"4. The clusterer torch.compile'd (inductor, fullgraph), {c.get('shape')}, batch {c.get('batch')}: "
+               f"{c['status']}")
+    if "compiled_ms" in c:
+        out.append(f"   eager {c['eager_ms']:.1f} ms, compiled {c['compiled_ms']:.1f} ms ({c['speedup']:.2f}x, "
+                   f"compiled in {c['compile_s']:.0f} s, {c['host_syncs']} host syncs, same K and kept: "
+                   f"{c['same_k_and_kept']}); with the view centroids {c['compiled_with_centroids_ms']:.1f} ms, the "
+                   f"official algorithm {c['official_ms']:.1f} ms ({c['speedup_over_official']:.2f}x)")
     d = res["ddp"]
-    out.append(f"4. Two ranks on one GPU (torchrun, train.py): {d.get('status')}")
+    out.append(f"5. Two ranks on one GPU (torchrun, train.py): {d.get('status')}")
     for backend in ("nccl", "gloo"):
         v = d.get(backend, {})
         log = v.get("log") or {}
@@ -1218,7 +1397,8 @@ def gpu_check(args):
             gpu_summary(args)
         else:
             try:
-                res = {"syncs": gpu_syncs, "training": gpu_training, "ddp": gpu_ddp_dry}[part](args)
+                res = {"syncs": gpu_syncs, "training": gpu_training, "compile": gpu_compile,
+                       "ddp": gpu_ddp_dry}[part](args)
             except Exception as e:  # the summary reports it; the other parts still run
                 res = {"status": f"failed: {first_line(e)}", "traceback": traceback.format_exc()[-3000:]}
             write_part(args, part, res)
@@ -1233,6 +1413,8 @@ def main(args):
     res = {"machine": machine_info(args.device), "config": config}
     res["steps"] = bench_steps(args)
     res["clusterer"] = bench_clusterer(args, res["steps"])
+    if args.compile:
+        res["compiled_clusterer"] = compiled_clusterer(args, args.cluster_shape, args.cluster_batches)
     arch, patch, img = args.cluster_shape
     res["clusterer_step"] = f"{label(arch, patch, img)}, batch {args.batch}"
     res["machine"]["load_average_1min_end"] = load_average()

@@ -290,8 +290,10 @@ def _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp, 
         if seeds.shape != (n_problems, k_start) or seeds.is_floating_point() or seeds.dtype == torch.bool:
             raise ValueError(f"cluster: seeds must be integer token indices (P, k_start) = {(n_problems, k_start)}, "
                              f"got {seeds.dtype} {tuple(seeds.shape)}")
-        # Range check on CPU only: on a GPU it would synchronise (scatter then fails with a device assert).
-        if seeds.device.type == "cpu" and bool(((seeds < 0) | (seeds >= n)).any()):
+        # Range check on CPU only: on a GPU it would synchronise (scatter then fails with a device assert). Not
+        # while torch.compile traces either: a value read on the host would break the graph.
+        if (seeds.device.type == "cpu" and not torch.compiler.is_compiling()
+                and bool(((seeds < 0) | (seeds >= n)).any())):
             raise ValueError(f"cluster: seeds must be token indices in [0, 2N) = [0, {n})")
 
 
@@ -309,7 +311,9 @@ def cluster(tokens: Tensor, positions: Tensor, cls: Optional[Tensor] = None, *, 
     indices of the initial centroids, otherwise drawn from r with `generator`. k_max (default k_start, as in the
     paper; the official code's defaults are K_start 5 and K_max 4): the largest K the selection may pick.
     return_steps: also return every step's hard assignment (`ClusterResult.steps`, Fig. 3); it adds work, no
-    sync. Computed in at least float32, without gradients.
+    sync. Computed in at least float32, without gradients. torch.compile(cluster, fullgraph=True) traces it whole
+    (no graph break, no host sync) given seeds, or with generator None (torch's default generator); a
+    torch.Generator argument is not traceable (bench.py --compile passes seeds).
     """
     k_max = k_start if k_max is None else k_max
     _check_inputs(tokens, positions, cls, k_start, k_max, seeds, marginal_temp, sinkhorn_lambda)

@@ -278,48 +278,36 @@ class CrOCHead(nn.Module):
         layers.append(nn.Linear(dims[-1], bottleneck_dim))
         self.mlp = nn.Sequential(*layers)  # keys mlp.0, mlp.2, mlp.4 as in DINO (with BN: mlp.0, 1, 3, 4, 6)
         self.mlp.apply(_init_weights)
-        self.use_bn = use_bn
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, norm_last_layer)
         self.last_layer_c = WeightNormLinear(bottleneck_dim, out_dim_c, norm_last_layer)
 
-    def forward(self, x, centroids=False, keep=None):
-        """x: (..., in_dim). keep (bool, x's leading shape): the rows the BatchNorms take their statistics over
-        (default all); with use_bn, the centroids need it."""
-        if centroids and self.use_bn and keep is None:
-            raise ValueError("use_bn (--use_bn_in_head) on the centroids needs `keep`, the kept centroids: the "
-                             "batch statistics must not mix in the pruned slots")
-        for layer in self.mlp:
-            x = layer(x, keep) if isinstance(layer, HeadBatchNorm) else layer(x)
-        x = F.normalize(x, dim=-1)
+    def forward(self, x, centroids=False):
+        """x: (..., in_dim): the images' CLS tokens, or the kept centroids (the BatchNorms take their statistics
+        over every row given)."""
+        x = F.normalize(self.mlp(x), dim=-1)
         return self.last_layer_c(x) if centroids else self.last_layer(x)
 
 
 # DINO's `--use_bn_in_head` option (not in the paper): the BatchNorm of the head, for the centroids too
 class HeadBatchNorm(nn.BatchNorm1d):
-    """The BatchNorm1d of DINO's `--use_bn_in_head`, with two additions the centroid path needs. The images and
-    the centroids go through it as two batches, each normalised over its own rows.
+    """The BatchNorm1d of DINO's `--use_bn_in_head`, its statistics summed over the ranks (differentiably, as
+    SyncBatchNorm, which DINO uses on GPUs), so that they are the same with any number of processes, on CPU as on
+    GPU; SyncBatchNorm has no CPU kernel. The images and the centroids go through it as two batches, each
+    normalised over its own rows; the centroids' batch is the kept centroids of both views (Eq. 16), as in the
+    official code, which indexes them out before its head. A rank may bring no row at all: the others' rows
+    give the statistics, and with none anywhere the mean and variance are 0, not NaN.
+    In one process it is nn.BatchNorm1d (a test checks): mean and biased variance of the batch in training mode,
+    the running ones updated with the unbiased variance, and used in eval mode. Computed in fp32, as cuDNN's
+    batch norm does for fp16 inputs."""
 
-    - `keep`: the rows the batch statistics are taken over. On the centroids (Sec. 3.3) the batch is every slot
-      (V, B, K) of both views, and the pruned and padded slots (zero centroids, weight 0 in Eq. 4) must not move
-      the statistics of the kept ones. Every row is normalised; a dropped row's output is never used. (The
-      official code indexes the kept centroids out before its head, so its BatchNorm sees only those.)
-    - The statistics are summed over the ranks (differentiably, as SyncBatchNorm, which DINO uses on GPUs), so
-      they are the same with any number of processes, on CPU as on GPU; SyncBatchNorm has neither a mask nor a
-      CPU kernel.
-    With every row kept, in one process, it is nn.BatchNorm1d (a test checks): mean and biased variance of the
-    batch in training mode, the running ones updated with the unbiased variance, and used in eval mode.
-    Computed in fp32, as cuDNN's batch norm does for fp16 inputs."""
-
-    def forward(self, x, keep=None):
+    def forward(self, x):
         if not self.training:  # the running statistics, per row whatever x's leading shape
             return super().forward(x.reshape(-1, x.shape[-1])).reshape(x.shape)
         rows = x.reshape(-1, x.shape[-1]).float()  # (n, C)
-        w = rows.new_ones(1, len(rows)) if keep is None else keep.reshape(1, -1).to(rows.dtype)  # (1, n)
-        # the sums over the kept rows as products w @ rows; centred once; scale and shift fused in one addcmul
-        n = _sum_over_ranks(w.sum()).clamp(min=1)  # no kept row anywhere: mean and variance 0, not NaN
-        mean = _sum_over_ranks(w @ rows)[0] / n
+        n = _sum_over_ranks(rows.new_full((), len(rows))).clamp(min=1)
+        mean = _sum_over_ranks(rows.sum(dim=0)) / n
         centred = rows - mean
-        var = _sum_over_ranks(w @ centred.square())[0] / n  # biased, as BatchNorm normalises
+        var = _sum_over_ranks(centred.square().sum(dim=0)) / n  # biased, as BatchNorm normalises
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(m * mean)
@@ -343,15 +331,10 @@ def view_centroids(patch, cls, plan):
     patch: (2B, N, D) final tokens, view 1 then view 2; cls: (2B, D); plan: Q* split view-wise (2, B, N, K), the
     heads' clusters side by side on K (Sec. 3.3.3). Returns (2, B, K, D). As in the official code, the centroids
     get the norm of an average CLS token so that the shared head sees inputs of the scale it sees for images; a
-    pruned or padded (zero) column gives a zero centroid.
+    pruned or padded (zero) column gives a zero centroid, which train_step leaves out of the heads.
     """
     c = clustering.centroids(patch, rearrange(plan, "v b n k -> (v b) n k"))  # (2B, K, D) Eq. 2
     return cls.norm(dim=-1).mean() * F.normalize(rearrange(c, "(v b) k d -> v b k d", v=2), dim=-1)
-
-
-def both_views(valid):
-    """(B, K) kept centroids -> (2, B, K): a centroid is kept or pruned in both views together (Eq. 16)."""
-    return None if valid is None else valid.expand(2, *valid.shape)
 
 
 class CrOCModel(nn.Module):
@@ -362,15 +345,17 @@ class CrOCModel(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, x, plan=None, valid=None):
+    def forward(self, x, plan=None, kept=None):
         """x: (2B, 3, H, W), view 1 then view 2. -> image logits (2, B, L) (Eq. 5) and, given the teacher's
-        Q* split view-wise (2, B, N, K) and its kept centroids valid (B, K), centroid logits (2, B, K, L_c)
-        (Eq. 2-3), else None."""
+        Q* split view-wise (2, B, N, K) and the (image, slot) indices of its n kept centroids (Eq. 16), (n,) each,
+        the logits of the kept centroids of both views (2, n, L_c) (Eq. 2-3), else None."""
         f = self.backbone.forward_features(x)
         img = rearrange(self.head(f.cls), "(v b) l -> v b l", v=2)
         if plan is None:
             return img, None
-        return img, self.head(view_centroids(f.patch, f.cls, plan), centroids=True, keep=both_views(valid))
+        image, slot = kept
+        centroids = view_centroids(f.patch, f.cls, plan)  # (2, B, K, D)
+        return img, self.head(centroids[:, image, slot], centroids=True)
 
 
 def build_student_teacher(arch, patch_size, out_dim, out_dim_c, head_hidden_dim, norm_last_layer, use_bn_in_head,
@@ -426,14 +411,16 @@ class CrOCLoss(nn.Module):
         self.teacher_temps = np.concatenate([np.linspace(warmup_teacher_temp, teacher_temp, warm),
                                              np.full(nepochs - warm, teacher_temp)])
 
-    def forward(self, s_img, t_img, s_cen, t_cen, valid, epoch):
-        """s_img, t_img: (2, B, L); s_cen, t_cen: (2, B, K, Lc) or None; valid: (B, K) bool (Eq. 16).
+    def forward(self, s_img, t_img, s_cen, t_cen, epoch):
+        """s_img, t_img: (2, B, L); s_cen, t_cen: (2, n, Lc), this rank's n kept centroids (Eq. 16) of both views,
+        or None.
 
         Returns (loss_glob, loss_dense). The dense loss averages over every kept centroid of the whole batch, all
         ranks together: this rank's sum is divided by the global count and multiplied by the world size, so that
         DDP's gradient average gives the exact global mean however many centroids each rank keeps. (Eq. 4 writes
         1/K per image; the official code averages over the kept centroids of the batch, per rank.) An image
-        whose clusters were all pruned adds nothing; a batch with none anywhere gives 0, not NaN.
+        whose clusters were all pruned adds nothing, a rank that kept none adds 0, and a batch with none
+        anywhere gives 0, not NaN.
         """
         temp = self.teacher_temps[epoch]
         t, t_entropy = teacher_distribution(t_img, self.center, temp)
@@ -447,15 +434,13 @@ class CrOCLoss(nn.Module):
         self.center.mul_(self.center_momentum).add_(batch_center / n_img, alpha=1 - self.center_momentum)
         if s_cen is None:
             return loss_glob, loss_dense
-        w = valid.to(t_cen.dtype)  # (B, K); pruned and padded centroids weigh 0
-        count = all_reduce(w.sum())  # kept centroids on all ranks: sum and count, never a mean of means
+        n = t_cen.shape[1]
+        count = all_reduce(t_cen.new_full((), n))  # kept centroids on all ranks: sum and count, never a mean of means
         tc, tc_entropy = teacher_distribution(t_cen, self.center_c, temp)
-        ce = cross_view_entropy(s_cen, tc, self.student_temp)  # (B, K): H(P_t2, P_s1) + H(P_t1, P_s2)
-        loss_dense = 0.5 * (ce * w).sum() / count.clamp(min=1) * world_size()  # Eq. 4
-        ent_c = tc_entropy.mean(0)  # (B, K), averaged over the views
-        self.stats["teacher_entropy_c"] = ((ent_c * w).sum() / w.sum().clamp(min=1)).detach()  # kept ones only
-        kept_sum = torch.einsum("bk,vbkl->l", w, t_cen)  # (Lc,) the kept centroids of both views
-        batch_center_c = all_reduce(kept_sum.unsqueeze(0))
+        ce = cross_view_entropy(s_cen, tc, self.student_temp)  # (n,): H(P_t2, P_s1) + H(P_t1, P_s2)
+        loss_dense = 0.5 * ce.sum() / count.clamp(min=1) * world_size()  # Eq. 4
+        self.stats["teacher_entropy_c"] = (tc_entropy.mean(0).sum() / max(n, 1)).detach()  # averaged over the views
+        batch_center_c = all_reduce(t_cen.sum(dim=(0, 1)).unsqueeze(0))  # (1, Lc) the kept centroids of both views
         new_c = self.center_c * self.center_momentum + batch_center_c / (2 * count).clamp(min=1) * (
             1 - self.center_momentum)
         self.center_c.copy_(torch.where(count > 0, new_c, self.center_c))  # no kept centroid anywhere: keep it
@@ -476,8 +461,7 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, generator, au
     context (nullcontext() for fp32).
 
     The parts are labelled with torch.profiler.record_function (free when no profiler runs; bench.py reads
-    them). The heads run on every centroid slot, pruned ones included, which weigh 0 in Eq. 4: the same loss as
-    on the kept ones alone, with no host sync to count them.
+    them). The heads and the dense loss see the kept centroids only (Eq. 16), as in the official code.
     """
     x = rearrange(views, "b v c h w -> (v b) c h w")  # both views in one pass: view 1 then view 2
     with autocast:
@@ -485,18 +469,22 @@ def train_step(student, teacher, loss_fn, views, positions, epoch, generator, au
             with record_function("teacher forward"):
                 tf = teacher.backbone.forward_features(x, which=which_features if alpha > 0 else None)
                 t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
-            plan = valid = res = t_cen = None
+            plan = valid = kept = res = t_cen = None
             if alpha > 0:
                 with record_function("clustering"):
                     plan, valid, res = clustering.cluster_views(tf.tokens, positions, cluster_settings, generator)
+                    # The step's one host synchronisation (nonzero): the heads' batch is the n kept centroids,
+                    # a number only the clustering's result knows. The official code indexes them out too.
+                    kept = valid.nonzero(as_tuple=True)  # (image, slot) of each kept centroid, (n,) each
                 with record_function("teacher centroid head"):
-                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan), centroids=True,
-                                         keep=both_views(valid))  # Eq. 2-3
+                    image, slot = kept
+                    t_cen = teacher.head(view_centroids(tf.patch, tf.cls, plan)[:, image, slot],
+                                         centroids=True)  # Eq. 2-3: (2, n, Lc)
         with record_function("student forward"):
-            s_img, s_cen = student(x, plan, valid)  # the same Q* pools the student's tokens (Eq. 2)
+            s_img, s_cen = student(x, plan, kept)  # the same Q* pools the student's tokens (Eq. 2)
     with record_function("loss"):
         loss_glob, loss_dense = loss_fn(s_img.float(), t_img.float(), None if s_cen is None else s_cen.float(),
-                                        None if t_cen is None else t_cen.float(), valid, epoch)
+                                        None if t_cen is None else t_cen.float(), epoch)
         loss = loss_glob + alpha * loss_dense  # Eq. 7
     stats = {"loss": loss.detach(), "loss_glob": loss_glob.detach(), "loss_dense": loss_dense.detach(),
              **loss_fn.stats}

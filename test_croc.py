@@ -597,6 +597,27 @@ def test_clustering_source_has_no_host_device_synchronisation():
         assert forbidden not in source, forbidden
 
 
+def test_cluster_traces_whole_under_torch_compile_and_gives_the_eager_result():
+    """torch.compile(cluster, fullgraph=True) traces the whole clusterer: a graph break or a host sync would stop
+    the trace. On CPU too, where the seeds' range check is skipped while tracing. The eager backend traces in
+    seconds (bench.py --compile times inductor's kernels)."""
+    n_problems, k_start = 4, 5
+    tokens, positions, _ = grouped_tokens(n_problems, torch.arange(3).repeat_interleave(4),
+                                          torch.arange(3).repeat_interleave(4))
+    gen = torch.Generator().manual_seed(0)
+    cls = torch.randn(n_problems, 2, 16, generator=gen)
+    seeds = torch.stack([torch.randperm(tokens.shape[1], generator=gen)[:k_start] for _ in range(n_problems)])
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(cluster, fullgraph=True, backend="eager")
+        got = compiled(tokens, positions, cls, k_start=k_start, k_max=4, seeds=seeds)
+    finally:
+        torch._dynamo.reset()
+    want = cluster(tokens, positions, cls, k_start=k_start, k_max=4, seeds=seeds)
+    for name in ClusterResult._fields:
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+
+
 def test_cluster_time_per_call_at_training_size():
     """Measured, not asserted: 8 images x 6 heads, 2 x 196 tokens, head dim 64, K_start 12 (paper settings)."""
     gen = torch.Generator().manual_seed(0)
@@ -840,16 +861,15 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
     gen = torch.Generator().manual_seed(1)
     s_img, t_img = torch.randn(2, 3, 8, generator=gen, dtype=torch.float64), torch.randn(2, 3, 8, generator=gen,
                                                                                           dtype=torch.float64)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, generator=gen, dtype=torch.float64), torch.randn(2, 3, 5, 4, generator=gen,
-                                                                                             dtype=torch.float64)
-    valid = torch.rand(3, 5, generator=gen) > 0.4
+    s_cen, t_cen = torch.randn(2, 9, 4, generator=gen, dtype=torch.float64), torch.randn(2, 9, 4, generator=gen,
+                                                                                          dtype=torch.float64)
     results = []
     for ce in (M.cross_view_entropy, _ClosedFormCrossViewEntropy.apply):
         loss_fn = _loss(args, 8, 4).double()
         si, sc = s_img.clone().requires_grad_(), s_cen.clone().requires_grad_()
         original, M.cross_view_entropy = M.cross_view_entropy, ce
         try:
-            glob, dense = loss_fn(si, t_img, sc, t_cen, valid, 0)
+            glob, dense = loss_fn(si, t_img, sc, t_cen, 0)
         finally:
             M.cross_view_entropy = original
         (glob + dense).backward()
@@ -858,25 +878,25 @@ def test_croc_loss_values_and_gradients_equal_the_closed_form_implementation_in_
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
 
 
-def test_dense_loss_averages_over_kept_centroids_only():
+def test_dense_loss_is_one_mean_over_the_kept_centroids_of_the_batch():
+    """Eq. 4 on the kept centroids of the batch: one mean over all of them, not a mean of per-image means."""
     args = _args()
     loss_fn = _loss(args, 8, 4)
-    s_cen, t_cen = torch.randn(2, 2, 3, 4), torch.randn(2, 2, 3, 4)
-    valid = torch.tensor([[True, False, False], [True, True, False]])
-    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, valid, 0)
+    s_cen, t_cen = torch.randn(2, 3, 4), torch.randn(2, 3, 4)  # 3 kept centroids (say 1 of image 0, 2 of image 1)
+    _, dense = loss_fn(torch.randn(2, 2, 8), torch.randn(2, 2, 8), s_cen, t_cen, 0)
     t = torch.softmax(t_cen / loss_fn.teacher_temps[0], -1)  # centre was zero before the call
     s = torch.log_softmax(s_cen / args.student_temp, -1)
     ce = -(t[0] * s[1]).sum(-1) - (t[1] * s[0]).sum(-1)
-    torch.testing.assert_close(dense, 0.5 * ce[valid].mean())
+    torch.testing.assert_close(dense, 0.5 * ce.mean())
 
 
 def test_dense_loss_without_kept_centroids_is_zero_not_nan():
     args = _args()
     loss_fn = _loss(args, 8, 4)
     s_img, t_img = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    s_cen, t_cen = torch.randn(2, 3, 5, 4, requires_grad=True), torch.randn(2, 3, 5, 4)
+    s_cen, t_cen = torch.randn(2, 0, 4, requires_grad=True), torch.randn(2, 0, 4)  # no kept centroid
     center_before = loss_fn.center_c.clone()
-    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, torch.zeros(3, 5, dtype=torch.bool), 0)
+    glob, dense = loss_fn(s_img, t_img, s_cen, t_cen, 0)
     assert torch.isfinite(glob) and dense.item() == 0.0
     dense.backward()
     assert torch.isfinite(s_cen.grad).all()
@@ -906,7 +926,7 @@ def test_train_step_logs_teacher_entropies_for_collapse_diagnosis():
     assert stats["loss_glob"] >= stats["teacher_entropy"] - 1e-5
     loss_fn.center.fill_(0)
     uniform = torch.zeros(2, 3, args.out_dim)
-    loss_fn(uniform, uniform, None, None, None, 0)
+    loss_fn(uniform, uniform, None, None, 0)
     torch.testing.assert_close(loss_fn.stats["teacher_entropy"], torch.tensor(math.log(args.out_dim)))
 
 
@@ -918,6 +938,168 @@ def test_croc_loss_is_finite_with_gradients_in_the_student_only():
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert student.head.last_layer_c.weight_v.grad.abs().sum() > 0  # the dense loss reaches its head
     assert all(p.grad is None for p in teacher.parameters())
+
+
+# The step as it was before the heads saw only the kept centroids, kept here as the reference: every centroid slot
+# of every image through the heads, the pruned ones left out of the BatchNorm statistics by a mask and weighted 0
+# in Eq. 4.
+def _masked_batchnorm(bn, x, keep):
+    """HeadBatchNorm in training mode (one process) with its statistics over the rows that keep marks."""
+    rows = x.reshape(-1, x.shape[-1]).float()
+    w = keep.reshape(1, -1).to(rows.dtype)
+    n = w.sum().clamp(min=1)
+    mean = (w @ rows)[0] / n
+    centred = rows - mean
+    var = (w @ centred.square())[0] / n
+    with torch.no_grad():
+        bn.running_mean.mul_(1 - bn.momentum).add_(bn.momentum * mean)
+        bn.running_var.mul_(1 - bn.momentum).add_(bn.momentum * var * n / (n - 1).clamp(min=1))
+        bn.num_batches_tracked.add_(1)
+    return (centred / torch.sqrt(var + bn.eps) * bn.weight + bn.bias).to(x.dtype).reshape(x.shape)
+
+
+def _every_slot_head(head, centroids, keep):
+    x = centroids
+    for layer in head.mlp:
+        x = _masked_batchnorm(layer, x, keep) if isinstance(layer, M.HeadBatchNorm) else layer(x)
+    return head.last_layer_c(F.normalize(x, dim=-1))
+
+
+def _every_slot_step(student, teacher, loss_fn, views, positions, generator, args):
+    """-> loss, loss_dense, teacher_entropy_c of a step at epoch 0 with every slot through the heads."""
+    x = rearrange(views, "b v c h w -> (v b) c h w")
+    with torch.no_grad():
+        tf = teacher.backbone.forward_features(x, which=args.which_features)
+        t_img = rearrange(teacher.head(tf.cls), "(v b) l -> v b l", v=2)
+        plan, valid, _ = clustering.cluster_views(tf.tokens, positions, args, generator)
+        keep = valid.expand(2, *valid.shape)  # (2, B, K): a slot is kept or pruned in both views
+        t_cen = _every_slot_head(teacher.head, M.view_centroids(tf.patch, tf.cls, plan), keep)  # (2, B, K, Lc)
+    f = student.backbone.forward_features(x)
+    s_img = rearrange(student.head(f.cls), "(v b) l -> v b l", v=2)
+    s_cen = _every_slot_head(student.head, M.view_centroids(f.patch, f.cls, plan), keep)
+    loss_glob, _ = loss_fn(s_img, t_img, None, None, 0)
+    w = valid.to(t_cen.dtype)  # (B, K)
+    count = w.sum().clamp(min=1)
+    tc, tc_entropy = M.teacher_distribution(t_cen, loss_fn.center_c, loss_fn.teacher_temps[0])
+    loss_dense = 0.5 * (M.cross_view_entropy(s_cen, tc, loss_fn.student_temp) * w).sum() / count
+    entropy_c = (tc_entropy.mean(0) * w).sum() / count
+    m = loss_fn.center_momentum
+    loss_fn.center_c.mul_(m).add_(torch.einsum("bk,vbkl->l", w, t_cen) / (2 * count), alpha=1 - m)
+    return loss_glob + args.alpha * loss_dense, loss_dense.detach(), entropy_c
+
+
+@pytest.mark.parametrize("use_bn", [False, True])
+def test_heads_on_the_kept_centroids_equal_every_slot_through_the_heads_masked(use_bn):
+    """The heads and the dense loss see only the kept centroids (Eq. 16): the same losses, gradients, centres and
+    BatchNorm statistics (over the same rows) as every slot through the heads with the pruned ones masked out."""
+    args = _args(["--use_bn_in_head", str(use_bn).lower()])
+    args.k_max = args.k_start
+    models = [m.double() for m in _models(args)]
+    views, positions = _batch(B=3)
+    results = []
+    for kept_only in (True, False):
+        student, teacher = (copy.deepcopy(m) for m in models)
+        loss_fn = _loss(args, args.out_dim, args.out_dim_c).double()
+        generator = torch.Generator().manual_seed(0)
+        if kept_only:
+            loss, stats = M.train_step(student, teacher, loss_fn, views.double(), positions, 0, generator,
+                                       nullcontext(), alpha=args.alpha, which_features=args.which_features,
+                                       cluster_settings=args)
+            values = [loss.detach(), stats["loss_dense"], stats["teacher_entropy_c"]]
+            assert 0 < stats["kept_centroids"] < 3 * args.k_max  # some slots pruned
+        else:
+            loss, *rest = _every_slot_step(student, teacher, loss_fn, views.double(), positions, generator, args)
+            values = [loss.detach(), *rest]
+        loss.backward()
+        results.append((values, [p.grad for p in student.parameters() if p.grad is not None],
+                        [*student.buffers(), *teacher.buffers(), *loss_fn.buffers()]))
+    (values, grads, buffers), (ref_values, ref_grads, ref_buffers) = results
+    torch.testing.assert_close(values, ref_values)
+    assert len(grads) == len(ref_grads) > 0
+    torch.testing.assert_close(grads, ref_grads)
+    assert len(buffers) == len(ref_buffers) == (2 + 12 if use_bn else 2)  # 2 centres; 2 x 2 BatchNorms x 3
+    torch.testing.assert_close(buffers, ref_buffers)
+
+
+_KEPT_DDP = """
+import sys, torch, torch.distributed as dist
+from contextlib import nullcontext
+import clustering, model as M, train
+
+
+def two_steps(rank, world, flags):
+    '''Two CrOC steps of a BatchNorm-head student (DDP on 2 ranks) on this rank's share of 4 images; in the first,
+    images 2 and 3 (rank 1's) keep no centroid (a second DDP step then checks that every gradient was reduced).
+    -> per step: loss, kept centroids of this rank, the student's gradients, and every buffer (BatchNorm
+    statistics, centres).'''
+    args = train.get_args_parser().parse_args(flags)
+    args.k_max = args.k_start
+    torch.manual_seed(0)
+    student, teacher = M.build_student_teacher(args.arch, args.patch_size, args.out_dim, args.out_dim_c,
+                                               args.head_hidden_dim, args.norm_last_layer, args.use_bn_in_head, 0.0)
+    ddp = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    loss_fn = M.CrOCLoss(args.out_dim, args.out_dim_c, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs, args.student_temp, args.center_momentum)
+    gen = torch.Generator().manual_seed(0)
+    n = (args.img_size // args.patch_size) ** 2
+    views = torch.randn(4, 2, 3, args.img_size, args.img_size, generator=gen)
+    positions = torch.rand(4, 2, n, 2, generator=gen) * args.img_size
+    seeds = torch.randperm(2 * n, generator=gen)[:args.k_start]  # every problem the same: no draw to split
+    images = torch.arange(4).chunk(world)[rank]
+    cluster, cluster_views, view_centroids = clustering.cluster, clustering.cluster_views, M.view_centroids
+    out = []
+    try:
+        clustering.cluster = lambda tokens, *a, generator=None, **kw: cluster(
+            tokens, *a, seeds=seeds.expand(len(tokens), -1), **kw)
+        # the centroids' scale, the mean CLS norm, is each rank's own (as in the official code): a constant here,
+        # so that the split of the batch is the only difference
+        M.view_centroids = lambda patch, cls, plan: view_centroids(patch, torch.ones_like(cls), plan)
+        for step in range(2):
+            def dropping(*a, **kw):
+                q_star, valid, res = cluster_views(*a, **kw)
+                return q_star, valid & ((images < 2) | (step == 1))[:, None], res
+            clustering.cluster_views = dropping
+            loss, stats = M.train_step(ddp, teacher, loss_fn, views[images], positions[images], 0, gen, nullcontext(),
+                                       alpha=args.alpha, which_features=args.which_features, cluster_settings=args)
+            student.zero_grad()
+            loss.backward()
+            out.append({"loss": loss.detach(), "kept": stats["kept_centroids"] * len(images),  # this rank's
+                        "grads": [p.grad.clone() for p in student.parameters() if p.grad is not None],
+                        "buffers": [b.clone() for b in [*student.buffers(), *teacher.buffers(), *loss_fn.buffers()]]})
+    finally:
+        clustering.cluster, clustering.cluster_views, M.view_centroids = cluster, cluster_views, view_centroids
+    return out
+
+
+if __name__ == "__main__":
+    rank = int(sys.argv[1])
+    dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+    torch.save(two_steps(rank, 2, sys.argv[3:]), sys.argv[2] + f".{rank}.pt")
+    dist.destroy_process_group()
+"""
+
+
+def test_ddp_with_uneven_kept_centroids_equals_one_process_on_the_whole_batch(tmp_path):
+    """Two gloo ranks whose images keep no centroid on rank 1, then different numbers on each, a BatchNorm head:
+    the same mean loss, gradients, BatchNorm statistics and centres as one process on all the images."""
+    init = str(tmp_path / "init")
+    flags = TINY + ["--use_bn_in_head", "true"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", _KEPT_DDP, str(r), init, *flags], env=env, cwd=ROOT)
+             for r in range(2)]
+    namespace = {}
+    exec(_KEPT_DDP, namespace)
+    one = namespace["two_steps"](0, 1, flags)
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    ranks = [torch.load(f"{init}.{r}.pt") for r in range(2)]
+    kept = [[float(r[step]["kept"]) for r in ranks] for step in range(2)]
+    assert kept[0][0] > 0 and kept[0][1] == 0 and kept[1][0] != kept[1][1] and kept[1][1] > 0, kept
+    for step in range(2):
+        torch.testing.assert_close(sum(float(r[step]["kept"]) for r in ranks), float(one[step]["kept"]))
+        torch.testing.assert_close((ranks[0][step]["loss"] + ranks[1][step]["loss"]) / 2, one[step]["loss"])
+        for r in ranks:
+            torch.testing.assert_close(r[step]["grads"], one[step]["grads"], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(r[step]["buffers"], one[step]["buffers"], rtol=1e-4, atol=1e-6)
 
 
 def test_schedules_follow_dino():
@@ -982,35 +1164,6 @@ def test_use_bn_in_head_is_dinos_batchnorm_head():
     torch.testing.assert_close(ours(x.expand(2, 10, 6)), ref(x).expand(2, 10, 6))  # per row, e.g. centroids
 
 
-def test_pruned_centroids_do_not_change_the_batchnorm_head():
-    """With --use_bn_in_head on the centroids, the statistics are over the kept slots only: whatever the pruned
-    slots hold, the kept centroids' logits and gradients are those of the kept ones alone."""
-    torch.manual_seed(0)
-    head = M.CrOCHead(32, 16, 8, use_bn=True)
-    x = torch.randn(2, 4, 5, 32)  # (views, B, K, D)
-    valid = torch.rand(4, 5) < 0.6
-    valid[0, 0] = True
-    keep = M.both_views(valid)
-    with pytest.raises(ValueError, match="keep"):
-        head(x, centroids=True)
-
-    def kept_outputs_and_grad(x):
-        x = x.clone().requires_grad_()
-        y = head(x, centroids=True, keep=keep)[keep]
-        grad, = torch.autograd.grad(y.square().sum(), x)
-        return y, grad[keep], grad[~keep]
-    y, grad, grad_pruned = kept_outputs_and_grad(x)
-    other = torch.where(keep[..., None], x, 100 * torch.randn_like(x))  # the pruned slots: anything
-    y2, grad2, _ = kept_outputs_and_grad(other)
-    torch.testing.assert_close(y, y2)
-    torch.testing.assert_close(grad, grad2)
-    assert (grad_pruned == 0).all()  # a pruned slot gets no gradient through the statistics either
-    alone = head(x[keep], centroids=True, keep=torch.ones(int(keep.sum()), dtype=torch.bool))  # kept rows only
-    torch.testing.assert_close(y, alone)
-    # the mask matters: statistics over every slot would give other logits
-    assert not torch.allclose(head(x, centroids=True, keep=torch.ones_like(keep))[keep], y)
-
-
 _BN_RANK = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[3])
@@ -1021,31 +1174,38 @@ torch.manual_seed(0)
 bn = M.HeadBatchNorm(6)
 x = torch.randn(2, 10, 6) * 3 + 1
 keep = torch.rand(2, 10) < 0.7
-x = x[rank].requires_grad_()
-y = bn(x, keep[rank])
+keep[1] &= sys.argv[4] == "some"  # rank 1 with rows of its own, or with none
+x = x[rank][keep[rank]].requires_grad_()
+y = bn(x)
 g, = torch.autograd.grad((y * torch.arange(6.)).sum(), x)
 torch.save({"y": y.detach(), "g": g, "running_var": bn.running_var}, sys.argv[2] + f".{rank}.pt")
 dist.destroy_process_group()
 """
 
 
-def test_head_batchnorm_statistics_are_summed_over_the_ranks(tmp_path):
-    """Two gloo processes, each with half of the rows, give the outputs, gradients and running statistics of one
-    process with all of them (as DINO's SyncBatchNorm, which has no CPU kernel and no mask)."""
+@pytest.mark.parametrize("rank_1_rows", ["some", "none"])
+def test_head_batchnorm_statistics_are_summed_over_the_ranks(tmp_path, rank_1_rows):
+    """Two gloo processes, each with its own number of rows (the kept centroids of its images; rank 1 perhaps
+    none), give the outputs, gradients and running statistics of one process with all of them (as DINO's
+    SyncBatchNorm, which has no CPU kernel)."""
     init = str(tmp_path / "init")
-    procs = [subprocess.Popen([sys.executable, "-c", _BN_RANK, str(r), init, str(Path(__file__).parent)])
-             for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _BN_RANK, str(r), init, str(Path(__file__).parent),
+                               rank_1_rows]) for r in range(2)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     ranks = [M.torch_load(f"{init}.{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     bn = M.HeadBatchNorm(6)
-    x = (torch.randn(2, 10, 6) * 3 + 1).requires_grad_()
+    x = torch.randn(2, 10, 6) * 3 + 1
     keep = torch.rand(2, 10) < 0.7
-    y = bn(x, keep)
+    keep[1] &= rank_1_rows == "some"
+    counts = keep.sum(dim=1).tolist()
+    assert counts[0] != counts[1] and counts[0] > 0 and (counts[1] > 0) == (rank_1_rows == "some")
+    x = x[keep].requires_grad_()  # rank 0's rows, then rank 1's
+    y = bn(x)
     g, = torch.autograd.grad((y * torch.arange(6.)).sum(), x)
-    for r in range(2):
-        torch.testing.assert_close(ranks[r]["y"][keep[r]], y[r][keep[r]])
-        torch.testing.assert_close(ranks[r]["g"], g[r])
+    for r, rows in enumerate(torch.arange(len(x)).split(counts)):
+        torch.testing.assert_close(ranks[r]["y"], y[rows])
+        torch.testing.assert_close(ranks[r]["g"], g[rows])
         torch.testing.assert_close(ranks[r]["running_var"], bn.running_var)
 
 
@@ -2684,25 +2844,61 @@ def _bench_quick(tmp_path):
 def test_bench_quick_runs_in_seconds_and_prints_every_section(early_run):
     out, proc = early_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "ViT-Ti/8 32", "CrOC/DINO", "goal: CrOC/DINO",
+    for expected in ("machine:", "1. Training step", "ViT-Ti/16 64", "vit_nano/8 32", "CrOC/DINO", "goal: CrOC/DINO",
                      "2. Clusterer alone", "top-level aten ops", "host syncs", "official ms", "speed-up",
-                     "FLOPs:", "3. Where the CrOC step's extra time goes", "whole step", "4. GPU throughput"):
+                     "FLOPs:", "3. Where the CrOC step's extra time goes", "whole step",
+                     "4. The clusterer torch.compile'd", "--compile is off", "5. GPU throughput"):
         assert expected in proc.stdout, expected
     res = json.loads(out.read_text())
-    assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "ViT-Ti/8 32"]
+    assert [r["model"] for r in res["steps"]] == ["ViT-Ti/16 64", "vit_nano/8 32"]  # the paper's, the recipe's
+    paper, recipe = res["steps"]
+    assert not paper["use_bn_in_head"] and paper["head_hidden_dim"] == 2048
+    assert (recipe["use_bn_in_head"], recipe["head_hidden_dim"], recipe["out_dim"], recipe["out_dim_c"]) == (
+        True, 512, 256, 256)  # repro.sh's head
     for row in res["steps"]:
         assert row["dino_ms"] > 0 and row["croc_ms"] > 0 and math.isfinite(row["ratio"])
         assert row["dino_mem_mib"] > 0 and row["croc_mem_mib"] > 0
+        assert 0 < row["clustering_share"] < 1
         assert row["dino_gflops"] < row["croc_gflops"]  # the centroid heads add arithmetic
         parts = {p["part"]: p for p in row["breakdown"]["parts"]}
         assert list(parts) == ["teacher forward", "clustering", "teacher centroid head", "student forward", "loss",
                                "backward", "AdamW", "teacher EMA"]
         assert parts["clustering"]["dino_ms"] == 0 < parts["clustering"]["croc_ms"]
     assert [r["batch"] for r in res["clusterer"]] == [1, 2]
-    assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick step batch
+    assert res["clusterer"][1]["share_of_step"] is not None  # B = 2 matches the quick paper row's batch
     for row in res["clusterer"]:  # the official algorithm ran on the same inputs and was counted
         assert row["official_ms"] > 0 and row["official_top_level_aten_ops"] > row["top_level_aten_ops"] > 0
     assert res["machine"]["torch"] == torch.__version__ and res["machine"]["cpu"]
+
+
+def test_bench_compile_times_the_clusterer_traced_whole_against_eager_and_the_official():
+    """bench.py --compile's rows, traced with the eager backend (seconds; the benchmark compiles with inductor):
+    one graph with the eager result, timed beside eager and the official algorithm on the same inputs."""
+    args = bench.resolve_args(bench.get_args_parser().parse_args(["--quick", "--device", "cpu", "--k_start", "4",
+                                                                   "--compile"]))
+    assert args.compile and not bench.resolve_args(bench.get_args_parser().parse_args(["--quick"])).compile
+    torch._dynamo.reset()
+    try:
+        rows = bench.compiled_clusterer(args, args.cluster_shape, [1], backend="eager")
+    finally:
+        torch._dynamo.reset()
+    (row,) = rows
+    assert "error" not in row, row
+    assert row["same_k_and_kept"] and row["max_q_star_difference"] < 1e-5 and row["host_syncs"] == 0
+    assert min(row["compile_s"], row["eager_ms"], row["compiled_ms"], row["official_ms"]) > 0
+    text = "\n".join(bench.compiled_clusterer_lines({"compiled_clusterer": rows}))
+    assert "compile s" in text and "vs official" in text and "True" in text
+
+
+def test_the_training_step_has_one_host_sync_and_the_gpu_check_expects_it_there():
+    """model.train_step synchronises once (the kept centroids' nonzero), the clusterer never; the GPU check's
+    sync part accepts that one line only."""
+    source = inspect.getsource(M.train_step)
+    assert source.count("nonzero(") == 1
+    for forbidden in (".item(", ".tolist(", ".cpu(", "bool(", "[valid]", "[keep]"):
+        assert forbidden not in source, forbidden
+    path, line = bench.step_sync_site().rsplit(":", 1)
+    assert path == "model.py" and "nonzero(" in (ROOT / path).read_text().splitlines()[int(line) - 1]
 
 
 def test_bench_op_counter_counts_the_clusterer_and_no_host_syncs_on_cpu():
@@ -4428,7 +4624,7 @@ def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
     out, proc = early_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "gpu_check.json").read_text())
-    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "ddp", "summary"} <= set(res)
+    assert {"date", "mode", "machine", "parts", "tests", "syncs", "training", "compile", "ddp", "summary"} <= set(res)
     assert res["mode"] == "dry" and res["parts"]["tests"]["rc"] == 0
     assert (out / "parts.tsv").read_text().splitlines()[-1].startswith("cpu_parts\t0\t")
     assert res["tests"]["status"] == "ok" and "passed" in res["tests"]["pytest"]
@@ -4443,6 +4639,8 @@ def test_gpu_check_dry_run_writes_every_part_and_a_summary(early_run):
     assert ratio["croc_over_dino"] > 0 and ratio["clusterer_share_of_croc_step"] > 0
     assert {"nccl", "gloo"} <= set(res["ddp"]) and res["ddp"]["status"].startswith("skipped: no CUDA")
     text = (out / "gpu_check.txt").read_text()
-    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO", "4. Two ranks"):
+    assert res["compile"]["status"] == "skipped: no CUDA"  # inductor would take minutes on a CPU
+    for heading in ("1. Tests that take a device", "2. Host syncs", "3. Training", "CrOC/DINO",
+                    "4. The clusterer torch.compile'd", "5. Two ranks"):
         assert heading in text, heading
     assert text.strip() in proc.stdout
