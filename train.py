@@ -69,8 +69,7 @@ def add_model_args(g):
                    help="Centroid head output L (Sec. 4.1: 8,192).")
     g.add_argument("--head_hidden_dim", default=DEFAULTS.head_hidden_dim, type=int,
                    help="Width of the head's two hidden layers (DINO's and the paper's: 2048). Narrower for CPU runs "
-                        "of vit_nano: the centroid head takes 2 x B x 3 K_start rows per view pair, and at 2048 it "
-                        "is most of a CrOC step there.")
+                        "of vit_nano (repro.sh: 512).")
     g.add_argument("--norm_last_layer", default=DEFAULTS.norm_last_layer, type=bool_flag,
                    help="Fix the norm of the heads' weight-normalised last layers (weight_g frozen at 1). App. B: "
                         "false for the DINO run, and CrOC uses the same (its footnote 4); DINO advises false for "
@@ -407,7 +406,7 @@ def train_one_epoch(student, teacher, loss_fn, optimizer, scaler, loader, schedu
         for k, v in stats.items():
             sums[k] = sums.get(k, 0) + v
         steps += 1
-        if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the only host syncs of the loop: logging
+        if (it + 1) % args.log_freq == 0 or it + 1 == iters:  # the loop's host syncs besides train_step's: logging
             raise_if_nonfinite(nonfinite, epoch, it, args)
             shown = ("loss", "teacher_entropy")  # the losses and the collapse diagnostic, epoch means so far
             bar.set_postfix({k: f"{(v / steps).item():.3f}" for k, v in sums.items() if k.startswith(shown)})
