@@ -898,6 +898,19 @@ def ignore_stop_signals(worker_id):
     stop, then shuts them down; a worker whose main process is gone exits by itself (PyTorch's watchdog)."""
     for sig in StopFlag.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, StopFlag.SIGNALS)  # one held back by start_workers is dropped
+
+
+def start_workers(loader):
+    """iter(loader), with the stop signals held back while it forks its workers. PyTorch's worker start makes
+    SIGTERM fatal (a C handler) before worker_init_fn (ignore_stop_signals) runs, so a signal in that window would
+    kill a worker and fail the step. Held back, it waits: in a worker until ignore_stop_signals drops it, in this
+    process until the mask is restored here, when StopFlag's handler takes it."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, StopFlag.SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -54,7 +54,8 @@ from tqdm import tqdm
 
 import metrics
 from data import (IGNORE_INDEX, EpochSampler, InputError, SeededSamples, StopFlag, Transformed, ValTransform,
-                  build_segmentation_dataset, cli, ignore_stop_signals, resize_mask, save_atomic, to_input)
+                  build_segmentation_dataset, cli, ignore_stop_signals, resize_mask, save_atomic,
+                  start_workers, to_input)
 from model import backbone_from_args, dense_features, init_distributed, torch_load
 
 DEFAULT_TRAIN_SPLIT = {"pvoc": "trainaug", "synthetic": "train"}  # every other dataset: "train"
@@ -334,7 +335,7 @@ def reduce_stats(stats, train_set):
 def cache_features(backbone, data, n_max, device, main):
     """One augmentation-free pass: (N, n_max D, h, w) float16 features and (N, m, m) uint8 masks on the CPU."""
     feats, masks = [], []
-    for img, mask in tqdm(data, desc="caching train features", disable=not main):
+    for img, mask in tqdm(start_workers(data), desc="caching train features", total=len(data), disable=not main):
         feats.append(dense_features(backbone, img.to(device), n_max).half().cpu())
         masks.append(mask)
     return torch.cat(feats), torch.cat(masks)
@@ -394,7 +395,8 @@ def train_croc(backbone, heads, optimizer, train_set, args, device, rank, world_
     for epoch in range(progress.step // per_epoch, args.epochs):
         heads.train()
         order.set_epoch(epoch, skip=(progress.step - epoch * per_epoch) * args.batch_size)  # a resume mid-epoch
-        for x, mask in tqdm(batches, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not main, leave=False):
+        for x, mask in tqdm(start_workers(batches), desc=f"epoch {epoch + 1}/{args.epochs}", total=len(batches),
+                            disable=not main, leave=False):
             x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()  # mask (B, m, m)
             train_step(heads, features(x), mask, optimizer, embed_dim, progress.stats)
             progress.step += 1
@@ -421,7 +423,7 @@ def train_mmseg(backbone, heads, optimizer, train_set, args, device, rank, world
     while progress.step < args.iters:
         epoch, first = divmod(progress.step, per_epoch)
         order.set_epoch(epoch, skip=first * args.batch_size)  # first > 0: a resume mid-epoch
-        for x, mask in batches:
+        for x, mask in start_workers(batches):
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(group["initial_lr"], progress.step, args.iters)
             x, mask = x.to(device, non_blocking=True), mask.to(device, non_blocking=True).long()
@@ -620,7 +622,8 @@ def evaluate(backbone, heads, val_set, args, device, rank, world_size, main):
     num_classes, embed_dim = val_set.num_classes, backbone.embed_dim
     confusion = {name: torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device) for name in heads}
     n_total = torch.zeros((), dtype=torch.int64, device=device)
-    for img, mask in tqdm(val_data(val_set, args, rank, world_size), desc="evaluating", disable=not main):
+    val_loader = val_data(val_set, args, rank, world_size)
+    for img, mask in tqdm(start_workers(val_loader), desc="evaluating", total=len(val_loader), disable=not main):
         img, mask = img.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         for name, pred in predict(backbone, heads, img, mask.shape[-2:], args, embed_dim).items():
             confusion[name] += metrics.confusion_matrix(pred, mask, num_classes)

@@ -4450,6 +4450,35 @@ def _signal_to_torchrun(tmp_path, sig, nproc, to):
     return out, text, _processes_mentioning(str(out)), proc.returncode
 
 
+class _SignalsItselfOnIter:
+    """Iterating it sends SIGTERM to this process: a signal that comes while DataLoader workers are forked."""
+
+    def __iter__(self):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return iter([1, 2])
+
+
+def _signal_own_worker_then_ignore(worker_id):
+    os.kill(os.getpid(), signal.SIGTERM)  # in the worker, where PyTorch's worker start has made SIGTERM fatal
+    data.ignore_stop_signals(worker_id)
+
+
+def test_a_stop_signal_while_workers_start_kills_no_worker_and_still_reaches_the_main_process():
+    """data.start_workers holds the stop signals back while iter() forks the workers: one that reaches a worker
+    before its worker_init_fn (ignore_stop_signals) is dropped there instead of killing it (which fails the step),
+    and one that reaches the main process is delivered to StopFlag once the workers are up."""
+    loader = torch.utils.data.DataLoader(list(range(4)), batch_size=2, num_workers=1,
+                                         worker_init_fn=_signal_own_worker_then_ignore)
+    stop = data.StopFlag()
+    try:
+        assert [b.tolist() for b in data.start_workers(loader)] == [[0, 1], [2, 3]]  # the worker lived
+        assert not stop.requested
+        assert list(data.start_workers(_SignalsItselfOnIter())) == [1, 2] and stop.requested
+        assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the mask is restored
+    finally:
+        stop.restore()
+
+
 @pytest.mark.parametrize("sig,nproc,to", [("SIGTERM", 2, "group"), ("SIGINT", 1, "group"), ("SIGHUP", 1, "group"),
                                           ("SIGTERM", 2, "ranks")])
 @early(_signal_to_torchrun)

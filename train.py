@@ -387,8 +387,8 @@ def train_one_epoch(student, teacher, loss_fn, optimizer, scaler, loader, schedu
     if first:  # the epoch's sums so far, all ranks together: spread so that the epoch's mean comes out whole
         sums = {k: torch.tensor(v / world, device=device) for k, v in partial["sums"].items()}
         skipped += partial["skipped"] / world
-    bar = tqdm(loader, desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(), leave=False,
-               total=iters, initial=first)
+    bar = tqdm(data.start_workers(loader), desc=f"epoch {epoch}/{args.epochs}", disable=not is_main_process(),
+               leave=False, total=iters, initial=first)
     for it, (views, positions, n_skipped) in enumerate(bar, start=first):
         step = epoch * iters + it  # the global step: the schedules' index
         for i, group in enumerate(optimizer.param_groups):
