@@ -928,6 +928,12 @@ class MissingInput(InputError, FileNotFoundError):
     """An input file or folder that is not there (also a FileNotFoundError)."""
 
 
+def need(ok, args, flag, why):
+    """InputError '--flag value: why' for a flag whose value is out of its range (the scripts' parse-time checks)."""
+    if not ok:
+        raise InputError(f"--{flag} {getattr(args, flag)}: {why}")
+
+
 def cli(main, parser, check=None, cleanup=None):
     """A script's entry point: parse the command line, run check(args) and main(args), and turn the project's
     own InputError into `prog: error: message`, exit 2. cleanup(), if given, runs first on any exception."""

@@ -48,7 +48,8 @@ from scipy import ndimage
 from tqdm import tqdm
 
 import metrics
-from data import VOC_PALETTE, InputError, MissingInput, cli, image_header, load_rgb, read_mask, save_palette_png
+from data import (VOC_PALETTE, InputError, MissingInput, cli, image_header, load_rgb, need, read_mask,
+                  save_palette_png)
 from model import add_backbone_args, backbone_from_args, dense_features, resolve_backbone_args
 
 # DINO's DAVIS script normalises with std 0.228 (not ImageNet's 0.229), inherited from UVC.
@@ -532,7 +533,6 @@ def get_args_parser():
 def check_args(args):
     """The range of every numeric flag (InputError naming it), before any work."""
     resolve_backbone_args(args)  # --arch and --patch_size: the checkpoint's unless given
-    need = metrics.need
     need(args.patch_size >= 1 and LONG_SIDE_MULTIPLE % args.patch_size == 0, args, "patch_size",
          f"must divide {LONG_SIDE_MULTIPLE} (DINO floors the long side to a multiple of {LONG_SIDE_MULTIPLE})")
     need(args.short_side >= 1 and args.short_side % args.patch_size == 0, args, "short_side",

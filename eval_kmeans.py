@@ -41,7 +41,7 @@ from sklearn.cluster import KMeans
 from tqdm import tqdm
 
 import metrics
-from data import InputError, Transformed, ValTransform, build_segmentation_dataset, cli
+from data import InputError, Transformed, ValTransform, build_segmentation_dataset, cli, need
 from metrics import count_pairs, match_clusters, match_many_to_one
 from model import backbone_from_args, dense_features
 
@@ -255,7 +255,6 @@ def evaluate_blocks(n, tokens, masks, mean, std, subsample, embed_dim, num_clust
 def check_args(args):
     """The range of every numeric flag (InputError naming it), before any work."""
     metrics.check_feature_size(args)
-    need = metrics.need
     need(args.mask_size >= 1, args, "mask_size", "must be at least 1")
     need(args.num_clusters is None or args.num_clusters >= 1, args, "num_clusters",
          "must be at least 1 (and at least the number of classes)")

@@ -54,7 +54,7 @@ from tqdm import tqdm
 
 import metrics
 from data import (IGNORE_INDEX, EpochSampler, InputError, SeededSamples, StopFlag, Transformed, ValTransform,
-                  build_segmentation_dataset, cli, ignore_stop_signals, resize_mask, save_atomic,
+                  build_segmentation_dataset, cli, ignore_stop_signals, need, resize_mask, save_atomic,
                   start_workers, to_input)
 from model import backbone_from_args, dense_features, init_distributed, torch_load
 
@@ -126,7 +126,6 @@ def check_args(args):
     """resolve_defaults, then the range of every numeric flag (InputError naming it), before any work."""
     resolve_defaults(args)
     metrics.check_feature_size(args)
-    need = metrics.need
     need(args.epochs >= 1, args, "epochs", "must be at least 1")
     need(args.iters >= 1, args, "iters", "must be at least 1")
     need(all(math.isfinite(lr) and lr > 0 for lr in args.lr), args, "lr", "every rate must be finite and > 0")

@@ -22,7 +22,8 @@ from PIL import Image
 from scipy.optimize import linear_sum_assignment
 from torch.utils.data import DataLoader, Subset
 
-from data import IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, InputError, MissingInput, cli, raw_mask_values
+from data import (IGNORE_INDEX, IMAGENET_MEAN, IMAGENET_STD, VOC_PALETTE, InputError, MissingInput, cli, need,
+                  raw_mask_values, save_atomic)
 import model
 from model import dense_features
 
@@ -244,12 +245,6 @@ def add_backbone_args(parser):
     return parser
 
 
-def need(ok, args, flag, why):
-    """InputError '--flag value: why' for a flag whose value is out of its range."""
-    if not ok:
-        raise InputError(f"--{flag} {getattr(args, flag)}: {why}")
-
-
 def check_backbone_args(args):
     """The ranges of add_backbone_args' numeric flags, checked before any work (data.cli's check), once --arch and
     --patch_size are the checkpoint's unless given."""
@@ -273,18 +268,9 @@ def print_config(args):
 
 
 def write_json(path, obj):
-    """Atomically: a temporary file in the same folder, flushed, then renamed over path. A run that fails or is
-    killed leaves the old file whole (e.g. the config.json that describes the results beside it) or the new one."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Atomically (data.save_atomic): a failed or killed run leaves the old file whole (e.g. the config.json that
+    describes the results beside it) or the new one."""
+    save_atomic(json.dumps(obj, indent=2).encode(), path)
 
 
 def loader(dataset, args, shuffle=False, sampler=None, batch_size=None, worker_init_fn=None):

@@ -1091,7 +1091,7 @@ def test_ddp_with_uneven_kept_centroids_equals_one_process_on_the_whole_batch(tm
     exec(_KEPT_DDP, namespace)
     one = namespace["two_steps"](0, 1, flags)
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    ranks = [torch.load(f"{init}.{r}.pt") for r in range(2)]
+    ranks = [torch.load(f"{init}.{r}.pt", weights_only=True) for r in range(2)]
     kept = [[float(r[step]["kept"]) for r in ranks] for step in range(2)]
     assert kept[0][0] > 0 and kept[0][1] == 0 and kept[1][0] != kept[1][1] and kept[1][1] > 0, kept
     for step in range(2):
@@ -2128,7 +2128,7 @@ def test_linear_probe_stopped_twice_by_a_signal_and_resumed_ends_as_an_uninterru
     assert resumed == whole  # every mIoU, IoU and confusion matrix
     assert (cut / "results.json").read_bytes() == (tmp_path / "whole" / "results.json").read_bytes()
     assert (cut / "log.txt").read_bytes() == (tmp_path / "whole" / "log.txt").read_bytes()  # its losses too
-    a, b = (torch.load(tmp_path / run / "linear_heads.pth") for run in ("whole", "cut"))
+    a, b = (torch.load(tmp_path / run / "linear_heads.pth", weights_only=True) for run in ("whole", "cut"))
     assert all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])  # the heads, bit for bit
     a, b = (M.torch_load(str(tmp_path / run / "linear_checkpoint.pth")) for run in ("whole", "cut"))
     assert a["step"] == b["step"] == 4

@@ -199,8 +199,7 @@ def check_args(args):
     one that would fail later, deep in the run, or silently train something else (--out_dim 1: a softmax over one
     output is constant, and its loss 0). Every numeric flag has its range here (a test gives each a bad value)."""
     def need(ok, flag, why):
-        if not ok:
-            raise data.InputError(f"--{flag} {getattr(args, flag)}: {why}")
+        data.need(ok, args, flag, why)
 
     def each(flags, ok, why):
         for flag in flags:
@@ -748,46 +747,6 @@ def teacher_sync_error(teacher):
 # --------------------------------------------------------------------------------------------------------------
 # Stop signals: SIGTERM, SIGINT and SIGHUP save the run, then it exits (data.StopFlag)
 # --------------------------------------------------------------------------------------------------------------
-class StopFlag:
-    """Set by SIGTERM, SIGINT or SIGHUP (a scheduler's stop, Ctrl-C, a closed terminal). The handler only sets the
-    flag: the step in progress finishes, and the loop saves and exits once all ranks have agreed on the flag
-    through a CPU (gloo) all-reduce, which never waits on the GPU. Repeated signals change nothing (a scheduler
-    may signal a process directly and through torchrun): SIGKILL stops without saving.
-
-    Under torchrun, a signal to the job's process group ends in exit status 1 after a clean save. torchrun starts
-    each rank in a session of its own, so the signal reaches torchrun, whose handler raises SignalException; its
-    agent forwards the signal to every rank's process group, waits --shutdown_timeout seconds (default 30) for the
-    ranks, SIGKILLs any left, and raises that exception again whatever the ranks' exit codes
-    (torch/distributed/elastic: SignalException, LocalElasticAgent._shutdown, SubprocessHandler.close). So the
-    ranks save and exit 0, rank 0 prints "signal received: saved ...", and torchrun ends with its SignalException
-    traceback and exit status 1, which a scheduler records as a failed step. Nothing a rank does changes that
-    exit status. torchrun --signals_to_handle without the signal is worse: torchrun dies of it at once and the
-    ranks, never signalled, train on. Signalled alone (torchrun's children: `pkill -TERM -P <torchrun's pid>`),
-    the ranks save and exit 0, and so does torchrun. A save that outlasts --shutdown_timeout is cut by the
-    SIGKILL, which leaves the previous checkpoint whole (save_atomic): raise it for large checkpoints."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-    def __init__(self, group=None):
-        self.requested = False
-        self.group = group
-        self.previous = {sig: signal.signal(sig, self._handler) for sig in self.SIGNALS}
-
-    def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handler(self, signum, frame):
-        self.requested = True
-
-    def should_stop(self):
-        if self.group is None:
-            return self.requested
-        flag = torch.tensor([float(self.requested)])
-        dist.all_reduce(flag, group=self.group)
-        return flag.item() > 0  # a CPU tensor: no device synchronisation
-
-
 def ignore_stop_signals(worker_id):
     """A DataLoader worker's start (data.ignore_stop_signals): it ignores the stop signals, and closes its forked
     copy of the output folder's lock, so that the lock goes with the main process at once (a flock lasts while any

@@ -489,8 +489,7 @@ def check_args(args):
     is not checked: main checks again once resolve_args has filled them in. A missing input file: MissingInput."""
     def need(flag, ok, why):
         value = getattr(args, flag)
-        if value is not None and not ok(value):
-            raise data.InputError(f"--{flag} {value}: {why}")
+        data.need(value is None or ok(value), args, flag, why)
     for flag, what in (("image", "image"), ("weights", "checkpoint"), ("log", "train.py log")):
         value = getattr(args, flag)
         if value and "://" not in value and not os.path.isfile(value):  # a URL is downloaded and checked later
